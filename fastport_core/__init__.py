@@ -1,0 +1,1 @@
+"""fastport_core: the sans-IO protocol core (see docs/architecture.md)."""

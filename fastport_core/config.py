@@ -1,0 +1,164 @@
+"""Every tunable of the core, with the defaults a production broker starts from.
+
+Values are plain frozen dataclasses so a config file, environment variables and command-line flags can all
+be layered into them by the adapters, and so one value can be shared by every connection without copying.
+Durations are seconds (floats) inside the core; the admin API and config file speak the original
+fastPort's milliseconds and convert at the edge (:meth:`SessionSettings.from_wire`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from .errors import LocalProtocolError
+
+__all__ = ["ClientConfig", "Limits", "ServerConfig", "SessionSettings", "SlowConsumerPolicy"]
+
+
+class SlowConsumerPolicy(StrEnum):
+    """What happens to a subscriber that reaches ``max_inflight_per_subscriber`` un-ACKed deliveries."""
+
+    DISCONNECT = "disconnect"
+    """Close it with 4002 (its deliveries wait for it to resume, or expire)."""
+    DROP_OLDEST = "drop_oldest"
+    """Give up its oldest un-ACKed delivery (counted) to make room for the new one."""
+
+
+def _require_positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if value is not None and value <= 0:
+            raise LocalProtocolError(f"{type(owner).__name__}.{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Delivery settings of one session (a virtual broker), fixed when it is created."""
+
+    retry_interval: float = 5.0
+    """Seconds between re-sends of a delivery its subscriber has not ACKed."""
+    max_retry_limit: int = 10
+    """Re-sends after the first send before the delivery is given up (and counted)."""
+    message_expiry_time: float = 300.0
+    """Seconds after which an un-ACKed message is given up for every subscriber (and counted)."""
+    session_expiry: float | None = None
+    """Seconds a session may stay without any connection before it is dropped; ``None``: never."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "retry_interval", "message_expiry_time", "session_expiry")
+        if self.max_retry_limit < 0:
+            raise LocalProtocolError(f"max_retry_limit must be >= 0, got {self.max_retry_limit!r}")
+
+    #: Wire names (milliseconds, as the original admin API) → field names (seconds).
+    WIRE_FIELDS: ClassVar[Mapping[str, str]] = {
+        "retryInterval": "retry_interval",
+        "maxRetryLimit": "max_retry_limit",
+        "messageExpiryTime": "message_expiry_time",
+        "sessionExpiry": "session_expiry",
+    }
+
+    @classmethod
+    def from_wire(cls, values: Mapping[str, Any], *, base: SessionSettings | None = None) -> SessionSettings:
+        """Build settings from admin-API / config-file values (durations in milliseconds).
+
+        Raises :class:`LocalProtocolError` naming the offending field; callers that got the values from
+        the network turn it into a 400 answer.
+        """
+        start = base or cls()
+        changes: dict[str, Any] = {}
+        for wire_name, attr in cls.WIRE_FIELDS.items():
+            if wire_name not in values or values[wire_name] is None:
+                continue
+            raw = values[wire_name]
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise LocalProtocolError(f"{wire_name} must be a number, got {type(raw).__name__}")
+            changes[attr] = int(raw) if attr == "max_retry_limit" else raw / 1000.0
+        return cls(**{f.name: changes.get(f.name, getattr(start, f.name)) for f in fields(cls)})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that keep any input from growing the server without limit (DESIGN §3.6)."""
+
+    max_message_size: int = 1024 * 1024
+    """Bytes of one WebSocket message (after reassembly); larger ones close the connection with 1009."""
+    max_topic_length: int = 256
+    max_message_id_length: int = 128
+    max_session_name_length: int = 128
+    max_password_length: int = 1024
+    max_hash_length: int = 256
+    max_subscriptions_per_connection: int = 1000
+    max_connections_per_session: int = 1000
+    max_inflight_per_subscriber: int = 1000
+    """Un-ACKed deliveries one subscriber may hold before the slow-consumer policy applies."""
+    max_pending_bytes_per_session: int = 64 * 1024 * 1024
+    """Payload bytes a session may hold un-ACKed; a publish past it is refused with ``session_full``."""
+    max_output_buffer: int = 16 * 1024 * 1024
+    """Bytes queued for one connection and not yet taken by the adapter; past it: close with 4002."""
+    max_sessions: int = 10_000
+    max_connections: int = 10_000
+    dedupe_window: int = 10_000
+    """Recent message ids remembered per session (server) or per client (client) to drop duplicates."""
+    max_http_body: int = 64 * 1024
+    max_http_header: int = 16 * 1024
+
+    def __post_init__(self) -> None:
+        _require_positive(self, *(f.name for f in fields(self)))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything the server core needs besides its sessions."""
+
+    limits: Limits = field(default_factory=Limits)
+    default_session_settings: SessionSettings = field(default_factory=SessionSettings)
+    slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
+    ping_interval: float | None = 20.0
+    """Seconds of silence after which the server pings a connection; ``None`` disables keepalive."""
+    ping_timeout: float = 20.0
+    """Seconds a pinged connection has to send anything before it is dropped."""
+    handshake_timeout: float = 10.0
+    """Seconds a new connection has to complete the HTTP upgrade and a successful ``init``."""
+    auth_max_failures: int = 3
+    """Failed ``init`` attempts on one connection before it is closed with 1008."""
+    auth_throttle_base: float = 0.5
+    """First delay (seconds) a session name imposes after a failed ``init``; doubles per failure."""
+    auth_throttle_max: float = 30.0
+    dedupe_ttl: float = 600.0
+    """Seconds a published message id stays in the session's dedupe window (also bounded by count)."""
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            self, "ping_interval", "ping_timeout", "handshake_timeout", "auth_max_failures",
+            "auth_throttle_base", "auth_throttle_max", "dedupe_ttl",
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Client-side timing and bounds; the same object drives the async and the threaded client."""
+
+    publish_retry_interval: float = 5.0
+    """Seconds before an unconfirmed publish is sent again on the same connection."""
+    ping_interval: float | None = 20.0
+    ping_timeout: float = 20.0
+    connect_timeout: float = 10.0
+    """Seconds from opening a socket to a successful ``init_response``."""
+    reconnect_initial_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+    reconnect_give_up_after: float | None = None
+    """Seconds of continuous failure after which the client stops reconnecting; ``None``: never."""
+    dedupe_window: int = 10_000
+    max_message_size: int = 1024 * 1024
+    max_pending_publishes: int = 10_000
+    """Unconfirmed publishes held for resending; past it ``publish`` raises instead of growing."""
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            self, "publish_retry_interval", "ping_interval", "ping_timeout", "connect_timeout",
+            "reconnect_initial_delay", "reconnect_max_delay", "reconnect_give_up_after", "dedupe_window",
+            "max_message_size", "max_pending_publishes",
+        )  # fmt: skip

@@ -1,0 +1,393 @@
+"""The JSON protocol of DESIGN §2: one frozen event per frame type, strict parsing, byte-exact encoding.
+
+Each WebSocket text frame carries one JSON object with a ``type`` field. Field names on the wire are the
+original fastPort's camelCase; the events use snake_case. Parsing validates everything (JSON object, known
+type, required fields present and of the right type, lengths within :class:`~fastport_core.config.Limits`)
+and raises :class:`~fastport_core.errors.RemoteProtocolError` carrying the :class:`ErrorCode` to answer
+with, so a core never has to guess how to reply to bad input.
+
+The tables :data:`CLIENT_FRAMES` and :data:`SERVER_FRAMES` are the single source of the protocol's field
+lists: the parsers are driven by them and ``docs/protocol.md`` is generated from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+import orjson
+
+from .config import Limits
+from .errors import ErrorCode, RemoteProtocolError
+
+__all__ = [
+    "CLIENT_FRAMES",
+    "SERVER_FRAMES",
+    "Ack",
+    "ClientFrame",
+    "Encoding",
+    "ErrorFrame",
+    "FieldSpec",
+    "FrameParser",
+    "FrameSpec",
+    "Init",
+    "InitResponse",
+    "Message",
+    "Publish",
+    "PublishResponse",
+    "ServerFrame",
+    "Subscribe",
+    "SubscribeResponse",
+    "Unsubscribe",
+    "UnsubscribeResponse",
+    "encode",
+    "encode_error",
+    "encode_message",
+    "parse_client_frame",
+    "parse_server_frame",
+]
+
+Encoding = Literal["text", "binary"]
+
+_DEFAULT_LIMITS: Final = Limits()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Events. Client → server.
+
+
+@dataclass(frozen=True, slots=True)
+class Init:
+    """Authenticate this connection into one session, for the connection's whole life."""
+
+    session_name: str
+    password: str
+    client_id: str | None = None
+    """Identifies a subscriber across reconnections so its un-ACKed deliveries can resume (optional)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A message for every other subscriber of ``topic`` in the sender's session.
+
+    ``data`` and ``hash`` are opaque to the server (ciphertext and integrity tag); ``encoding`` is
+    ``"binary"`` for a bytes payload and ``"text"`` otherwise (the wire omits it for text).
+    """
+
+    topic: str
+    data: str
+    hash: str
+    timestamp: int
+    message_id: str
+    encoding: Encoding = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The subscriber has the message: stop re-sending it to this subscriber (only)."""
+
+    topic: str
+    message_id: str
+
+
+ClientFrame = Init | Subscribe | Unsubscribe | Publish | Ack
+
+
+# --------------------------------------------------------------------------------------------------------
+# Events. Server → client.
+
+
+@dataclass(frozen=True, slots=True)
+class InitResponse:
+    success: bool
+    session_name: str | None = None
+    error: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeResponse:
+    success: bool
+    topic: str
+    error: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeResponse:
+    success: bool
+    topic: str
+    error: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResponse:
+    """The server took responsibility for ``message_id`` (or refused it, with ``error``/``code``)."""
+
+    success: bool
+    message_id: str
+    delivered_to: int = 0
+    error: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A delivery. ``retry`` counts re-sends (absent, i.e. 0, on the first send)."""
+
+    topic: str
+    data: str
+    hash: str
+    timestamp: int
+    message_id: str
+    encoding: Encoding = "text"
+    retry: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """A frame that could not be honoured. ``error`` is kept for existing clients, which read only it."""
+
+    error: str
+    code: str
+
+
+ServerFrame = InitResponse | SubscribeResponse | UnsubscribeResponse | PublishResponse | Message | ErrorFrame
+
+
+# --------------------------------------------------------------------------------------------------------
+# The field tables.
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One wire field: its JSON name, the event attribute, its JSON type and whether it must be present."""
+
+    wire: str
+    attr: str
+    kind: type
+    required: bool = True
+    limit: str | None = None
+    """Name of the :class:`Limits` attribute bounding this string's length, if any."""
+    nonempty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FrameSpec:
+    name: str
+    event: type
+    fields: tuple[FieldSpec, ...]
+    doc: str
+
+
+def _f(wire: str, attr: str, kind: type, *, required: bool = True, limit: str | None = None,
+       nonempty: bool = False) -> FieldSpec:  # fmt: skip
+    return FieldSpec(wire, attr, kind, required, limit, nonempty)
+
+
+_TOPIC = _f("topic", "topic", str, limit="max_topic_length", nonempty=True)
+_MESSAGE_ID = _f("messageId", "message_id", str, limit="max_message_id_length", nonempty=True)
+
+CLIENT_FRAMES: Final[Mapping[str, FrameSpec]] = {
+    spec.name: spec
+    for spec in (
+        FrameSpec("init", Init, (
+            _f("sessionName", "session_name", str, limit="max_session_name_length", nonempty=True),
+            _f("password", "password", str, limit="max_password_length"),
+            _f("clientId", "client_id", str, required=False, limit="max_message_id_length", nonempty=True),
+        ), "Authenticate into a session. Answer: `init_response`."),
+        FrameSpec("subscribe", Subscribe, (_TOPIC,), "Receive a topic. Answer: `subscribe_response`."),
+        FrameSpec("unsubscribe", Unsubscribe, (_TOPIC,), "Stop a topic. Answer: `unsubscribe_response`."),
+        FrameSpec("publish", Publish, (
+            _TOPIC,
+            _f("data", "data", str),
+            _f("hash", "hash", str, limit="max_hash_length"),
+            _f("timestamp", "timestamp", int),
+            _MESSAGE_ID,
+            _f("encoding", "encoding", str, required=False),
+        ), "Send to every other subscriber of the topic in the session. Answer: `publish_response`."),
+        FrameSpec("ack", Ack, (_TOPIC, _MESSAGE_ID), "Confirm a `message`: stops its re-sends. No answer."),
+    )
+}  # fmt: skip
+
+SERVER_FRAMES: Final[Mapping[str, FrameSpec]] = {
+    spec.name: spec
+    for spec in (
+        FrameSpec("init_response", InitResponse, (
+            _f("success", "success", bool),
+            _f("sessionName", "session_name", str, required=False),
+            _f("error", "error", str, required=False),
+            _f("code", "code", str, required=False),
+        ), "Answer to `init`; on failure `error` and `code` say why."),
+        FrameSpec("subscribe_response", SubscribeResponse, (
+            _f("success", "success", bool), _f("topic", "topic", str),
+            _f("error", "error", str, required=False), _f("code", "code", str, required=False),
+        ), "Answer to `subscribe`."),
+        FrameSpec("unsubscribe_response", UnsubscribeResponse, (
+            _f("success", "success", bool), _f("topic", "topic", str),
+            _f("error", "error", str, required=False), _f("code", "code", str, required=False),
+        ), "Answer to `unsubscribe`."),
+        FrameSpec("publish_response", PublishResponse, (
+            _f("success", "success", bool), _f("messageId", "message_id", str),
+            _f("deliveredTo", "delivered_to", int, required=False),
+            _f("error", "error", str, required=False), _f("code", "code", str, required=False),
+        ), "The server took the message; `deliveredTo` counts its subscribers."),
+        FrameSpec("message", Message, (
+            _f("topic", "topic", str), _f("data", "data", str), _f("hash", "hash", str),
+            _f("timestamp", "timestamp", int), _f("messageId", "message_id", str),
+            _f("encoding", "encoding", str, required=False), _f("retry", "retry", int, required=False),
+        ), "A delivery to a subscriber; answer with `ack`. `retry` counts re-sends."),
+        FrameSpec("error", ErrorFrame, (_f("error", "error", str), _f("code", "code", str)),
+                  "A frame could not be honoured."),
+    )
+}  # fmt: skip
+
+_WIRE_NAMES: Final[Mapping[type, tuple[str, tuple[FieldSpec, ...]]]] = {
+    spec.event: (spec.name, spec.fields) for spec in (*CLIENT_FRAMES.values(), *SERVER_FRAMES.values())
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsing.
+
+
+def _invalid(message: str, code: ErrorCode = ErrorCode.INVALID_FRAME) -> RemoteProtocolError:
+    return RemoteProtocolError(message, code=code)
+
+
+_Check = tuple[str, str, type, bool, int, bool]
+"""A field check with its length limit resolved: (wire, attr, kind, required, max length or -1, nonempty)."""
+
+_JSON_TYPE_NAMES: Final[Mapping[type, str]] = {str: "a string", int: "an integer", bool: "a boolean"}
+
+
+class FrameParser:
+    """Parses one direction's frames against one :class:`Limits`.
+
+    The field tables are resolved against the limits once, here, so that parsing a frame (the server's
+    per-message path) does no attribute lookups by name. Cores build one parser and keep it.
+    """
+
+    __slots__ = ("_table",)
+
+    def __init__(self, frames: Mapping[str, FrameSpec], limits: Limits) -> None:
+        self._table: dict[str, tuple[FrameSpec, tuple[_Check, ...]]] = {
+            name: (spec, tuple(
+                (fs.wire, fs.attr, fs.kind, fs.required, getattr(limits, fs.limit) if fs.limit else -1,
+                 fs.nonempty)
+                for fs in spec.fields
+            ))
+            for name, spec in frames.items()
+        }  # fmt: skip
+
+    def parse(self, text: str | bytes) -> Any:
+        """Parse one frame. Raises :class:`RemoteProtocolError` carrying the code to answer with."""
+        try:
+            obj: Any = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise _invalid(f"frame is not valid JSON: {exc}", ErrorCode.INVALID_JSON) from None
+        if type(obj) is not dict:
+            raise _invalid(f"frame must be a JSON object, got {type(obj).__name__}", ErrorCode.INVALID_JSON)
+        frame_type = obj.get("type")
+        if type(frame_type) is not str:
+            raise _invalid("frame has no string 'type' field")
+        entry = self._table.get(frame_type)
+        if entry is None:
+            raise _invalid(f"unknown frame type {frame_type[:64]!r}", ErrorCode.UNKNOWN_TYPE)
+        spec, checks = entry
+        kwargs: dict[str, Any] = {}
+        for wire, attr, kind, required, max_length, nonempty in checks:
+            value: Any = obj.get(wire)
+            if value is None:
+                if required:
+                    raise _invalid(f"{spec.name}: missing field {wire!r}")
+                continue
+            # An exact type test: bool is an int subclass, and neither may stand for the other on the wire.
+            if type(value) is not kind:
+                raise _invalid(f"{spec.name}: field {wire!r} must be {_JSON_TYPE_NAMES[kind]}")
+            if kind is str:
+                if nonempty and not value:
+                    raise _invalid(f"{spec.name}: field {wire!r} must not be empty")
+                if max_length >= 0 and len(cast(str, value)) > max_length:
+                    message = f"{spec.name}: field {wire!r} is longer than {max_length} characters"
+                    raise _invalid(message, ErrorCode.TOO_LONG)
+            kwargs[attr] = value
+        encoding = kwargs.get("encoding")
+        if encoding is not None and encoding != "text" and encoding != "binary":  # noqa: PLR1714 - hot path
+            raise _invalid(f'{spec.name}: field \'encoding\' must be "text" or "binary"')
+        return spec.event(**kwargs)
+
+
+_DEFAULT_CLIENT_PARSER: Final = FrameParser(CLIENT_FRAMES, _DEFAULT_LIMITS)
+_DEFAULT_SERVER_PARSER: Final = FrameParser(SERVER_FRAMES, _DEFAULT_LIMITS)
+
+
+def parse_client_frame(text: str | bytes, limits: Limits | None = None) -> ClientFrame:
+    """Parse one client → server frame (cores keep a :class:`FrameParser` instead of calling this)."""
+    parser = _DEFAULT_CLIENT_PARSER if limits is None else FrameParser(CLIENT_FRAMES, limits)
+    frame: ClientFrame = parser.parse(text)
+    return frame
+
+
+def parse_server_frame(text: str | bytes, limits: Limits | None = None) -> ServerFrame:
+    """Parse one server → client frame."""
+    parser = _DEFAULT_SERVER_PARSER if limits is None else FrameParser(SERVER_FRAMES, limits)
+    frame: ServerFrame = parser.parse(text)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------------
+# Encoding.
+
+
+def _omitted(fs: FieldSpec, value: object) -> bool:
+    """Optional fields at their default are left off the wire, as the original protocol does."""
+    if fs.required:
+        return False
+    return value is None or (fs.attr == "encoding" and value == "text") or (fs.attr == "retry" and value == 0)
+
+
+def encode(frame: ClientFrame | ServerFrame) -> bytes:
+    """Serialise any event to its JSON text-frame payload (UTF-8 bytes), ``type`` first."""
+    frame_type, specs = _WIRE_NAMES[type(frame)]
+    obj: dict[str, Any] = {"type": frame_type}
+    for fs in specs:
+        value = getattr(frame, fs.attr)
+        if not _omitted(fs, value):
+            obj[fs.wire] = value
+    return orjson.dumps(obj)
+
+
+def encode_message(  # noqa: PLR0917 - positional on purpose: this runs once per publish
+    topic: str, data: str, hash: str, timestamp: int, message_id: str, encoding: Encoding, retry: int = 0
+) -> bytes:
+    """The server's hot path: a ``message`` payload straight from a publish's fields.
+
+    Byte-identical to ``encode(Message(...))`` (a test pins that), without building the event first.
+    """
+    obj: dict[str, Any] = {
+        "type": "message", "topic": topic, "data": data, "hash": hash, "timestamp": timestamp,
+        "messageId": message_id,
+    }  # fmt: skip
+    if encoding != "text":
+        obj["encoding"] = encoding
+    if retry:
+        obj["retry"] = retry
+    return orjson.dumps(obj)
+
+
+def encode_error(exc: RemoteProtocolError) -> bytes:
+    """The ``error`` frame that answers a frame the peer got wrong."""
+    return encode(ErrorFrame(exc.message, exc.code))
