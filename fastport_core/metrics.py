@@ -62,5 +62,6 @@ class Metrics:
 
     def forget_session(self, session: str) -> None:
         """Drop a dropped session's per-session series so metrics stay bounded by live sessions."""
-        for key in [key for key in self._counts if key[1][:1] == (session,)]:
+        per_session = {name for name, (_, labels) in COUNTERS.items() if labels[:1] == ("session",)}
+        for key in [key for key in self._counts if key[0] in per_session and key[1][:1] == (session,)]:
             del self._counts[key]
