@@ -25,63 +25,82 @@ __all__ = [
 
 
 class ErrorCode(StrEnum):
-    """The ``code`` field of an ``error`` frame (and of a refused ``*_response``)."""
+    """The ``code`` field of an ``error`` frame (and of a refused ``*_response``).
 
-    INVALID_JSON = "invalid_json"
-    """The text frame is not a JSON object."""
-    INVALID_FRAME = "invalid_frame"
-    """A field is missing, has the wrong type, or is empty where it must not be."""
-    UNKNOWN_TYPE = "unknown_type"
-    """The ``type`` field names no frame of the protocol."""
-    BINARY_NOT_SUPPORTED = "binary_not_supported"
-    """A WebSocket binary frame arrived; v1 speaks JSON text frames only."""
-    NOT_INITIALISED = "not_initialised"
-    """A frame other than ``init`` arrived before a successful ``init``."""
-    ALREADY_INITIALISED = "already_initialised"
-    """A second ``init`` on a connection: a connection belongs to one session for its whole life."""
-    AUTH_FAILED = "auth_failed"
-    """Unknown session or wrong password (deliberately not told apart)."""
-    AUTH_THROTTLED = "auth_throttled"
-    """Too many failed ``init`` attempts: wait before trying again."""
-    SESSION_SUSPENDED = "session_suspended"
-    """The session exists but is suspended: no new connections, no delivery."""
-    TOO_LONG = "too_long"
-    """A topic, message id, session name or password exceeds its configured length limit."""
-    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
-    """The connection already holds its maximum number of subscriptions."""
-    TOO_MANY_CONNECTIONS = "too_many_connections"
-    """The session already holds its maximum number of connections."""
-    SESSION_FULL = "session_full"
-    """Accepting the publish would exceed the session's pending-bytes limit."""
+    Each member carries its meaning in ``doc``, from which ``docs/protocol.md`` is generated.
+    """
+
+    doc: str
+
+    def __new__(cls, value: str, doc: str) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.doc = doc
+        return member
+
+    INVALID_JSON = "invalid_json", "The text frame is not a JSON object."
+    INVALID_FRAME = (
+        "invalid_frame",
+        "A field is missing, has the wrong type, or is empty where it must not be.",
+    )
+    UNKNOWN_TYPE = "unknown_type", "The ``type`` field names no frame of the protocol."
+    BINARY_NOT_SUPPORTED = (
+        "binary_not_supported",
+        "A WebSocket binary frame arrived; v1 speaks JSON text frames only.",
+    )
+    NOT_INITIALISED = "not_initialised", "A frame other than ``init`` arrived before a successful ``init``."
+    ALREADY_INITIALISED = (
+        "already_initialised",
+        "A second ``init`` on a connection: a connection belongs to one session for its whole life.",
+    )
+    AUTH_FAILED = "auth_failed", "Unknown session or wrong password (deliberately not told apart)."
+    AUTH_THROTTLED = "auth_throttled", "Too many failed ``init`` attempts: wait before trying again."
+    SESSION_SUSPENDED = (
+        "session_suspended",
+        "The session exists but is suspended: no new connections, no delivery.",
+    )
+    TOO_LONG = (
+        "too_long",
+        "A topic, message id, session name or password exceeds its configured length limit.",
+    )
+    TOO_MANY_SUBSCRIPTIONS = (
+        "too_many_subscriptions",
+        "The connection already holds its maximum number of subscriptions.",
+    )
+    TOO_MANY_CONNECTIONS = (
+        "too_many_connections",
+        "The session already holds its maximum number of connections.",
+    )
+    SESSION_FULL = "session_full", "Accepting the publish would exceed the session's pending-bytes limit."
 
 
 class CloseCode(IntEnum):
     """WebSocket close codes the core sends (RFC 6455 §7.4 plus the private 4000-4999 range)."""
 
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    """Server shutdown."""
-    PROTOCOL_ERROR = 1002
-    """A WebSocket framing rule was broken (unmasked client frame, bad opcode, bad control frame...)."""
-    INVALID_PAYLOAD = 1007
-    """A text frame that is not valid UTF-8."""
-    POLICY_VIOLATION = 1008
-    """Repeated authentication failures."""
-    MESSAGE_TOO_BIG = 1009
-    """A message over the configured maximum size (refused before it is buffered)."""
-    INTERNAL_ERROR = 1011
-    SESSION_DROPPED = 4001
-    """The session was dropped by its owner."""
-    SLOW_CONSUMER = 4002
-    """The subscriber fell behind past its in-flight or output-buffer bound."""
-    REPLACED = 4003
-    """Another connection resumed this connection's ``clientId``."""
-    KEEPALIVE_TIMEOUT = 4004
-    """The peer did not answer a ping in time."""
-    HANDSHAKE_TIMEOUT = 4005
-    """The connection did not authenticate in time."""
-    SESSION_EXPIRED = 4006
-    """The session expired (idle past its ``sessionExpiry``)."""
+    doc: str
+
+    def __new__(cls, value: int, doc: str) -> CloseCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.doc = doc
+        return member
+
+    NORMAL = 1000, "Normal closure (the client closed, or answered our close)."
+    GOING_AWAY = 1001, "Server shutdown."
+    PROTOCOL_ERROR = (
+        1002,
+        "A WebSocket framing rule was broken (unmasked client frame, bad opcode, bad control frame...).",
+    )
+    INVALID_PAYLOAD = 1007, "A text frame that is not valid UTF-8."
+    POLICY_VIOLATION = 1008, "Repeated authentication failures."
+    MESSAGE_TOO_BIG = 1009, "A message over the configured maximum size (refused before it is buffered)."
+    INTERNAL_ERROR = 1011, "A bug in the server: it closed rather than guess (logged)."
+    SESSION_DROPPED = 4001, "The session was dropped by its owner."
+    SLOW_CONSUMER = 4002, "The subscriber fell behind past its in-flight or output-buffer bound."
+    REPLACED = 4003, "Another connection resumed this connection's ``clientId``."
+    KEEPALIVE_TIMEOUT = 4004, "The peer did not answer a ping in time."
+    HANDSHAKE_TIMEOUT = 4005, "The connection did not authenticate in time."
+    SESSION_EXPIRED = 4006, "The session expired (idle past its ``sessionExpiry``)."
 
 
 class FastportError(Exception):
