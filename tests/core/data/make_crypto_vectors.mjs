@@ -1,0 +1,142 @@
+// Known-answer vectors for fastport's envelope suites, computed with Node.js's `crypto` module (OpenSSL)
+// and none of fastport's Python code: it is an independent implementation of DESIGN.md §4, written from
+// the text of the definition. The output, crypto_vectors.json, is checked in; tests/core/test_crypto.py
+// requires fastport_core.crypto to reproduce it byte for byte.
+//
+//   node tests/core/data/make_crypto_vectors.mjs > tests/core/data/crypto_vectors.json
+//
+// Every input is fixed (keys, IVs, names, timestamps), so the output is deterministic.
+
+import { createCipheriv, createHash, createHmac, hkdfSync } from "node:crypto";
+
+const hex = (buf) => Buffer.from(buf).toString("hex");
+const b64 = (buf) => Buffer.from(buf).toString("base64");
+
+// F(s) = 4-byte big-endian length of utf8(s), then utf8(s).
+function field(text) {
+  const raw = Buffer.from(text, "utf8");
+  const length = Buffer.alloc(4);
+  length.writeUInt32BE(raw.length);
+  return Buffer.concat([length, raw]);
+}
+
+function aes256cbc(key, iv, plaintext) {
+  const cipher = createCipheriv("aes-256-cbc", key, iv); // PKCS#7 padding is Node's default
+  return Buffer.concat([cipher.update(plaintext), cipher.final()]);
+}
+
+// HKDF-SHA256 with no salt: RFC 5869 then uses HashLen zero bytes, which as an HMAC key is the same as
+// the empty salt Node is given here.
+const hkdf = (ikm, info) => Buffer.from(hkdfSync("sha256", ikm, Buffer.alloc(0), Buffer.from(info), 32));
+
+function legacy(c) {
+  const key = Buffer.from(c.key, "base64");
+  const data = `${b64(c.iv)}:${b64(aes256cbc(key, c.iv, c.plaintextBytes))}`;
+  const hash = createHash("sha256").update(data, "utf8").digest("hex");
+  return { data, hash };
+}
+
+function authenticated(c) {
+  const key = Buffer.from(c.key, "base64");
+  const encKey = hkdf(key, "fastport/v1/enc");
+  const macKey = hkdf(key, "fastport/v1/mac");
+  const data = `${b64(c.iv)}:${b64(aes256cbc(encKey, c.iv, c.plaintextBytes))}`;
+  const macInput = Buffer.concat([
+    Buffer.from("fastport/v1", "utf8"),
+    field(c.session),
+    field(c.topic),
+    field(c.message_id),
+    field(String(c.timestamp)),
+    field(c.encoding),
+    field(data),
+  ]);
+  const hash = "v1:" + createHmac("sha256", macKey).update(macInput).digest("hex");
+  return { enc_key_hex: hex(encKey), mac_key_hex: hex(macKey), mac_input_hex: hex(macInput), data, hash };
+}
+
+const KEY_A = b64(Buffer.from(Array.from({ length: 32 }, (_, i) => i))); // 00 01 .. 1f
+const KEY_B = b64(Buffer.from("9f3c0a5e71d2b8446e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f", "hex"));
+const ivOf = (byte) => Buffer.alloc(16, byte);
+const ivSeq = Buffer.from("000102030405060708090a0b0c0d0e0f", "hex");
+
+const cases = [
+  {
+    name: "ascii text",
+    key: KEY_A, iv: ivSeq,
+    session: "demo", topic: "sensors/temp", message_id: "msg-0001", timestamp: 1732560000000,
+    text: "24.5C",
+  },
+  {
+    name: "non-ascii names and payload",
+    key: KEY_B, iv: ivOf(0xa5),
+    session: "séance-東京", topic: "capteurs/température/°C", message_id: "id-✓-🚀", timestamp: 1732560000123,
+    text: "Grüße, 世界 🌍",
+  },
+  {
+    name: "empty payload",
+    key: KEY_A, iv: ivOf(0x00),
+    session: "demo", topic: "t", message_id: "0", timestamp: 0,
+    text: "",
+  },
+  {
+    name: "multi-block payload",
+    key: KEY_B, iv: ivOf(0x3c),
+    session: "fleet", topic: "logs/app", message_id: "b6d1e7a2-5f3c-4c1e-9a77-0e2f4b8d9c10",
+    timestamp: 9007199254740991,
+    text: "The quick brown fox jumps over the lazy dog. ".repeat(3) + "Ünïcödé at the end ✓",
+  },
+  {
+    name: "block-multiple payload (full padding block)",
+    key: KEY_A, iv: ivOf(0xff),
+    session: "demo", topic: "exact/32", message_id: "msg-0032", timestamp: 1732560000999,
+    text: "0123456789abcdef0123456789ABCDEF",
+  },
+  {
+    name: "binary payload",
+    key: KEY_B, iv: ivSeq,
+    session: "demo", topic: "blobs", message_id: "bin-1", timestamp: 1732560001000,
+    bytes: Buffer.concat([Buffer.from(Array.from({ length: 20 }, (_, i) => i * 13 % 256)), Buffer.from([0xff, 0xfe, 0x80, 0x00])]),
+  },
+  {
+    name: "binary payload of one block",
+    key: KEY_A, iv: ivOf(0x11),
+    session: "demo", topic: "blobs", message_id: "bin-2", timestamp: 1732560002000,
+    bytes: Buffer.alloc(16, 0x00),
+  },
+].map((c) => {
+  const binary = c.bytes !== undefined;
+  return {
+    ...c,
+    encoding: binary ? "binary" : "text",
+    plaintextBytes: binary ? c.bytes : Buffer.from(c.text, "utf8"),
+  };
+});
+
+function describe(c) {
+  const out = {
+    name: c.name,
+    key: c.key,
+    iv_hex: hex(c.iv),
+    session: c.session,
+    topic: c.topic,
+    message_id: c.message_id,
+    timestamp: c.timestamp,
+    encoding: c.encoding,
+  };
+  if (c.encoding === "binary") out.payload_hex = hex(c.bytes);
+  else out.payload = c.text;
+  return out;
+}
+
+const output = {
+  about:
+    "Known-answer vectors for fastport's crypto suites (DESIGN.md §4, docs/security.md), generated by " +
+    "tests/core/data/make_crypto_vectors.mjs with Node.js crypto, independently of fastport's Python code. " +
+    "Keys are standard base64; *_hex fields are lowercase hex; a text payload is the UTF-8 of `payload`, " +
+    "a binary one is `payload_hex`.",
+  generator: `node ${process.version}`,
+  legacy: cases.map((c) => ({ ...describe(c), ...legacy(c) })),
+  authenticated: cases.map((c) => ({ ...describe(c), ...authenticated(c) })),
+};
+
+process.stdout.write(JSON.stringify(output, null, 2) + "\n");
