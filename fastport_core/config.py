@@ -102,6 +102,12 @@ class Limits:
     max_connections: int = 10_000
     dedupe_window: int = 10_000
     """Recent message ids remembered per session (server) or per client (client) to drop duplicates."""
+    max_detached_per_session: int = 1000
+    """Resumable subscribers (``clientId``) a session keeps while they have no connection; past it the one
+    detached longest is forgotten (its deliveries given up, reason ``detached``)."""
+    max_throttled_peers: int = 10_000
+    """Peer addresses the failed-auth throttle remembers; past it the one whose last failure is oldest is
+    forgotten."""
     max_http_body: int = 64 * 1024
     max_http_header: int = 16 * 1024
 
@@ -125,16 +131,23 @@ class ServerConfig:
     auth_max_failures: int = 3
     """Failed ``init`` attempts on one connection before it is closed with 1008."""
     auth_throttle_base: float = 0.5
-    """First delay (seconds) a session name imposes after a failed ``init``; doubles per failure."""
+    """First delay (seconds) a peer address must wait after a failed ``init``; doubles per failure."""
     auth_throttle_max: float = 30.0
+    """Longest throttle delay; a peer's failure count is also forgotten after this long without failures."""
     dedupe_ttl: float = 600.0
     """Seconds a published message id stays in the session's dedupe window (also bounded by count)."""
+    password_hash_cost: int = 2**14
+    """scrypt's N for session passwords and secret keys (a power of two; r=8, p=1). Doubling it doubles the
+    time and memory of one verification (2**14: ~16 MiB and tens of ms). Lower it only in tests."""
 
     def __post_init__(self) -> None:
         _require_positive(
             self, "ping_interval", "ping_timeout", "handshake_timeout", "auth_max_failures",
             "auth_throttle_base", "auth_throttle_max", "dedupe_ttl",
         )  # fmt: skip
+        cost = self.password_hash_cost
+        if cost < 2 or cost & (cost - 1):
+            raise LocalProtocolError(f"password_hash_cost must be a power of two >= 2, got {cost!r}")
 
 
 @dataclass(frozen=True, slots=True)
