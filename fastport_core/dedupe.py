@@ -8,7 +8,8 @@ recently?" with memory that cannot grow without bound, so the window forgets the
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
+from collections import deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -19,16 +20,23 @@ V = TypeVar("V")
 
 
 class DedupeWindow(Generic[K, V]):
-    """Remembers up to ``capacity`` keys (each with a value), oldest evicted first."""
+    """Remembers up to ``capacity`` keys (each with a value), oldest evicted first.
 
-    __slots__ = ("_capacity", "_entries", "_ttl")
+    A dict holds the entries and a deque their arrival order; re-adding a key leaves a stale entry in the
+    deque that is skipped when it reaches the front (its sequence number no longer matches). This costs
+    half of an ``OrderedDict``'s move-and-evict on the server's per-publish path.
+    """
+
+    __slots__ = ("_capacity", "_entries", "_order", "_sequence", "_ttl")
 
     def __init__(self, capacity: int, ttl: float | None = None) -> None:
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self._capacity = capacity
         self._ttl = ttl
-        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._entries: dict[K, tuple[int, float, V]] = {}
+        self._order: deque[tuple[int, float, K]] = deque()
+        self._sequence = itertools.count()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -38,27 +46,24 @@ class DedupeWindow(Generic[K, V]):
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if self._ttl is not None and now - entry[0] > self._ttl:
-            self._expire(now)
+        if self._ttl is not None and now - entry[1] > self._ttl:
             return None
-        return entry[1]
+        return entry[2]
 
     def add(self, key: K, value: V, now: float) -> None:
-        """Remember ``key`` (refreshing its position if it was already there)."""
+        """Remember ``key`` (refreshing its age if it was already there); forget what falls out."""
+        sequence = next(self._sequence)
         entries = self._entries
-        entries[key] = (now, value)
-        entries.move_to_end(key)
-        if len(entries) > self._capacity:
-            entries.popitem(last=False)
-        if self._ttl is not None:
-            self._expire(now)
-
-    def _expire(self, now: float) -> None:
-        assert self._ttl is not None
-        entries = self._entries
-        horizon = now - self._ttl
-        while entries:
-            first = next(iter(entries.values()))
-            if first[0] >= horizon:
-                break
-            entries.popitem(last=False)
+        order = self._order
+        entries[key] = (sequence, now, value)
+        order.append((sequence, now, key))
+        horizon = now - self._ttl if self._ttl is not None else None
+        while order and (len(entries) > self._capacity or (horizon is not None and order[0][1] < horizon)):
+            old_sequence, _, old_key = order.popleft()
+            current = entries.get(old_key)
+            if current is not None and current[0] == old_sequence:
+                del entries[old_key]
+        if len(order) > 2 * self._capacity:
+            # Many refreshes of the same keys: drop the stale arrivals so the deque stays bounded too.
+            live = [entry for entry in order if entries.get(entry[2], (None,))[0] == entry[0]]
+            self._order = deque(live)

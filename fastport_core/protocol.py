@@ -12,9 +12,10 @@ lists: the parsers are driven by them and ``docs/protocol.md`` is generated from
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -267,30 +268,72 @@ def _invalid(message: str, code: ErrorCode = ErrorCode.INVALID_FRAME) -> RemoteP
     return RemoteProtocolError(message, code=code)
 
 
-_Check = tuple[str, str, type, bool, int, bool]
-"""A field check with its length limit resolved: (wire, attr, kind, required, max length or -1, nonempty)."""
-
 _JSON_TYPE_NAMES: Final[Mapping[type, str]] = {str: "a string", int: "an integer", bool: "a boolean"}
+
+
+def _field_error(spec: FrameSpec, fs: FieldSpec, value: Any, max_length: int) -> RemoteProtocolError:
+    """Why ``value`` is not acceptable for ``fs`` (the slow path: only reached for bad input)."""
+    if value is None:
+        return _invalid(f"{spec.name}: missing field {fs.wire!r}")
+    # An exact type test: bool is an int subclass, and neither may stand for the other on the wire.
+    if type(value) is not fs.kind:
+        return _invalid(f"{spec.name}: field {fs.wire!r} must be {_JSON_TYPE_NAMES[fs.kind]}")
+    if fs.nonempty and not value:
+        return _invalid(f"{spec.name}: field {fs.wire!r} must not be empty")
+    if fs.wire == "encoding":
+        return _invalid(f'{spec.name}: field \'encoding\' must be "text" or "binary"')
+    message = f"{spec.name}: field {fs.wire!r} is longer than {max_length} characters"
+    return _invalid(message, ErrorCode.TOO_LONG)
+
+
+def _compile_builder(spec: FrameSpec, limits: Limits) -> Callable[[dict[str, Any]], Any]:
+    """Generate the validating constructor of one frame type from its field table.
+
+    Parsing runs once per received frame, so instead of interpreting the table field by field, each frame
+    type gets a straight-line function (the technique ``dataclasses`` itself uses for ``__init__``): one
+    dict lookup and one combined check per field, and positional construction of the event (keyword
+    construction of a frozen dataclass costs twice as much). The slow path, working out *which* rule a
+    bad value broke, is :func:`_field_error`.
+    """
+    event_fields = dataclasses.fields(spec.event)
+    if [f.name for f in event_fields] != [fs.attr for fs in spec.fields]:
+        raise AssertionError(f"{spec.name}: the wire table must list the event's fields in order")
+    namespace: dict[str, Any] = {"_event": spec.event, "_spec": spec, "_field_error": _field_error}
+    lines = ["def build(obj):"]
+    for i, (fs, ef) in enumerate(zip(spec.fields, event_fields, strict=True)):
+        max_length = getattr(limits, fs.limit) if fs.limit else -1
+        namespace[f"_fs{i}"] = fs
+        namespace[f"_default{i}"] = None if ef.default is dataclasses.MISSING else ef.default
+        bad = [f"type(v{i}) is not {fs.kind.__name__}"]
+        if fs.nonempty:
+            bad.append(f"not v{i}")
+        if max_length >= 0:
+            bad.append(f"len(v{i}) > {max_length}")
+        if fs.wire == "encoding":
+            bad.append(f"(v{i} != 'text' and v{i} != 'binary')")
+        lines.append(f"    v{i} = obj.get({fs.wire!r})")
+        check = f"if {' or '.join(bad)}: raise _field_error(_spec, _fs{i}, v{i}, {max_length})"
+        if fs.required:
+            lines.append(f"    {check}")
+        else:
+            lines += [f"    if v{i} is None: v{i} = _default{i}", f"    elif {check[3:]}"]
+    lines.append(f"    return _event({', '.join(f'v{i}' for i in range(len(spec.fields)))})")
+    exec("\n".join(lines), namespace)
+    builder: Callable[[dict[str, Any]], Any] = namespace["build"]
+    return builder
 
 
 class FrameParser:
     """Parses one direction's frames against one :class:`Limits`.
 
-    The field tables are resolved against the limits once, here, so that parsing a frame (the server's
-    per-message path) does no attribute lookups by name. Cores build one parser and keep it.
+    Each frame type's validating constructor is generated once, here, from the field tables and the
+    limits (see :func:`_compile_builder`); cores build one parser and keep it.
     """
 
-    __slots__ = ("_table",)
+    __slots__ = ("_builders",)
 
     def __init__(self, frames: Mapping[str, FrameSpec], limits: Limits) -> None:
-        self._table: dict[str, tuple[FrameSpec, tuple[_Check, ...]]] = {
-            name: (spec, tuple(
-                (fs.wire, fs.attr, fs.kind, fs.required, getattr(limits, fs.limit) if fs.limit else -1,
-                 fs.nonempty)
-                for fs in spec.fields
-            ))
-            for name, spec in frames.items()
-        }  # fmt: skip
+        self._builders = {name: _compile_builder(spec, limits) for name, spec in frames.items()}
 
     def parse(self, text: str | bytes) -> Any:
         """Parse one frame. Raises :class:`RemoteProtocolError` carrying the code to answer with."""
@@ -303,31 +346,10 @@ class FrameParser:
         frame_type = obj.get("type")
         if type(frame_type) is not str:
             raise _invalid("frame has no string 'type' field")
-        entry = self._table.get(frame_type)
-        if entry is None:
+        builder = self._builders.get(frame_type)
+        if builder is None:
             raise _invalid(f"unknown frame type {frame_type[:64]!r}", ErrorCode.UNKNOWN_TYPE)
-        spec, checks = entry
-        kwargs: dict[str, Any] = {}
-        for wire, attr, kind, required, max_length, nonempty in checks:
-            value: Any = obj.get(wire)
-            if value is None:
-                if required:
-                    raise _invalid(f"{spec.name}: missing field {wire!r}")
-                continue
-            # An exact type test: bool is an int subclass, and neither may stand for the other on the wire.
-            if type(value) is not kind:
-                raise _invalid(f"{spec.name}: field {wire!r} must be {_JSON_TYPE_NAMES[kind]}")
-            if kind is str:
-                if nonempty and not value:
-                    raise _invalid(f"{spec.name}: field {wire!r} must not be empty")
-                if max_length >= 0 and len(cast(str, value)) > max_length:
-                    message = f"{spec.name}: field {wire!r} is longer than {max_length} characters"
-                    raise _invalid(message, ErrorCode.TOO_LONG)
-            kwargs[attr] = value
-        encoding = kwargs.get("encoding")
-        if encoding is not None and encoding != "text" and encoding != "binary":  # noqa: PLR1714 - hot path
-            raise _invalid(f'{spec.name}: field \'encoding\' must be "text" or "binary"')
-        return spec.event(**kwargs)
+        return builder(obj)
 
 
 _DEFAULT_CLIENT_PARSER: Final = FrameParser(CLIENT_FRAMES, _DEFAULT_LIMITS)

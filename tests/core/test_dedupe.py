@@ -43,3 +43,28 @@ def test_never_exceeds_capacity_and_keeps_the_most_recent(keys: list[int], capac
         w.add(key, i, float(i))
         assert len(w) <= capacity
         assert w.get(key, float(i)) == i
+
+
+def test_refreshing_the_same_keys_keeps_the_order_queue_bounded() -> None:
+    w: DedupeWindow[int, int] = DedupeWindow(4)
+    for i in range(1000):
+        w.add(i % 3, i, float(i))
+    assert len(w) == 3
+    assert len(w._order) <= 2 * 4 + 1
+    assert [w.get(k, 1000.0) for k in range(3)] == [999, 997, 998]
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.floats(0, 5)), max_size=200), st.integers(1, 8))
+def test_matches_a_reference_model(ops: list[tuple[int, float]], capacity: int) -> None:
+    """A plain list model: most recent ``capacity`` distinct keys, younger than the ttl."""
+    w: DedupeWindow[int, int] = DedupeWindow(capacity, ttl=10.0)
+    model: list[tuple[int, float, int]] = []  # (key, added at, value), oldest first
+    now = 0.0
+    for i, (key, step) in enumerate(ops):
+        now += step
+        w.add(key, i, now)
+        model = [entry for entry in model if entry[0] != key] + [(key, now, i)]
+        model = [entry for entry in model if entry[1] >= now - 10.0][-capacity:]
+        for k in range(21):
+            expected = next((v for mk, _, v in model if mk == k), None)
+            assert w.get(k, now) == expected
