@@ -33,7 +33,7 @@ from fastport_core.exposition import GAUGES, PREFIX, SESSION_GAUGES
 from fastport_core.metrics import Metrics
 
 CREDENTIALS = AdminCredentials("admin", "s3cret:with-colon")
-DOCS = Path(__file__).parents[2] / "docs" / "drafts" / "admin.md"
+DOCS = Path(__file__).parents[2] / "docs" / "protocol.md"
 NOW = 1234.5
 
 
