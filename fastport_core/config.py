@@ -22,7 +22,8 @@ class SlowConsumerPolicy(StrEnum):
     """What happens to a subscriber that reaches ``max_inflight_per_subscriber`` un-ACKed deliveries."""
 
     DISCONNECT = "disconnect"
-    """Close it with 4002 (its deliveries wait for it to resume, or expire)."""
+    """Close it with 4002; a resumable subscriber's (``clientId``) deliveries wait for it to resume, or
+    expire; an anonymous one's are given up and counted."""
     DROP_OLDEST = "drop_oldest"
     """Give up its oldest un-ACKed delivery (counted) to make room for the new one."""
 

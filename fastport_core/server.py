@@ -32,6 +32,7 @@ from .admin import AdminApi, AdminCredentials
 from .broker import Broker
 from .config import ServerConfig
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
+from .frames import ABNORMAL_CLOSURE
 from .handshake import HttpFailure, HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics
 from .protocol import CLIENT_FRAMES, FrameParser, encode_error
@@ -165,7 +166,7 @@ class ServerCore:
         self._dirty.discard(conn)
         ws = connection.ws
         if ws is not None:
-            code = ws.close_code if ws.close_code is not None else 1006
+            code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
             self.metrics.inc("connections_closed", str(code))
             self.broker.connection_closed(conn, now)
         else:
@@ -242,9 +243,10 @@ class ServerCore:
         self._dirty.add(conn)
         if ws.pending_bytes > self.config.limits.max_output_buffer:
             # The adapter has not taken this connection's output for a while: its peer does not read.
-            # Dropping the bytes (not queueing a close behind them) is what bounds memory.
+            # Dropping the bytes (not queueing a close behind them) is what bounds memory; the peer still
+            # gets a close frame saying why, in case it ever reads again.
             logger.info("connection %d: output buffer over %d bytes, dropping it", conn, ws.pending_bytes)
-            ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded")
+            ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded", notify=True)
             self.metrics.inc("output_overflows")
             self.broker.connection_closed(conn, self._now)
 
@@ -272,22 +274,26 @@ class ServerCore:
     def _receive_http(self, conn: int, connection: _Connection, data: bytes, now: float) -> None:
         http = connection.http
         assert http is not None
-        for event in http.receive_data(data):
-            if isinstance(event, WebSocketUpgrade):
-                self._upgrade(conn, connection, event, now)
-                return
-            if isinstance(event, HttpRequest):
-                response = self.admin.handle(event.method, event.target, event.headers, event.body, now)
-                connection.prefix += http.respond(
-                    response.status,
-                    response.body,
-                    content_type=response.content_type,
-                    headers=response.headers,
-                )
+        events = http.receive_data(data)
+        while events:
+            for event in events:
+                if isinstance(event, WebSocketUpgrade):
+                    self._upgrade(conn, connection, event, now)
+                    return
+                if isinstance(event, HttpRequest):
+                    response = self.admin.handle(event.method, event.target, event.headers, event.body, now)
+                    connection.prefix += http.respond(
+                        response.status,
+                        response.body,
+                        content_type=response.content_type,
+                        headers=response.headers,
+                    )
+                elif isinstance(event, HttpFailure):
+                    connection.prefix += event.response
+                    self.metrics.inc("protocol_errors", "http")
                 self._dirty.add(conn)
-            elif isinstance(event, HttpFailure):
-                connection.prefix += event.response
-                self.metrics.inc("protocol_errors", "http")
+            # A client may pipeline requests: the next one may already be buffered behind the answered one.
+            events = [] if http.should_close else http.next_events()
         if http.should_close:
             self._finish_transport(conn, connection, "HTTP connection done")
         else:
@@ -344,7 +350,8 @@ class ServerCore:
         if ws.state is WebSocketState.OPEN:
             return
         if ws.failure is not None:
-            self.metrics.inc("protocol_errors", str(ws.failure.code))
+            failure = ws.failure
+            self.metrics.inc("protocol_errors", str(failure.close_code or failure.code))
             logger.info("connection %d: protocol violation: %s", conn, ws.failure.message)
         self.broker.connection_closed(conn, now)
         self._arm(conn, ws)

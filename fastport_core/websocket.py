@@ -256,16 +256,21 @@ class WebSocket:
         self._close_reason = reason
         self._close_deadline = now + self._close_timeout
 
-    def abort(self, code: int, reason: str) -> None:
-        """Give up on the connection at once: CLOSED, queued bytes dropped, nothing more sent.
+    def abort(self, code: int, reason: str, *, notify: bool = False) -> None:
+        """Give up on the connection at once: CLOSED, queued bytes dropped.
 
         For a peer that cannot be talked to any more (keepalive death, a slow consumer far past its bound);
-        ``code`` and ``reason`` are recorded for the owner's logs and metrics. Ignored once CLOSED.
+        ``code`` and ``reason`` are recorded for the owner's logs and metrics. With ``notify`` (and unless
+        our Close was already queued) the dropped bytes are replaced by one Close frame carrying them, so a
+        peer that reads again learns why; nothing else is sent. Ignored once CLOSED.
         """
         if self._state is _CLOSED:
             return
+        notify = notify and self._state is _OPEN
         self._outgoing = []
         self._pending_bytes = 0
+        if notify:
+            self._queue(encode_frame(Opcode.CLOSE, encode_close_payload(code, reason), mask=self._mask))
         self._set_closed(code, reason)
 
     def data_to_send(self) -> bytes:

@@ -225,9 +225,22 @@ def test_output_of_a_peer_that_never_reads_is_bounded() -> None:
     for i in range(200):  # the adapter never drains ``stuck``
         publisher.publish("t", f"m{i}", data="x" * 100)
         publisher.pump()
-    assert core.should_close(stuck.conn)
     assert core.metrics.value("output_overflows") == 1
-    assert core.data_to_send(stuck.conn) == b""
+    # The backlog is dropped; only a close frame saying why is left to send.
+    assert core.data_to_send(stuck.conn) == encode_frame(
+        Opcode.CLOSE,
+        int(CloseCode.SLOW_CONSUMER).to_bytes(2, "big") + b"output buffer limit exceeded",
+        mask=False,
+    )
+    assert core.should_close(stuck.conn)
+
+
+def test_pipelined_http_requests_are_all_answered() -> None:
+    core = make_core()
+    conn = core.open_connection(0.0)
+    core.receive_data(conn, http_request("GET", "/healthz") * 3, 0.0)
+    assert core.data_to_send(conn).count(b"HTTP/1.1 200") == 3
+    assert not core.should_close(conn)
 
 
 # -- the "only documented errors" invariant ------------------------------------------------------------

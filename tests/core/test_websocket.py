@@ -340,3 +340,12 @@ def test_arbitrary_input_never_raises(data: list[bytes], is_client: bool, eof: b
         assert ws.close_code == ws.failure.close_code
     if eof:
         assert ws.state is WebSocketState.CLOSED
+
+
+def test_abort_with_notify_replaces_the_backlog_with_one_close_frame() -> None:
+    ws = WebSocket(client=False, max_message_size=1000, now=0.0)
+    ws.send_text(b"x" * 500)
+    ws.abort(4002, "slow", notify=True)
+    assert ws.data_to_send() == encode_frame(Opcode.CLOSE, encode_close_payload(4002, "slow"), mask=False)
+    assert ws.state is WebSocketState.CLOSED
+    assert ws.should_close_transport
