@@ -14,10 +14,17 @@ import itertools
 import re
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
+from types import ModuleType
 
+from fastport_core import broker as broker_module
+from fastport_core import client as client_module
 from fastport_core import config as config_module
-from fastport_core.config import ClientConfig, Limits, ServerConfig, SessionSettings
+from fastport_core import websocket as websocket_module
+from fastport_core.broker import GiveUpReason
+from fastport_core.client import TRANSITIONS, ClientInput, ClientState
+from fastport_core.config import ClientConfig, Limits, ServerConfig, SessionSettings, SlowConsumerPolicy
 from fastport_core.errors import CloseCode, ErrorCode
 from fastport_core.metrics import COUNTERS
 from fastport_core.protocol import CLIENT_FRAMES, SERVER_FRAMES, FrameSpec
@@ -43,22 +50,26 @@ def _enum_table(header: str, members: list[tuple[object, str]]) -> str:
     return "\n".join(rows)
 
 
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string literal after a field) read from the source with ``ast``."""
-    tree = ast.parse(inspect.getsource(config_module))
+def _attribute_docs(cls: type, module: ModuleType = config_module) -> dict[str, str]:
+    """Attribute docstrings (the string literal after a field or an enum member), read with ``ast``."""
+    tree = ast.parse(inspect.getsource(module))
     docs: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
-            body = node.body
-            for current, following in itertools.pairwise(body):
+            for current, following in itertools.pairwise(node.body):
+                if isinstance(current, ast.AnnAssign):
+                    target = current.target
+                elif isinstance(current, ast.Assign) and len(current.targets) == 1:
+                    target = current.targets[0]
+                else:
+                    continue
                 if (
-                    isinstance(current, ast.AnnAssign)
-                    and isinstance(current.target, ast.Name)
+                    isinstance(target, ast.Name)
                     and isinstance(following, ast.Expr)
                     and isinstance(following.value, ast.Constant)
                     and isinstance(following.value.value, str)
                 ):
-                    docs[current.target.id] = " ".join(following.value.value.split())
+                    docs[target.id] = " ".join(following.value.value.split())
     return docs
 
 
@@ -82,6 +93,25 @@ def _counters_table() -> str:
     return "\n".join(rows)
 
 
+def _members_table(header: str, enum: type[Enum], module: ModuleType, *, by_value: bool = False) -> str:
+    """One row per enum member with its attribute docstring: states, policies, reasons."""
+    docs = _attribute_docs(enum, module)
+    rows = [f"| {header} | meaning |", "| --- | --- |"]
+    rows += [f"| `{m.value if by_value else m.name}` | {docs.get(m.name, '')} |" for m in enum]
+    return "\n".join(rows)
+
+
+def _client_transitions_table() -> str:
+    """``client.TRANSITIONS``: one row per (input, target), its source states in the table's order."""
+    rows: dict[tuple[ClientInput, ClientState], list[ClientState]] = {}
+    for (old, event), new in TRANSITIONS.items():
+        rows.setdefault((event, new), []).append(old)
+    lines = ["| from | on | to |", "| --- | --- | --- |"]
+    for (event, new), olds in rows.items():
+        lines.append(f"| {', '.join(f'`{old.name}`' for old in olds)} | {event.value} | `{new.name}` |")
+    return "\n".join(lines)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "client-frames": lambda: _frames_table(dict(CLIENT_FRAMES)),
     "server-frames": lambda: _frames_table(dict(SERVER_FRAMES)),
@@ -92,6 +122,13 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "session-settings": lambda: _settings_table(SessionSettings),
     "client-config": lambda: _settings_table(ClientConfig),
     "counters": _counters_table,
+    "client-states": lambda: _members_table("state", ClientState, client_module),
+    "client-transitions": _client_transitions_table,
+    "websocket-states": lambda: _members_table("state", websocket_module.WebSocketState, websocket_module),
+    "give-up-reasons": lambda: _members_table("reason", GiveUpReason, broker_module, by_value=True),
+    "slow-consumer-policies": lambda: _members_table(
+        "policy", SlowConsumerPolicy, config_module, by_value=True
+    ),
 }
 
 _BLOCK = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.DOTALL)

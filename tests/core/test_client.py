@@ -12,7 +12,6 @@ import json
 import random
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, get_args
 from unittest.mock import ANY
 
@@ -871,28 +870,6 @@ def test_no_server_input_makes_the_client_raise(upgrade_first: bool, steps: list
         assert deadline is None or deadline > now or (deadline == now and kind != "time")
         if client.state is ClientState.WAITING:
             assert client.should_close_transport() and deadline == client.reconnect_at()
-
-
-def render_transitions() -> str:
-    """The Markdown table of :data:`TRANSITIONS` the docs carry (so the docs cannot drift from the code).
-
-    Transitions with the same input and target are one row, their source states listed in table order.
-    """
-    rows: dict[tuple[ClientInput, ClientState], list[ClientState]] = {}
-    for (old, event), new in TRANSITIONS.items():
-        rows.setdefault((event, new), []).append(old)
-    lines = ["| from | on | to |", "| --- | --- | --- |"]
-    for (event, new), olds in rows.items():
-        lines.append(f"| {', '.join(f'`{old.name}`' for old in olds)} | {event.value} | `{new.name}` |")
-    return "\n".join(lines)
-
-
-def test_the_transition_table_is_documented() -> None:
-    docs = Path(__file__).resolve().parents[2] / "docs"
-    table = render_transitions()
-    assert any(table in path.read_text(encoding="utf-8") for path in docs.rglob("*.md")), (
-        "docs must carry the client transition table; paste:\n" + table
-    )
 
 
 def test_every_state_is_reachable_and_only_closed_is_final() -> None:
