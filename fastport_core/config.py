@@ -87,12 +87,19 @@ class Limits:
     max_message_size: int = 1024 * 1024
     """Bytes of one WebSocket message (after reassembly); larger ones close the connection with 1009."""
     max_topic_length: int = 256
+    """Characters of a topic; longer ones are refused with ``too_long``."""
     max_message_id_length: int = 128
+    """Characters of a ``messageId`` (and of a ``clientId``); longer ones are refused with ``too_long``."""
     max_session_name_length: int = 128
+    """Characters of a session name."""
     max_password_length: int = 1024
+    """Characters of a session password."""
     max_hash_length: int = 256
+    """Characters of a publish's ``hash`` (the integrity tag the server relays)."""
     max_subscriptions_per_connection: int = 1000
+    """Topics one connection may subscribe; more are refused with ``too_many_subscriptions``."""
     max_connections_per_session: int = 1000
+    """Initialised connections one session may hold; further inits are refused."""
     max_inflight_per_subscriber: int = 1000
     """Un-ACKed deliveries one subscriber may hold before the slow-consumer policy applies."""
     max_pending_bytes_per_session: int = 64 * 1024 * 1024
@@ -100,7 +107,9 @@ class Limits:
     max_output_buffer: int = 16 * 1024 * 1024
     """Bytes queued for one connection and not yet taken by the adapter; past it: close with 4002."""
     max_sessions: int = 10_000
+    """Sessions the server holds; ``createSession`` past it is refused."""
     max_connections: int = 10_000
+    """Transport connections the server holds; past it new ones are closed at once."""
     dedupe_window: int = 10_000
     """Recent message ids remembered per session (server) or per client (client) to drop duplicates."""
     max_detached_per_session: int = 1000
@@ -110,7 +119,9 @@ class Limits:
     """Peer addresses the failed-auth throttle remembers; past it the one whose last failure is oldest is
     forgotten."""
     max_http_body: int = 64 * 1024
+    """Bytes of an admin API request body; larger ones are refused with 413 before they are read."""
     max_http_header: int = 16 * 1024
+    """Bytes of an HTTP request head; larger ones are refused with 431."""
 
     def __post_init__(self) -> None:
         _require_positive(self, *(f.name for f in fields(self)))
@@ -123,6 +134,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     default_session_settings: SessionSettings = field(default_factory=SessionSettings)
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
+    """What happens to a subscriber at ``max_inflight_per_subscriber`` (``disconnect`` or ``drop_oldest``)."""
     ping_interval: float | None = 20.0
     """Seconds of silence after which the server pings a connection; ``None`` disables keepalive."""
     ping_timeout: float = 20.0
@@ -158,15 +170,22 @@ class ClientConfig:
     publish_retry_interval: float = 5.0
     """Seconds before an unconfirmed publish is sent again on the same connection."""
     ping_interval: float | None = 20.0
+    """Seconds of silence after which the client pings the server; ``None`` disables keepalive."""
     ping_timeout: float = 20.0
+    """Seconds a pinged server has to send anything before the client drops the connection and reconnects."""
     connect_timeout: float = 10.0
     """Seconds from opening a socket to a successful ``init_response``."""
     reconnect_initial_delay: float = 0.5
+    """Cap of the first reconnect delay (seconds); it doubles per failed attempt (full jitter below it)."""
     reconnect_max_delay: float = 30.0
+    """Largest reconnect delay cap (seconds)."""
     reconnect_give_up_after: float | None = None
     """Seconds of continuous failure after which the client stops reconnecting; ``None``: never."""
     dedupe_window: int = 10_000
+    """Message ids remembered to hand each message to the application once (redeliveries are ACKed again)."""
     max_message_size: int = 1024 * 1024
+    """Bytes of one WebSocket message, both ways: larger received ones close the connection, larger
+    publishes are refused at once (the server would close on every resend)."""
     max_pending_publishes: int = 10_000
     """Unconfirmed publishes held for resending; past it ``publish`` raises instead of growing."""
 

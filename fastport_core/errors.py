@@ -14,13 +14,19 @@ from enum import IntEnum, StrEnum
 
 __all__ = [
     "AuthenticationError",
+    "ClientClosedError",
     "CloseCode",
+    "ConnectError",
     "ErrorCode",
     "FastportError",
     "IntegrityError",
     "InvalidKeyError",
     "LocalProtocolError",
+    "PublishRefusedError",
+    "PublishTimeoutError",
     "RemoteProtocolError",
+    "SubscribeRefusedError",
+    "SubscribeTimeoutError",
 ]
 
 
@@ -147,3 +153,49 @@ class AuthenticationError(RemoteProtocolError):
 
     def __init__(self, message: str, *, code: ErrorCode = ErrorCode.AUTH_FAILED) -> None:
         super().__init__(message, code=code)
+
+
+# -- raised by the clients (both adapters) ------------------------------------------------------------
+
+
+class ConnectError(FastportError, ConnectionError):
+    """The first connection of a client failed (unreachable server, TLS, handshake, timeout).
+
+    Later outages never raise this: the client reconnects by itself.
+    """
+
+
+class ClientClosedError(FastportError):
+    """The client is closed (by its ``close``, or it gave up reconnecting), so the operation cannot complete.
+
+    ``__cause__`` holds what made it give up, when that was not the application's ``close``."""
+
+
+class PublishTimeoutError(FastportError, TimeoutError):
+    """No confirmation within ``timeout``. The publish is no longer retried, but the server may have it."""
+
+    def __init__(self, message: str, *, message_id: str) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+
+
+class SubscribeTimeoutError(FastportError, TimeoutError):
+    """No confirmation of a subscription within ``timeout``; the subscription was withdrawn."""
+
+
+class PublishRefusedError(FastportError):
+    """The server refused a publish (e.g. ``session_full``); ``code`` is the protocol's error code."""
+
+    def __init__(self, message: str, *, message_id: str, code: str | None) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+        self.code = code
+
+
+class SubscribeRefusedError(FastportError):
+    """The server refused a subscription (e.g. ``too_many_subscriptions``)."""
+
+    def __init__(self, message: str, *, topic: str, code: str | None) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.code = code

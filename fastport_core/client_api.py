@@ -1,0 +1,112 @@
+"""What an application sees of a client, whichever adapter runs it (anyio tasks or threads).
+
+Both adapters hand the application the same :class:`Message`, report the same :class:`ConnectionState`
+changes and raise the same errors (:mod:`fastport_core.errors`), so code can move between the async and
+the blocking client, and a ``Message`` is one class however it was received. This module also holds what
+both adapters need to start a connection: the parsed :class:`Endpoint` of a ``ws://`` / ``wss://`` URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+from urllib.parse import urlsplit
+
+from .client import AuthRefused
+from .errors import AuthenticationError, ErrorCode, LocalProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_BUFFER",
+    "DEFAULT_TIMEOUT",
+    "ConnectionState",
+    "Endpoint",
+    "Message",
+    "StateChange",
+    "auth_error",
+    "parse_url",
+]
+
+DEFAULT_TIMEOUT: Final = 30.0
+"""Default bound (seconds) on waiting for a server confirmation, connected or not."""
+DEFAULT_MAX_BUFFER: Final = 1000
+"""Default number of messages a subscription buffers for a consumer that is busy."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received, verified and decrypted message.
+
+    ``payload`` is ``str`` or ``bytes``, as it was published; ``timestamp`` is the publisher's wall clock
+    in integer milliseconds since the epoch (authenticated by the ``authenticated`` suite).
+    """
+
+    topic: str
+    payload: str | bytes
+    message_id: str
+    timestamp: int
+
+
+class ConnectionState(Enum):
+    """The connection as the application sees it (the core's finer states map onto these)."""
+
+    CONNECTING = "connecting"
+    """The first connection is being made (``connect`` has not returned yet)."""
+    CONNECTED = "connected"
+    """Authenticated: publishes and messages flow."""
+    RECONNECTING = "reconnecting"
+    """The connection was lost; the client dials again by itself (publishes wait meanwhile)."""
+    CLOSED = "closed"
+    """Closed by the application or given up for good; nothing more will happen."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """Passed to ``on_state_change`` callbacks.
+
+    ``reason`` says why the connection ended (empty when connected); ``reconnect_at`` is the adapter's
+    monotonic time of the next attempt while ``RECONNECTING``.
+    """
+
+    state: ConnectionState
+    reason: str = ""
+    reconnect_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to dial, and what the upgrade request names (``Host`` header and request target)."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: str
+    target: str
+
+
+def parse_url(url: str) -> Endpoint:
+    """``ws://host[:port][/path]`` or ``wss://...`` → an :class:`Endpoint`; a clear error otherwise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except (ValueError, TypeError) as exc:
+        raise LocalProtocolError(f"invalid url {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("ws", "wss"):
+        raise LocalProtocolError(f"url must start with ws:// or wss://, got {url!r}")
+    host = parts.hostname
+    if not host:
+        raise LocalProtocolError(f"url has no host: {url!r}")
+    tls = scheme == "wss"
+    default_port = 443 if tls else 80
+    port = default_port if port is None else port
+    shown_host = f"[{host}]" if ":" in host else host
+    host_header = shown_host if port == default_port else f"{shown_host}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Endpoint(host, port, tls, host_header, target)
+
+
+def auth_error(event: AuthRefused) -> AuthenticationError:
+    """The typed error a refused ``init`` becomes for the application."""
+    code = next((known for known in ErrorCode if known.value == event.code), ErrorCode.AUTH_FAILED)
+    return AuthenticationError(f"the server refused the session credentials: {event.error}", code=code)
