@@ -162,10 +162,10 @@ class AuthThrottle:
     def handle_timeout(self, now: float) -> None:
         """Forget every peer without a failure for ``maximum`` seconds."""
         peers = self._peers
-        horizon = now - self._maximum
         while peers:
             failures = next(iter(peers.values()))
-            if failures.last > horizon:
+            # The same sum as next_deadline's, so that a deadline reported as due is always handled.
+            if failures.last + self._maximum > now:
                 return
             peers.popitem(last=False)
 

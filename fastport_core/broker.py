@@ -352,10 +352,12 @@ class _Session:
             )
 
     def _expire_detached(self, now: float) -> None:
-        horizon = now - self.settings.message_expiry_time
+        expiry = self.settings.message_expiry_time
         while self.detached:
             subscriber = next(iter(self.detached))
-            if subscriber.detached_at > horizon:
+            # The same sum as next_due's: ``now - expiry`` can round differently and leave a due time
+            # that never fires (an adapter would spin on it).
+            if subscriber.detached_at + expiry > now:
                 return
             self._forget_detached(subscriber)
 

@@ -33,7 +33,7 @@ from .broker import Broker
 from .config import ServerConfig
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
 from .frames import ABNORMAL_CLOSURE
-from .handshake import HttpFailure, HttpRequest, HttpServerConnection, WebSocketUpgrade
+from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics
 from .protocol import CLIENT_FRAMES, FrameParser, encode_error
 from .timers import Deadlines
@@ -142,13 +142,18 @@ class ServerCore:
         return data
 
     def should_close(self, conn: int) -> bool:
-        """Whether the adapter should close ``conn``'s socket once it has written :meth:`data_to_send`."""
+        """Whether the adapter should close ``conn``'s socket, after one bounded attempt to write what
+        :meth:`data_to_send` still returns (a close frame, a last HTTP answer).
+
+        True as soon as nothing more will be sent or received: a peer that never reads must not keep its
+        socket, and the adapter's task, by leaving its last bytes untaken.
+        """
         connection = self._connections.get(conn)
         if connection is None:
             return True
-        if connection.ws is not None and connection.ws.should_close_transport:
-            return not connection.prefix
-        return connection.transport_done and not connection.prefix
+        if connection.ws is not None:
+            return connection.ws.state is WebSocketState.CLOSED
+        return connection.transport_done
 
     def take_dirty(self) -> list[int]:
         """Connections with bytes to send or a socket to close since the last call (each once)."""
@@ -274,27 +279,38 @@ class ServerCore:
     def _receive_http(self, conn: int, connection: _Connection, data: bytes, now: float) -> None:
         http = connection.http
         assert http is not None
+        answers = [connection.prefix] if connection.prefix else []
+        queued = len(connection.prefix)
         events = http.receive_data(data)
         while events:
             for event in events:
                 if isinstance(event, WebSocketUpgrade):
+                    connection.prefix = b"".join(answers)
                     self._upgrade(conn, connection, event, now)
                     return
                 if isinstance(event, HttpRequest):
                     response = self.admin.handle(event.method, event.target, event.headers, event.body, now)
-                    connection.prefix += http.respond(
+                    answer = http.respond(
                         response.status,
                         response.body,
                         content_type=response.content_type,
                         headers=response.headers,
                     )
-                elif isinstance(event, HttpFailure):
-                    connection.prefix += event.response
+                else:
+                    answer = event.response
                     self.metrics.inc("protocol_errors", "http")
+                answers.append(answer)
+                queued += len(answer)
                 self._dirty.add(conn)
+            if queued > self.config.limits.max_output_buffer:
+                # Pipelined requests from a peer that does not read its answers: stop serving it.
+                logger.info("connection %d: %d bytes of unread HTTP answers, closing it", conn, queued)
+                self.metrics.inc("output_overflows")
+                break
             # A client may pipeline requests: the next one may already be buffered behind the answered one.
             events = [] if http.should_close else http.next_events()
-        if http.should_close:
+        connection.prefix = b"".join(answers)
+        if http.should_close or queued > self.config.limits.max_output_buffer:
             self._finish_transport(conn, connection, "HTTP connection done")
         else:
             self._deadlines.arm(conn, now + self.config.handshake_timeout)

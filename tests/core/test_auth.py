@@ -178,3 +178,14 @@ def test_throttle_never_exceeds_capacity_and_delays_stay_in_bounds(events: list[
 def test_the_configured_scrypt_cost_must_be_a_power_of_two(cost: int) -> None:
     with pytest.raises(LocalProtocolError, match="power of two"):
         ServerConfig(password_hash_cost=cost)
+
+
+@given(st.floats(0, 1e6), st.floats(0.01, 1e3))
+def test_a_reported_deadline_is_always_handled_at_that_time(start: float, maximum: float) -> None:
+    """``last + maximum`` and ``now - maximum`` round differently; a due deadline must never survive."""
+    throttle = AuthThrottle(base=0.01, maximum=maximum, capacity=10)
+    throttle.record_failure("peer", start)
+    deadline = throttle.next_deadline()
+    assert deadline is not None
+    throttle.handle_timeout(deadline)
+    assert throttle.next_deadline() is None

@@ -944,3 +944,16 @@ def test_sessions_stay_isolated_and_bounded_under_any_operations(
         run.apply(op)
         run.check_deliveries()
         check_invariants(run.h.broker)
+
+
+def test_a_detached_subscriber_due_at_an_inexact_float_time_is_forgotten_then() -> None:
+    """Found by the stateful test: 1000.1 + 25 == 1025.1, but 1025.1 - 25 < 1000.1 in floats."""
+    h = Harness(settings=SessionSettings(retry_interval=1.0, max_retry_limit=4, message_expiry_time=25.0))
+    sub = h.client("a", "t", client_id="dev-1")
+    h.now = 1000.1
+    h.broker.connection_closed(sub, h.now)
+    deadline = h.broker.next_deadline()
+    assert deadline == 1000.1 + 25.0
+    h.broker.handle_timeout(deadline)
+    assert given_up(h, "a", "detached") == 0  # it had nothing in flight
+    assert h.broker.next_deadline() is None or h.broker.next_deadline() > deadline  # type: ignore[operator]

@@ -314,3 +314,36 @@ def test_arbitrary_json_frames_get_an_answer_or_nothing_never_an_exception(
                 for a in answers
             )
     assert core.metrics.value("internal_errors") == 0
+
+
+def test_a_closed_websocket_should_close_even_before_its_last_bytes_are_taken() -> None:
+    """A peer that never reads must not keep its socket by leaving its close frame untaken."""
+    core = make_core(limits=Limits(max_output_buffer=4096, max_inflight_per_subscriber=10_000))
+    publisher, stuck = ready(core), ready(core)
+    stuck.send({"type": "subscribe", "topic": "t"})
+    stuck.pump()
+    for i in range(100):
+        publisher.publish("t", f"m{i}", data="x" * 100)
+        publisher.pump()
+    assert core.should_close(stuck.conn)  # the 4002 close frame is still queued, untaken
+    assert core.data_to_send(stuck.conn)[:1] == b"\x88"
+
+
+def test_a_closing_websocket_waits_for_the_close_reply_then_gives_up() -> None:
+    core = make_core(ping_interval=None)
+    peer = ready(core)
+    core.shutdown(1.0)
+    assert not core.should_close(peer.conn)  # the closing handshake is under way
+    deadline = core.next_deadline()
+    assert deadline is not None
+    core.handle_timeout(deadline)
+    assert core.should_close(peer.conn)
+
+
+def test_pipelined_requests_from_a_peer_that_never_reads_are_bounded() -> None:
+    core = make_core(limits=Limits(max_output_buffer=2000))
+    conn = core.open_connection(0.0)
+    core.receive_data(conn, http_request("GET", "/healthz") * 50, 0.0)
+    assert core.should_close(conn)
+    assert core.metrics.value("output_overflows") == 1
+    assert len(core.data_to_send(conn)) < 2000 + 500
