@@ -1,0 +1,467 @@
+"""The ``fastport`` command: ``serve``, ``keygen``, ``session create|drop|suspend|resume``, ``pub``, ``sub``.
+
+Each subcommand is added by a small ``add_*_parser(subparsers)`` function that sets ``func``
+(``Namespace -> int``, the exit code) on its parser; ``pub`` and ``sub`` come from
+:mod:`fastport_anyio.cli_pubsub` through its ``register(subparsers)``. Every failure a user can cause or
+meet is one line on stderr (``fastport serve: ...``), never a traceback, with a documented exit code:
+
+* 0: success (for ``serve``: stopped by SIGINT or SIGTERM, gracefully);
+* 1: runtime failure (the port is in use, the admin API is unreachable or refused the request);
+* 2: usage or configuration error (bad flags, a bad config file, an unreadable certificate).
+
+``session`` talks to the admin API with the standard library's :mod:`http.client` (no dependency), with
+the same admin credentials as the server (``--admin-user/--admin-password`` or ``FASTPORT_ADMIN_USER`` /
+``FASTPORT_ADMIN_PASSWORD``), and prints the JSON answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import getpass
+import http.client
+import importlib.util
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+
+from fastport_core.crypto import generate_key
+from fastport_core.errors import LocalProtocolError
+
+from . import cli_pubsub
+from .config_file import ConfigError, Overrides, ServerSettings, load_settings
+from .server import Server
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CommandError",
+    "add_keygen_parser",
+    "add_serve_parser",
+    "add_session_parser",
+    "build_parser",
+    "main",
+]
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:3000"
+HTTP_TIMEOUT: Final = 10.0
+
+_EPILOG: Final = """\
+exit codes: 0 success; 1 runtime failure (port in use, admin API unreachable or refusing);
+            2 usage or configuration error (bad flags, bad config file, unreadable certificate)"""
+
+logger = logging.getLogger(__name__)
+
+Subparsers = argparse._SubParsersAction  # the type argparse gives add_subparsers(); not exported by name
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _parser_kwargs(help_text: str, description: str) -> dict[str, Any]:
+    return {
+        "help": help_text,
+        "description": description,
+        "epilog": _EPILOG,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# fastport serve
+
+
+def add_serve_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        **_parser_kwargs(
+            "run the broker",
+            "Run the broker until SIGINT or SIGTERM (then stop gracefully: clients get close 1001).\n"
+            "Settings are layered: config file < FASTPORT_* environment variables < these flags.",
+        ),
+    )
+    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file (see docs/operations.md)")
+    parser.add_argument("--host", help="address to listen on (env FASTPORT_HOST; default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, help="TCP port, 0 for any free one (env FASTPORT_PORT; default 3000)"
+    )
+    parser.add_argument("--admin-user", help="admin API user (env FASTPORT_ADMIN_USER); no user: API off")
+    parser.add_argument(
+        "--admin-password", help="admin API password (env FASTPORT_ADMIN_PASSWORD, safer than the flag)"
+    )
+    parser.add_argument("--certfile", metavar="PEM", help="TLS certificate chain: serve wss:// and https://")
+    parser.add_argument("--keyfile", metavar="PEM", help="TLS private key, if not in --certfile")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="log level (env FASTPORT_LOG_LEVEL; default INFO)",
+    )
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop")
+    parser.add_argument(
+        "--uvloop", action="store_true", help="use uvloop (asyncio backend; must be installed)"
+    )
+    parser.set_defaults(func=run_serve)
+
+
+def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """The layered settings of ``fastport serve``; a :class:`CommandError` (exit 2) if unusable."""
+    overrides = Overrides(
+        host=args.host,
+        port=args.port,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        log_level=args.log_level,
+        admin_user=args.admin_user,
+        admin_password=args.admin_password,
+    )
+    try:
+        return load_settings(args.config, environ=environ, overrides=overrides)
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def make_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    """A server TLS context from ``certfile``/``keyfile``; a :class:`CommandError` (exit 2) if unusable."""
+    if settings.certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.certfile, settings.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        files = str(settings.certfile) + (f", {settings.keyfile}" if settings.keyfile else "")
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CommandError(f"cannot load the TLS certificate ({files}): {reason}", EXIT_USAGE) from None
+    return context
+
+
+def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.uvloop:
+        return {}
+    if args.backend != "asyncio":
+        raise CommandError("--uvloop needs --backend asyncio", EXIT_USAGE)
+    if importlib.util.find_spec("uvloop") is None:
+        raise CommandError("--uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE)
+    return {"use_uvloop": True}
+
+
+async def serve_until_signalled(
+    settings: ServerSettings,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+) -> None:
+    """Run a server for ``settings`` until one of ``signals``; then stop it gracefully.
+
+    A second signal during the graceful stop drops the remaining connections at once.
+    """
+    async with Server(
+        settings.host,
+        settings.port,
+        config=settings.config,
+        sessions=settings.sessions,
+        admin=settings.admin,
+        ssl_context=ssl_context,
+        shutdown_timeout=settings.shutdown_timeout,
+    ) as server:
+        with anyio.open_signal_receiver(*signals) as received:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(_stop_on_signals, server, received, task_group)
+                await server.wait_stopped()
+                task_group.cancel_scope.cancel()
+
+
+async def _stop_on_signals(
+    server: Server, received: AsyncIterator[int], task_group: anyio.abc.TaskGroup
+) -> None:
+    stopping = False
+    async for signum in received:
+        name = signal.Signals(signum).name
+        if stopping:
+            logger.info("%s received again: dropping the remaining connections now", name)
+            task_group.start_soon(server.shutdown, 0.0)
+        else:
+            logger.info("%s received: stopping gracefully", name)
+            task_group.start_soon(server.shutdown)
+        stopping = True
+
+
+def run_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    settings = serve_settings(args, environ)
+    options = _backend_options(args)
+    _configure_logging(settings.log_level)
+    ssl_context = make_ssl_context(settings)
+    if settings.source is not None:
+        logger.info("config file: %s", settings.source)
+    logger.debug("event loop: %s%s", args.backend, " (uvloop)" if options else "")
+    try:
+        anyio.run(
+            serve_until_signalled,
+            settings,
+            ssl_context,
+            backend=args.backend,
+            backend_options=options,
+        )
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(f"cannot listen on {where}: the address is already in use") from None
+        raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    except LocalProtocolError as exc:  # a config session the broker refuses (name too long, ...)
+        raise CommandError(f"cannot create the configured sessions: {exc}", EXIT_USAGE) from None
+    logger.info("stopped")
+    return EXIT_OK
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# fastport keygen
+
+
+def add_keygen_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "keygen",
+        **_parser_kwargs(
+            "print a new end-to-end key",
+            "Print a new random 32-byte key, base64: give it to every client of a session (never to the "
+            "server).",
+        ),
+    )
+    parser.set_defaults(func=run_keygen)
+
+
+def run_keygen(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    print(generate_key())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
+# fastport session create|drop|suspend|resume
+
+
+def add_session_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "session",
+        **_parser_kwargs(
+            "create, drop, suspend or resume a session through the admin API",
+            "Manage sessions on a running server through its admin API (HTTP, same port).",
+        ),
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def common(action: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(
+            action, **_parser_kwargs(help_text, help_text[0].upper() + help_text[1:] + ".")
+        )
+        sub.add_argument("name", metavar="SESSION")
+        sub.add_argument(
+            "--password", help="session password (env FASTPORT_PASSWORD; prompted for on a terminal)"
+        )
+        sub.add_argument(
+            "--url",
+            help=f"server URL, http(s):// or ws(s):// (env FASTPORT_ADMIN_URL; default {DEFAULT_ADMIN_URL})",
+        )
+        sub.add_argument("--admin-user", help="admin user (env FASTPORT_ADMIN_USER)")
+        sub.add_argument("--admin-password", help="admin password (env FASTPORT_ADMIN_PASSWORD)")
+        sub.add_argument("--cafile", metavar="PEM", help="CA certificate(s) to trust for https://")
+        sub.set_defaults(func=run_session)
+        return sub
+
+    create = common("create", "create a session; prints its secret key, shown once")
+    create.add_argument("--retry-interval", type=int, metavar="MS", help="ms between re-sends")
+    create.add_argument("--max-retry-limit", type=int, metavar="N", help="re-sends before giving up")
+    create.add_argument("--message-expiry-time", type=int, metavar="MS", help="ms before a message expires")
+    create.add_argument(
+        "--session-expiry", type=int, metavar="MS", help="ms idle before the session is dropped"
+    )
+    for action, text in (
+        ("drop", "drop a session and close its connections"),
+        ("suspend", "suspend a session (no new connections, no delivery)"),
+        ("resume", "resume a suspended session"),
+    ):
+        sub = common(action, text)
+        sub.add_argument("--secret-key", help="the session's secret key (env FASTPORT_SECRET_KEY)")
+
+
+_CREATE_OPTIONS: Final = {
+    "retry_interval": "retryInterval",
+    "max_retry_limit": "maxRetryLimit",
+    "message_expiry_time": "messageExpiryTime",
+    "session_expiry": "sessionExpiry",
+}
+
+
+def _pick(value: str | None, environ: Mapping[str, str], variable: str) -> str | None:
+    return value if value is not None else environ.get(variable) or None
+
+
+def _secret(value: str | None, environ: Mapping[str, str], variable: str, flag: str, prompt: str) -> str:
+    """A secret from its flag, its variable, or (on a terminal) a prompt that does not echo it."""
+    picked = _pick(value, environ, variable)
+    if picked is not None:
+        return picked
+    if sys.stdin is not None and sys.stdin.isatty():
+        try:
+            entered = getpass.getpass(prompt)
+        except (EOFError, KeyboardInterrupt):
+            entered = ""
+        if entered:
+            return entered
+    raise CommandError(f"missing {flag} (or {variable})", EXIT_USAGE)
+
+
+def session_request(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """The admin API path and JSON body for ``fastport session ACTION`` (a usage error if incomplete)."""
+    password = _secret(args.password, environ, "FASTPORT_PASSWORD", "--password", "session password: ")
+    body: dict[str, Any] = {"sessionName": args.name, "password": password}
+    if args.action == "create":
+        for option, wire in _CREATE_OPTIONS.items():
+            value = getattr(args, option)
+            if value is not None:
+                body[wire] = value
+        return "/api/createSession", body
+    body["secretKey"] = _secret(
+        args.secret_key, environ, "FASTPORT_SECRET_KEY", "--secret-key", "session secret key: "
+    )
+    if args.action == "drop":
+        return "/api/dropSession", body
+    body["suspend"] = args.action == "suspend"
+    return "/api/suspendSession", body
+
+
+def _admin_connection(url: str, cafile: str | None) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(f"--url must be http(s)://HOST:PORT or ws(s)://HOST:PORT, got {url!r}", EXIT_USAGE)
+    try:
+        port = parts.port
+    except ValueError:
+        raise CommandError(f"--url has an invalid port: {url!r}", EXIT_USAGE) from None
+    if scheme == "https":
+        try:
+            context = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise CommandError(f"cannot load --cafile {cafile}: {exc}", EXIT_USAGE) from None
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, port, timeout=HTTP_TIMEOUT, context=context
+        )
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, port, timeout=HTTP_TIMEOUT)
+    return connection, f"{scheme}://{parts.netloc}"
+
+
+def call_admin_api(
+    url: str, path: str, body: Mapping[str, Any], user: str, password: str, *, cafile: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` to ``path`` with HTTP Basic credentials; returns (status, JSON answer).
+
+    Unreachable servers and non-JSON answers are :class:`CommandError` (exit 1).
+    """
+    connection, base = _admin_connection(url, cafile)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+    try:
+        connection.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+        response = connection.getresponse()
+        raw = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise CommandError(f"cannot reach the admin API at {base}: {reason}") from None
+    finally:
+        connection.close()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise CommandError(f"{base}{path} answered {response.status} without a JSON object (is it fastport?)")
+    return response.status, answer
+
+
+def run_session(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    user = _pick(args.admin_user, env, "FASTPORT_ADMIN_USER")
+    if user is None:
+        raise CommandError("missing --admin-user (or FASTPORT_ADMIN_USER)", EXIT_USAGE)
+    admin_password = _secret(
+        args.admin_password, env, "FASTPORT_ADMIN_PASSWORD", "--admin-password", "admin password: "
+    )
+    url = _pick(args.url, env, "FASTPORT_ADMIN_URL") or DEFAULT_ADMIN_URL
+    path, body = session_request(args, env)
+    status, answer = call_admin_api(url, path, body, user, admin_password, cafile=args.cafile)
+    if status == 200:
+        print(json.dumps(answer, indent=2))
+        if args.action == "create":
+            print(
+                "fastport session: the secret key above is shown only once: store it now; dropping or "
+                "suspending the session needs it.",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+    error = answer.get("error", "no reason given")
+    code = answer.get("code", status)
+    if status == 401:
+        raise CommandError(f"the admin API refused the credentials ({code}): {error}")
+    raise CommandError(f"the admin API answered {status} ({code}): {error}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The command.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastport",
+        description="fastport: a secure, session-isolated pub/sub broker over WebSockets.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(subparsers)
+    add_keygen_parser(subparsers)
+    add_session_parser(subparsers)
+    cli_pubsub.register(subparsers)  # pub, sub
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fastport`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CommandError as exc:
+        print(f"fastport {args.command}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m fastport_anyio is the supported spelling
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""The anyio server: sockets, tasks and the clock around :class:`~fastport_core.server.ServerCore`.
+
+This module decides nothing about the protocol. It moves bytes and time into the core and bytes out of it,
+exactly as the core's module docstring says an adapter must, on asyncio or trio alike:
+
+* **Readers.** One task per connection reads (``receive(65536)``) and calls ``core.receive_data``.
+* **Timer.** One task sleeps until ``core.next_deadline()`` and calls ``core.handle_timeout(now)``. After
+  every input call the adapter compares the core's next deadline with the one the timer sleeps towards
+  and wakes it only if the new one is earlier (a new connection's handshake deadline, a first retry): an
+  unconditional wake-up per input would cost a task switch per message.
+* **Writes.** After *every* core call the adapter drains ``core.take_dirty()``: each dirty connection's
+  ``core.data_to_send(conn)`` (everything the call queued for it, one buffer) goes out in one
+  non-blocking send, and what the socket does not take at once goes to that connection's writer task,
+  the only code that waits on its socket. See :class:`_Connection` for why this shape, and what it costs.
+* **Closing.** When ``core.should_close(conn)`` is true after its bytes are out, the writer ends the
+  connection: the socket is half-closed and drained for a moment (a *lingering close*, so that a peer
+  that was still sending gets our Close frame instead of a TCP reset), closed, and ``connection_lost`` is
+  called.
+
+Time is ``anyio.current_time()``: the event loop's monotonic clock on both backends.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import ssl
+from asyncio.trsock import TransportSocket
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Final, cast
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSStream
+
+from fastport_core.admin import AdminCredentials
+from fastport_core.config import ServerConfig
+from fastport_core.server import ServerCore
+
+from .config_file import SessionSpec
+
+__all__ = ["Server", "SessionSpec", "serve"]
+
+logger = logging.getLogger(__name__)
+
+RECEIVE_SIZE: Final = 65536
+"""Bytes asked of the socket per read: one read usually holds every frame a busy peer has pipelined, and
+the core handles a whole chunk per call (the coalescing of DESIGN §6 works per chunk)."""
+
+CLOSE_LINGER: Final = 2.0
+"""Seconds a connection the core is done with may still spend on its last write and on the lingering
+close. Bounds how long a peer that stopped reading can hold a finished connection's task."""
+
+_ACCEPT_BACKOFF: Final = 0.1
+"""Pause after an accept failure caused by resource exhaustion (out of file descriptors), which would
+otherwise be retried in a busy loop."""
+
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+_STREAM_ERRORS: Final = (
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    ssl.SSLError,
+    OSError,
+)
+"""What a dying connection raises on read or write; each just ends that connection."""
+
+
+class _Connection:
+    """One accepted socket: its core id, its streams, and the state of its write path.
+
+    The write path, and why it is shaped so. A read on connection A can produce output for any other
+    connection B (a publish fans out), and DESIGN §6 requires that A's read loop never waits on B's
+    socket: a subscriber that stops reading must not stall its publishers. After every core call,
+    :meth:`Server._flush` takes each dirty connection's bytes (one buffer: everything the call queued
+    for it) and
+
+    1. **writes them directly** with one non-blocking ``send`` on the socket when nothing of this
+       connection is in flight (``busy`` false, no ``pending`` bytes). The kernel takes all of it in the
+       common case and no task switch happens at all; whatever it does not take becomes ``pending``;
+    2. otherwise, or for the rest, **wakes the connection's writer task** (``wake``), which sends with
+       ``await stream.send(...)`` and so is the only code that ever waits on this socket. While it waits
+       (``busy``), new output stays in the core, which bounds it (``max_output_buffer``; past it the core
+       aborts the connection and the adapter cancels the stuck send after :data:`CLOSE_LINGER`). When
+       the send returns, the writer takes everything queued meanwhile in one buffer (so a slow peer
+       gets larger, fewer writes) and loops.
+
+    Memory per connection is thus one in-flight buffer plus the core's bounded queue.
+
+    Why the direct write, measured on loopback (2 CPUs; server CPU per message under a Python load
+    generator; docs/operations.md, "The adapter"): with every write handed to the writer task, one
+    request/response at a time cost ~300-330 µs per message on both backends, because a trickle of
+    messages paid a task switch per write; the direct write brings it to ~180-220 µs. Under pipelined
+    load both designs cost the same (~35-50 µs per 1:1 message, ~12-20 µs per fan-out delivery), since
+    each write already carried many frames. A third design, the reader writing only its *own*
+    connection's answers inline, saved less (0-25 %) and needed two tasks to hand one stream back and
+    forth.
+
+    The direct write needs a plain TCP socket it can write to without the event loop's help: the stdlib
+    socket under trio, and under asyncio the socket's descriptor (``fileno()`` reads the live socket,
+    -1 once closed, so a write never reaches a recycled descriptor; and anyio's ``send`` returns only
+    once the transport's buffer is empty, so no bytes of ours wait in it). TLS streams, uvloop and
+    non-POSIX systems use the writer task for everything.
+    """
+
+    __slots__ = ("busy", "close_by", "direct", "id", "pending", "send_scope", "stream", "tcp", "wake")
+
+    def __init__(self, conn: int, stream: anyio.abc.ByteStream, tcp: anyio.abc.SocketStream) -> None:
+        self.id = conn
+        self.stream = stream
+        """What the WebSocket bytes go through (the TLS stream for ``wss://``)."""
+        self.tcp = tcp
+        """The TCP stream under it (the same object without TLS), for the lingering close."""
+        self.direct = _direct_send(tcp) if stream is tcp else None
+        self.pending = b""
+        """Bytes taken from the core that the direct write could not place; the writer sends them next."""
+        self.wake = anyio.Event()
+        self.busy = False
+        """The writer is inside ``stream.send``."""
+        self.close_by = math.inf
+        """When the writer's send is abandoned (set once the core is done with the connection)."""
+        self.send_scope: anyio.CancelScope | None = None
+
+
+def _direct_send(tcp: anyio.abc.SocketStream) -> Callable[[bytes], int] | None:
+    """A non-blocking ``send(data) -> bytes sent`` on the socket under ``tcp``, or ``None`` if unsafe."""
+    try:
+        raw: Any = tcp.extra(SocketAttribute.raw_socket)
+    except anyio.TypedAttributeLookupError:
+        return None
+    if isinstance(raw, socket.socket):  # trio: the stdlib socket itself (EBADF once closed)
+        return raw.send
+    if isinstance(raw, TransportSocket) and os.name == "posix":  # asyncio's selector loop
+        fileno = raw.fileno
+        return lambda data: os.write(fileno(), data)
+    return None  # e.g. uvloop's pseudo-socket, whose descriptor number outlives the socket
+
+
+class Server:
+    """A running broker: ``async with Server(...) as server:`` listens, serves, and stops gracefully.
+
+    ``port=0`` binds any free port; :attr:`port` is the one bound. ``sessions`` are created before the
+    socket is bound (a bad one raises :class:`~fastport_core.errors.LocalProtocolError` and nothing
+    listens). ``admin=None`` turns the admin API off. ``ssl_context`` makes every connection TLS
+    (``wss://``, ``https://``). Leaving the block, or :meth:`shutdown`, stops the server gracefully:
+    it stops accepting, closes every WebSocket with 1001, waits up to ``shutdown_timeout`` seconds for the
+    clients to answer, then drops whatever is left.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 3000,
+        *,
+        config: ServerConfig | None = None,
+        sessions: Sequence[SessionSpec] = (),
+        admin: AdminCredentials | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        self.core = ServerCore(config, admin_credentials=admin)
+        self.host = host
+        self._requested_port = port
+        self._sessions = tuple(sessions)
+        self._admin_on = admin is not None
+        self._ssl_context = ssl_context
+        self._shutdown_timeout = shutdown_timeout
+        self._connections: dict[int, _Connection] = {}
+        self._listeners: list[anyio.abc.SocketListener] = []
+        self._exit_stack: AsyncExitStack | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._accept_scopes: list[anyio.CancelScope] = []
+        self._timer_at = math.inf
+        self._timer_wake = anyio.Event()
+        self._closing = False
+        self._all_closed = anyio.Event()
+        self._grace_scope: anyio.CancelScope | None = None
+        self._stopped = anyio.Event()
+        self._port: int | None = None
+
+    # -- public ----------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port bound (the real one when ``port=0`` was asked for)."""
+        if self._port is None:
+            raise RuntimeError("the server is not listening yet: use it inside 'async with'")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` (``wss://`` with TLS), for log lines and clients."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'wss' if self._ssl_context else 'ws'}://{host}:{self.port}"
+
+    async def __aenter__(self) -> Server:
+        now = anyio.current_time()
+        for spec in self._sessions:
+            self.core.broker.create_session(
+                spec.name, spec.password, now, spec.settings, secret_key=spec.secret_key
+            )
+        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self._requested_port)
+        # One per address the host resolves to; create_tcp_listener only makes socket listeners.
+        self._listeners = [cast(anyio.abc.SocketListener, one) for one in listener.listeners]
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self._close_listeners)
+            self._port = int(listener.extra(SocketAttribute.local_port))
+            outer = await stack.enter_async_context(anyio.create_task_group())
+            self._task_group = await outer.start(self._host)
+            self._exit_stack = stack.pop_all()
+        self._log_start()
+        return self
+
+    async def _host(self, *, task_status: anyio.abc.TaskStatus[anyio.abc.TaskGroup]) -> None:
+        """Run the timer, the accept loops and every connection in a task group shielded from outside
+        cancellation: cancelling the code inside ``async with Server`` (or ``serve``) must still let
+        :meth:`shutdown` close each connection with 1001. Only :meth:`shutdown` cancels this group."""
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._run_timer)
+                for socket_listener in self._listeners:
+                    task_group.start_soon(self._accept_loop, socket_listener, task_group)
+                task_status.started(task_group)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        """Stop gracefully (shielded, bounded by ``shutdown_timeout``), even when cancelled."""
+        assert self._exit_stack is not None
+        with anyio.CancelScope(shield=True):
+            await self.shutdown()
+        return await self._exit_stack.__aexit__(exc_type, exc, tb)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, close every connection with 1001 and return once they are gone.
+
+        Clients get ``timeout`` seconds (default ``shutdown_timeout``) to answer the close; then the
+        remaining sockets are dropped. A second call waits for the first, shortening its grace period to
+        its own ``timeout`` (a second Ctrl-C means "now").
+        """
+        deadline = anyio.current_time() + (self._shutdown_timeout if timeout is None else timeout)
+        if self._closing:
+            if self._grace_scope is not None:
+                self._grace_scope.deadline = min(self._grace_scope.deadline, deadline)
+            await self._stopped.wait()
+            return
+        self._closing = True
+        logger.info("shutting down: closing %d connection(s)", len(self._connections))
+        for scope in self._accept_scopes:
+            scope.cancel()
+        await self._close_listeners()
+        self.core.shutdown(anyio.current_time())
+        self._flush()
+        with anyio.CancelScope(deadline=deadline) as self._grace_scope:
+            if self._connections:
+                await self._all_closed.wait()
+        if self._grace_scope.cancelled_caught:
+            logger.info("shutdown: dropping %d connection(s) that did not close", len(self._connections))
+        self._grace_scope = None
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()  # the timer, and any connection left
+        if self._connections:
+            # Cancelled connection tasks forget their connection at once (no await before that).
+            with anyio.CancelScope(shield=True):
+                await self._all_closed.wait()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`shutdown` has finished (from any task)."""
+        await self._stopped.wait()
+
+    # -- the adapter's three duties --------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """After every core call: write each dirty connection's bytes, or hand them to its writer."""
+        core = self.core
+        for conn in core.take_dirty():
+            connection = self._connections.get(conn)
+            if connection is None:
+                continue
+            if connection.busy or connection.pending:
+                # The writer takes the new bytes when its send returns. If the core is already done with
+                # the connection (it aborted it: a dead or slow peer), that send must not last forever.
+                if core.should_close(conn):
+                    self._abandon_after(connection, CLOSE_LINGER)
+                continue
+            direct = connection.direct
+            if direct is not None:
+                data = core.data_to_send(conn)
+                if data:
+                    try:
+                        sent = direct(data)
+                    except OSError:  # full (BlockingIOError), or broken: the writer finds out which
+                        sent = 0
+                    if sent < len(data):
+                        connection.pending = data[sent:]
+                        connection.wake.set()
+                        continue
+                if not core.should_close(conn):
+                    continue
+            connection.wake.set()
+        deadline = core.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._timer_wake.set()
+
+    @staticmethod
+    def _abandon_after(connection: _Connection, delay: float) -> None:
+        connection.close_by = min(connection.close_by, anyio.current_time() + delay)
+        if connection.send_scope is not None:
+            connection.send_scope.deadline = connection.close_by
+
+    async def _run_timer(self) -> None:
+        core = self.core
+        while True:
+            deadline = core.next_deadline()
+            self._timer_at = math.inf if deadline is None else deadline
+            self._timer_wake = wake = anyio.Event()
+            with anyio.CancelScope(deadline=self._timer_at):
+                await wake.wait()
+            now = anyio.current_time()
+            if now >= self._timer_at:
+                self._timer_at = math.inf
+                core.handle_timeout(now)
+                self._flush()
+
+    async def _writer(self, connection: _Connection, stop: anyio.CancelScope) -> None:
+        """Send what the direct write could not, one buffer per wake-up; end the connection when told."""
+        core = self.core
+        conn = connection.id
+        try:
+            while True:
+                await connection.wake.wait()
+                connection.wake = anyio.Event()
+                while data := connection.pending + core.data_to_send(conn):
+                    connection.pending = b""
+                    connection.busy = True
+                    with anyio.CancelScope(deadline=connection.close_by) as connection.send_scope:
+                        await connection.stream.send(data)
+                    connection.busy = False
+                    if connection.send_scope.cancelled_caught:
+                        logger.debug("connection %d: last write abandoned: the peer does not read", conn)
+                        return
+                if core.should_close(conn):
+                    return
+        except _STREAM_ERRORS as exc:
+            logger.debug("connection %d: write failed: %r", conn, exc)
+        finally:
+            connection.busy = False
+            connection.pending = b""
+            stop.cancel()  # the reader too: the connection is over
+
+    async def _read(self, connection: _Connection, stop: anyio.CancelScope) -> None:
+        core = self.core
+        conn = connection.id
+        receive = connection.stream.receive
+        while True:
+            try:
+                data = await receive(RECEIVE_SIZE)
+            except _STREAM_ERRORS as exc:
+                if not isinstance(exc, anyio.EndOfStream):
+                    logger.debug("connection %d: read failed: %r", conn, exc)
+                data = b""
+            core.receive_data(conn, data, anyio.current_time())
+            self._flush()
+            if not data:
+                # The core now closes the connection (the writer sends what is left, then stops); bound
+                # that in case the peer, gone for reading, does not take our last bytes either.
+                stop.deadline = min(stop.deadline, anyio.current_time() + CLOSE_LINGER)
+                return
+
+    # -- connections -----------------------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener, task_group: anyio.abc.TaskGroup) -> None:
+        with anyio.CancelScope() as scope:
+            self._accept_scopes.append(scope)
+            while True:
+                try:
+                    stream = await listener.accept()
+                except anyio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        logger.warning("cannot accept connections: %s; retrying", exc)
+                        await anyio.sleep(_ACCEPT_BACKOFF)
+                    else:  # e.g. ECONNABORTED: that peer gave up while queued; the next one may not
+                        logger.debug("accept failed: %s", exc)
+                    continue
+                task_group.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, tcp: anyio.abc.SocketStream) -> None:
+        peer = _peer_address(tcp)
+        stream: anyio.abc.ByteStream = tcp
+        if self._ssl_context is not None:
+            tls = await self._tls_handshake(tcp, peer)
+            if tls is None:
+                return
+            stream = tls
+        if self._closing:
+            await anyio.aclose_forcefully(stream)
+            return
+        core = self.core
+        conn = core.open_connection(anyio.current_time(), peer)
+        connection = _Connection(conn, stream, tcp)
+        self._connections[conn] = connection
+        finished = False
+        try:
+            async with anyio.create_task_group() as task_group:
+                stop = task_group.cancel_scope
+                task_group.start_soon(self._writer, connection, stop)
+                self._flush()  # open_connection may already have refused it (max_connections)
+                await self._read(connection, stop)
+            finished = core.should_close(conn)
+        except Exception:
+            # A bug (the core promises never to raise for input): it costs this connection, not the
+            # server and everyone on it. Logged with its traceback, loudly.
+            logger.exception("connection %d (%s): unexpected error; dropping the connection", conn, peer)
+        finally:
+            # The core forgets the connection first (no await before it, so even a cancelled task gets
+            # here); only the socket's own cleanup follows.
+            del self._connections[conn]
+            core.connection_lost(conn, anyio.current_time())
+            self._flush()
+            if self._closing and not self._connections:
+                self._all_closed.set()
+            try:
+                if finished and not self._closing:
+                    await self._linger(connection)
+            finally:
+                await anyio.aclose_forcefully(connection.tcp)
+
+    async def _tls_handshake(self, tcp: anyio.abc.SocketStream, peer: str) -> TLSStream | None:
+        """Bounded by the core's ``handshake_timeout``: the core only sees the connection after it."""
+        assert self._ssl_context is not None
+        with anyio.move_on_after(self.core.config.handshake_timeout):
+            try:
+                # standard_compatible=False: a peer's EOF without close_notify is a plain end of stream
+                # (the WebSocket Close frame already marks the end of the data), and closing never waits
+                # on the peer; the polite close_notify exchange is done, bounded, by _linger.
+                return await TLSStream.wrap(
+                    tcp, server_side=True, ssl_context=self._ssl_context, standard_compatible=False
+                )
+            except _STREAM_ERRORS as exc:
+                logger.debug("TLS handshake with %s failed: %r", peer, exc)
+        await anyio.aclose_forcefully(tcp)
+        return None
+
+    @staticmethod
+    async def _linger(connection: _Connection) -> None:
+        """End the connection politely, in at most :data:`CLOSE_LINGER` seconds: TLS ``close_notify``
+        (answered by the peer's), then a TCP half-close, then read until the peer's EOF.
+
+        Closing a socket with unread input makes the kernel answer with a reset, which can destroy our
+        last bytes (a Close frame, a 400 answer) before the peer reads them: a peer still sending (the
+        rest of an oversized message, say) would see "connection reset" instead of the close code.
+        """
+        with anyio.move_on_after(CLOSE_LINGER):
+            try:
+                if isinstance(connection.stream, TLSStream):
+                    await connection.stream.unwrap()
+                await connection.tcp.send_eof()
+                while await connection.tcp.receive(RECEIVE_SIZE):
+                    pass
+            except _STREAM_ERRORS:
+                pass
+
+    async def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            await anyio.aclose_forcefully(listener)
+
+    def _log_start(self) -> None:
+        logger.info("fastport listening on %s", self.url)
+        if self._admin_on:
+            logger.info("admin API enabled at %s/api/ (/metrics and /healthz too)", _http_url(self.url))
+        else:
+            logger.info(
+                "admin API disabled: set --admin-user/--admin-password or "
+                "FASTPORT_ADMIN_USER/FASTPORT_ADMIN_PASSWORD"
+            )
+        if self._sessions:
+            names = ", ".join(spec.name for spec in self._sessions)
+            logger.info("%d session(s) loaded: %s", len(self._sessions), names)
+        else:
+            logger.info("no sessions loaded: declare them in a config file or create them via the admin API")
+
+
+def _http_url(ws_url: str) -> str:
+    return "http" + ws_url[2:]
+
+
+def _peer_address(stream: anyio.abc.SocketStream) -> str:
+    """The peer's IP address (the key of the core's auth throttling), or ``""`` if unknown."""
+    try:
+        address: Any = stream.extra(SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return ""
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    *,
+    config: ServerConfig | None = None,
+    sessions: Sequence[SessionSpec] = (),
+    admin: AdminCredentials | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    shutdown_timeout: float = 5.0,
+    task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a broker until cancelled or until :meth:`Server.shutdown` is called.
+
+    ``await task_group.start(serve, "127.0.0.1", 0)`` returns the :class:`Server` once it listens (its
+    :attr:`Server.port` is the bound port). Cancellation stops it gracefully too (see :class:`Server`).
+    """
+    async with Server(
+        host,
+        port,
+        config=config,
+        sessions=sessions,
+        admin=admin,
+        ssl_context=ssl_context,
+        shutdown_timeout=shutdown_timeout,
+    ) as server:
+        task_status.started(server)
+        await server.wait_stopped()
