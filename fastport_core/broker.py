@@ -262,7 +262,8 @@ class _Session:
     """
 
     __slots__ = (
-        "_deadlines", "_disconnect", "_limits", "_metrics", "_policy", "_sink", "clients", "connections",
+        "_acks", "_acks_unknown", "_deadlines", "_deliveries", "_disconnect", "_limits", "_metrics",
+        "_policy", "_publish_duplicates", "_publishes", "_retries", "_sink", "clients", "connections",
         "dedupe", "detached", "idle_since", "messages", "name", "password", "pending_bytes", "retry_queue",
         "secret", "settings", "suspended", "topics",
     )  # fmt: skip
@@ -285,7 +286,14 @@ class _Session:
         self._limits = config.limits
         self._policy = config.slow_consumer_policy
         self._sink = context.sink
-        self._metrics = context.metrics
+        metrics = self._metrics = context.metrics
+        # The counters bumped per message, as cells (see Metrics.cell): a keyed ``inc`` costs ~0.4 µs.
+        self._publishes = metrics.cell("publishes", name)
+        self._publish_duplicates = metrics.cell("publish_duplicates", name)
+        self._deliveries = metrics.cell("deliveries", name)
+        self._retries = metrics.cell("retries", name)
+        self._acks = metrics.cell("acks", name)
+        self._acks_unknown = metrics.cell("acks_unknown", name)
         self._deadlines = context.deadlines
         self._disconnect = context.disconnect
         self.suspended = False
@@ -391,7 +399,7 @@ class _Session:
         self._sink.send_payload(conn, payload)
         delivery.due = now + self.settings.retry_interval
         self.retry_queue[delivery] = None
-        self._metrics.inc("retries", self.name)
+        self._retries.value += 1
 
     def _resend_waiting(self, subscriber: _Subscriber, now: float, *, everything: bool) -> None:
         """Re-send ``subscriber``'s deliveries in order: all of them (resume) or those not queued."""
@@ -439,11 +447,11 @@ class _Session:
         """Complete ``subscriber``'s own delivery of ``message_id`` (anything else is an unknown ACK)."""
         delivery = subscriber.inflight.pop(message_id, None)
         if delivery is None:
-            self._metrics.inc("acks_unknown", self.name)
+            self._acks_unknown.value += 1
             return
         self.retry_queue.pop(delivery, None)
         self._release(delivery.message)
-        self._metrics.inc("acks", self.name)
+        self._acks.value += 1
 
     # -- routing -----------------------------------------------------------------------------------------
 
@@ -474,14 +482,14 @@ class _Session:
         stored = self.messages.get(message_id)
         delivered = stored.delivered_to if stored is not None else self.dedupe.get(message_id, now)
         if delivered is not None:
-            self._metrics.inc("publish_duplicates", self.name)
+            self._publish_duplicates.value += 1
             return delivered
         if self.suspended:
             raise RemoteProtocolError("the session is suspended", code=ErrorCode.SESSION_SUSPENDED)
         subscribers = self.topics.get(p.topic)
         if subscribers is None or (len(subscribers) == 1 and publisher in subscribers):
             self.dedupe.add(message_id, 0, now)
-            self._metrics.inc("publishes", self.name)
+            self._publishes.value += 1
             return 0
         limit = self._limits.max_pending_bytes_per_session
         if self.pending_bytes + len(p.data) > limit:
@@ -498,7 +506,7 @@ class _Session:
         self.messages[message_id] = message
         self.pending_bytes += message.size
         self.dedupe.add(message_id, delivered, now)
-        self._metrics.inc("publishes", self.name)
+        self._publishes.value += 1
         if slow is not None:
             reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
             for connection in slow:
@@ -550,7 +558,7 @@ class _Session:
                 queue[delivery] = None
                 sent += 1
         if sent:
-            self._metrics.inc("deliveries", self.name, amount=sent)
+            self._deliveries.value += sent
         return slow
 
     # -- subscribers and connections -----------------------------------------------------------------------

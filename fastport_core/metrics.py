@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Final
 
-__all__ = ["COUNTERS", "Metrics"]
+__all__ = ["COUNTERS", "CounterCell", "Metrics"]
 
 #: name → (help text, label names). Every counter the core bumps must be declared here.
 COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
@@ -40,31 +40,74 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
 }
 
 
-class Metrics:
-    """A bag of monotonically increasing counters; cheap enough for the per-message path."""
+class CounterCell:
+    """One counter series as a mutable integer: ``cell.value += 1`` on the per-message path.
 
-    __slots__ = ("_counts",)
+    :meth:`Metrics.cell` hands these out for the counters a session bumps on every message (publishes,
+    deliveries, ACKs), where :meth:`Metrics.inc`'s keyed lookup costs ~0.4 µs per bump and a cell ~0.05.
+    A cell is part of its :class:`Metrics`: ``value``, ``total`` and ``items`` include it.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class Metrics:
+    """A bag of monotonically increasing counters; cheap enough for the per-message path.
+
+    Two stores behind one face: a :class:`~collections.Counter` for :meth:`inc`, and the
+    :class:`CounterCell` objects handed out by :meth:`cell`. Readers (``value``, ``total``, ``items``)
+    add the two up and never tell them apart.
+    """
+
+    __slots__ = ("_cells", "_counts")
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, tuple[str, ...]]] = Counter()
+        self._cells: dict[tuple[str, tuple[str, ...]], CounterCell] = {}
 
     def inc(self, name: str, *labels: str, amount: int = 1) -> None:
         """Add ``amount`` to counter ``name`` with the given label values (in :data:`COUNTERS` order)."""
         self._counts[name, labels] += amount
 
+    def cell(self, name: str, *labels: str) -> CounterCell:
+        """The cell of series ``(name, labels)`` (created at 0, which ``items`` leaves out until bumped).
+
+        Asking again for the same series returns the same cell.
+        """
+        key = (name, labels)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = CounterCell()
+        return cell
+
     def value(self, name: str, *labels: str) -> int:
-        return self._counts[name, labels]
+        key = (name, labels)
+        cell = self._cells.get(key)
+        return self._counts[key] + (cell.value if cell is not None else 0)
 
     def total(self, name: str) -> int:
         """Sum of ``name`` over all label values."""
-        return sum(count for (key, _), count in self._counts.items() if key == name)
+        return sum(count for (key, _), count in self._counts.items() if key == name) + sum(
+            cell.value for (key, _), cell in self._cells.items() if key == name
+        )
 
     def items(self) -> list[tuple[str, tuple[str, ...], int]]:
         """Every non-zero counter as ``(name, labels, value)``, for exposition and tests."""
-        return [(name, labels, count) for (name, labels), count in self._counts.items()]
+        merged = dict(self._counts)
+        for key, cell in self._cells.items():
+            if cell.value:
+                merged[key] = merged.get(key, 0) + cell.value
+        return [(name, labels, count) for (name, labels), count in merged.items()]
 
     def forget_session(self, session: str) -> None:
-        """Drop a dropped session's per-session series so metrics stay bounded by live sessions."""
+        """Drop a dropped session's per-session series so metrics stay bounded by live sessions.
+
+        Its cells are forgotten too: bumping one afterwards counts nowhere.
+        """
         per_session = {name for name, (_, labels) in COUNTERS.items() if labels[:1] == ("session",)}
-        for key in [key for key in self._counts if key[0] in per_session and key[1][:1] == (session,)]:
-            del self._counts[key]
+        for store in (self._counts, self._cells):
+            for key in [key for key in store if key[0] in per_session and key[1][:1] == (session,)]:
+                del store[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import orjson
 import pytest
@@ -60,6 +61,15 @@ server_frames = st.one_of(
 @given(client_frames)
 def test_client_frames_round_trip(frame: object) -> None:
     assert parse_client_frame(encode(frame)) == frame  # type: ignore[arg-type]
+
+
+@given(client_frames)
+def test_parsed_client_frames_are_frozen_and_hashable_like_constructed_ones(frame: object) -> None:
+    parsed = parse_client_frame(encode(frame))  # type: ignore[arg-type]
+    assert type(parsed) is type(frame)
+    assert hash(parsed) == hash(frame)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(parsed, dataclasses.fields(parsed)[0].name, "changed")
 
 
 @given(server_frames)
