@@ -31,6 +31,8 @@ Delivery semantics (DESIGN §3.3, §3.4, §3.9)
   always with the same ``messageId`` (the server's dedupe window turns a duplicate into a second
   confirmation). The application stops waiting with :meth:`~ClientCore.cancel_publish`; the server may
   still have received it.
+* A publish the server refuses for a passing reason (``session_suspended``, ``session_full``) stays pending
+  and is retried like an unanswered one; only other refusals end it with ``PublishRefused``.
 * A ``message`` is ACKed every time it arrives (so the server stops re-sending it), but handed to the
   application only once per ``(topic, messageId)`` within a bounded window: at least once on the wire,
   once to the application. A message that fails verification is ACKed and counted, never delivered.
@@ -105,6 +107,9 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------
 # States and transitions.
+
+_TRANSIENT_REFUSALS: Final = frozenset({ErrorCode.SESSION_SUSPENDED.value, ErrorCode.SESSION_FULL.value})
+"""``publish_response`` refusals that pass by themselves: the publish is retried, not failed."""
 
 
 class ClientState(Enum):
@@ -728,6 +733,12 @@ class ClientCore:
         self._events.append(SubscribeRefused(frame.topic, frame.error or "subscribe refused", frame.code))
 
     def _on_publish_response(self, frame: PublishResponse) -> None:
+        if not frame.success and frame.code in _TRANSIENT_REFUSALS and frame.message_id in self._pending:
+            # The session is suspended or full *now*: the publish stays pending and its retry timer,
+            # armed when it was sent, sends it again. Failing it here would be wrong twice over: the
+            # condition passes, and a retry already in flight may be accepted after this answer.
+            logger.info("publish %r deferred by the server: %s", frame.message_id, frame.error)
+            return
         if self._pending.pop(frame.message_id, None) is None:
             return  # cancelled, or a second confirmation of a publish we re-sent
         self._retries.cancel(frame.message_id)

@@ -378,10 +378,30 @@ def test_refused_publish_is_reported_and_dropped() -> None:
     server.confirm_publishes = False
     message_id = client.publish("t", "x", now=T0, timestamp=1)
     pump(client, server, T0)
-    refusal = FakeServer.publish_response(message_id, success=False, error="full", code="session_full")
+    refusal = FakeServer.publish_response(message_id, success=False, error="no", code="not_allowed")
     client.receive_data(server.send(**refusal), T0)
-    assert client.events() == [PublishRefused(message_id, "full", "session_full")]
+    assert client.events() == [PublishRefused(message_id, "no", "not_allowed")]
     assert client.pending_publishes == () and client.next_deadline() == T0 + PING_INTERVAL
+
+
+@pytest.mark.parametrize("code", ["session_full", "session_suspended"])
+def test_a_passing_refusal_keeps_the_publish_and_retries_it(code: str) -> None:
+    """Suspended or full sessions recover: the publish is retried until confirmed (or cancelled)."""
+    client, server = ready(config=CONFIG)
+    server.confirm_publishes = False
+    message_id = client.publish("t", "x", now=T0, timestamp=1)
+    pump(client, server, T0)
+    refusal = FakeServer.publish_response(message_id, success=False, error="later", code=code)
+    client.receive_data(server.send(**refusal), T0)
+    assert client.events() == []
+    assert client.pending_publishes == (message_id,)
+    client.handle_timeout(T0 + CONFIG.publish_retry_interval)
+    pump(client, server, T0 + CONFIG.publish_retry_interval)
+    assert [frame["messageId"] for frame in server.of_type("publish")] == [message_id, message_id]
+    client.receive_data(
+        server.send(**FakeServer.publish_response(message_id)), T0 + CONFIG.publish_retry_interval
+    )
+    assert client.events() == [PublishConfirmed(message_id, 1)]
 
 
 def test_cancel_publish_stops_retries() -> None:
