@@ -61,7 +61,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Generic, TypeVar
+from typing import Final, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -76,20 +76,20 @@ from fastport_core.client import (
     GaveUp,
     IntegrityFailure,
     MessageReceived,
-    PublishConfirmed,
-    PublishRefused,
     ServerError,
-    SubscribeConfirmed,
     SubscribeRefused,
 )
 from fastport_core.client_api import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_TIMEOUT,
+    Answer,
     ConnectionState,
     Message,
     StateChange,
     auth_error,
     parse_url,
+    settle_answers,
+    subscribe_refused_error,
 )
 from fastport_core.config import ClientConfig
 from fastport_core.crypto import SuiteName
@@ -144,32 +144,16 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
-class _Waiter(Generic[T]):
-    """One awaited answer from the server (a publish or subscribe confirmation): an event and a slot."""
+class _Waiter(Answer[T]):
+    """An :class:`~fastport_core.client_api.Answer` awaited by a task."""
 
-    __slots__ = ("_event", "error", "result")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
-        self.result: T | None = None
-        self.error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def resolve(self, result: T) -> None:
-        if not self._event.is_set():
-            self.result = result
-            self._event.set()
-
-    def fail(self, error: BaseException) -> None:
-        if not self._event.is_set():
-            self.error = error
-            self._event.set()
+        super().__init__(anyio.Event())
 
     async def wait(self) -> None:
-        await self._event.wait()
+        await cast(anyio.Event, self._flag).wait()
 
 
 class _Inbox:
@@ -832,28 +816,13 @@ class Client:
     def _after_core_call(self) -> None:
         """Handle the core's new events and wake the pump: run after *every* call into the core."""
         for event in self._core.events():
+            if settle_answers(event, self._publish_waiters, self._subscribe_waiters):
+                if isinstance(event, SubscribeRefused):
+                    self._on_subscribe_refused(event)
+                continue
             match event:
                 case MessageReceived():
                     self._inbox.put(Message(event.topic, event.payload, event.message_id, event.timestamp))
-                case PublishConfirmed():
-                    publish_waiter = self._publish_waiters.get(event.message_id)
-                    if publish_waiter is not None:
-                        publish_waiter.resolve(event.message_id)
-                case PublishRefused():
-                    publish_waiter = self._publish_waiters.get(event.message_id)
-                    if publish_waiter is not None:
-                        publish_waiter.fail(
-                            PublishRefusedError(
-                                f"the server refused publish {event.message_id}: {event.error}",
-                                message_id=event.message_id,
-                                code=event.code,
-                            )
-                        )
-                case SubscribeConfirmed():
-                    for waiter in self._subscribe_waiters.get(event.topic, ()):
-                        waiter.resolve(None)
-                case SubscribeRefused():
-                    self._on_subscribe_refused(event)
                 case Connected():
                     self._ever_connected = True
                     self.auth_error = None
@@ -883,13 +852,7 @@ class Client:
         self._kick()
 
     def _on_subscribe_refused(self, event: SubscribeRefused) -> None:
-        error = SubscribeRefusedError(
-            f"the server refused the subscription to {event.topic!r}: {event.error}",
-            topic=event.topic,
-            code=event.code,
-        )
-        for waiter in self._subscribe_waiters.get(event.topic, ()):
-            waiter.fail(error)
+        error = subscribe_refused_error(event)
         # The core forgot the topic: every local subscription of it ends with the refusal.
         for local in self._locals.pop(event.topic, []):
             local.close(error)

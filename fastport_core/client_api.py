@@ -8,24 +8,43 @@ both adapters need to start a connection: the parsed :class:`Endpoint` of a ``ws
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Final, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from .client import AuthRefused
-from .errors import AuthenticationError, ErrorCode, LocalProtocolError
+from .client import (
+    AuthRefused,
+    ClientEvent,
+    PublishConfirmed,
+    PublishRefused,
+    SubscribeConfirmed,
+    SubscribeRefused,
+)
+from .errors import (
+    AuthenticationError,
+    ErrorCode,
+    LocalProtocolError,
+    PublishRefusedError,
+    SubscribeRefusedError,
+)
 
 __all__ = [
     "DEFAULT_MAX_BUFFER",
     "DEFAULT_TIMEOUT",
+    "Answer",
     "ConnectionState",
     "Endpoint",
     "Message",
     "StateChange",
     "auth_error",
     "parse_url",
+    "settle_answers",
+    "subscribe_refused_error",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT: Final = 30.0
 """Default bound (seconds) on waiting for a server confirmation, connected or not."""
@@ -110,3 +129,83 @@ def auth_error(event: AuthRefused) -> AuthenticationError:
     """The typed error a refused ``init`` becomes for the application."""
     code = next((known for known in ErrorCode if known.value == event.code), ErrorCode.AUTH_FAILED)
     return AuthenticationError(f"the server refused the session credentials: {event.error}", code=code)
+
+
+class _Flag(Protocol):
+    """The adapter's own one-shot event (``anyio.Event``, ``threading.Event``): set once, then seen set."""
+
+    def set(self) -> None: ...
+    def is_set(self) -> bool: ...
+
+
+class Answer(Generic[T]):
+    """One caller waiting for the server's answer (a publish or subscribe confirmation): a flag and a slot.
+
+    Each adapter subclasses it with its own flag type and its own way to wait; resolving and failing,
+    and which core event settles which answer (:func:`settle_answers`), are the same for both.
+    """
+
+    __slots__ = ("_flag", "error", "result")
+
+    def __init__(self, flag: _Flag) -> None:
+        self._flag = flag
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._flag.is_set()
+
+    def resolve(self, result: T) -> None:
+        if not self._flag.is_set():
+            self.result = result
+            self._flag.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._flag.is_set():
+            self.error = error
+            self._flag.set()
+
+
+def subscribe_refused_error(event: SubscribeRefused) -> SubscribeRefusedError:
+    """The typed error a refused ``subscribe`` becomes for the application."""
+    return SubscribeRefusedError(
+        f"the server refused the subscription to {event.topic!r}: {event.error}",
+        topic=event.topic,
+        code=event.code,
+    )
+
+
+def settle_answers(
+    event: ClientEvent,
+    publishes: Mapping[str, Answer[str]],
+    subscribes: Mapping[str, Sequence[Answer[None]]],
+) -> bool:
+    """Resolve or fail the answers a publish/subscribe outcome concerns; ``False`` for any other event.
+
+    A refused subscription only fails its answers here: what else it ends (iterators, callbacks) is the
+    adapter's business.
+    """
+    match event:
+        case PublishConfirmed():
+            if (answer := publishes.get(event.message_id)) is not None:
+                answer.resolve(event.message_id)
+        case PublishRefused():
+            if (answer := publishes.get(event.message_id)) is not None:
+                answer.fail(
+                    PublishRefusedError(
+                        f"the server refused publish {event.message_id}: {event.error}",
+                        message_id=event.message_id,
+                        code=event.code,
+                    )
+                )
+        case SubscribeConfirmed():
+            for waiter in subscribes.get(event.topic, ()):
+                waiter.resolve(None)
+        case SubscribeRefused():
+            error = subscribe_refused_error(event)
+            for waiter in subscribes.get(event.topic, ()):
+                waiter.fail(error)
+        case _:
+            return False
+    return True

@@ -71,7 +71,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from fastport_core.client import (
     AuthRefused,
@@ -83,21 +83,21 @@ from fastport_core.client import (
     GaveUp,
     IntegrityFailure,
     MessageReceived,
-    PublishConfirmed,
-    PublishRefused,
     ServerError,
-    SubscribeConfirmed,
     SubscribeRefused,
 )
 from fastport_core.client_api import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_TIMEOUT,
+    Answer,
     ConnectionState,
     Endpoint,
     Message,
     StateChange,
     auth_error,
     parse_url,
+    settle_answers,
+    subscribe_refused_error,
 )
 from fastport_core.config import ClientConfig
 from fastport_core.crypto import SuiteName
@@ -152,32 +152,17 @@ _CLOSE_GRACE: Final = 10.0
 # Small internals.
 
 
-class _Waiter(Generic[T]):
-    """One caller waiting for the server's answer: resolved under the client's lock, awaited without."""
+class _Waiter(Answer[T]):
+    """An :class:`~fastport_core.client_api.Answer` a thread waits for: resolved under the client's lock,
+    awaited without it."""
 
-    __slots__ = ("_event", "error", "result")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self.result: T | None = None
-        self.error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def resolve(self, result: T) -> None:
-        if not self._event.is_set():
-            self.result = result
-            self._event.set()
-
-    def fail(self, error: BaseException) -> None:
-        if not self._event.is_set():
-            self.error = error
-            self._event.set()
+        super().__init__(threading.Event())
 
     def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
+        return cast(threading.Event, self._flag).wait(timeout)
 
 
 @dataclass(eq=False)
@@ -1076,30 +1061,15 @@ class Client:
 
     def _on_events_locked(self, events: list[ClientEvent], now: float) -> None:
         for event in events:
+            if settle_answers(event, self._publish_waiters, self._subscribe_waiters):
+                if isinstance(event, SubscribeRefused):
+                    self._on_subscribe_refused_locked(event)
+                continue
             match event:
                 case MessageReceived():
                     self._deliver_locked(
                         Message(event.topic, event.payload, event.message_id, event.timestamp)
                     )
-                case PublishConfirmed():
-                    publish_waiter = self._publish_waiters.get(event.message_id)
-                    if publish_waiter is not None:
-                        publish_waiter.resolve(event.message_id)
-                case PublishRefused():
-                    publish_waiter = self._publish_waiters.get(event.message_id)
-                    if publish_waiter is not None:
-                        publish_waiter.fail(
-                            PublishRefusedError(
-                                f"the server refused publish {event.message_id}: {event.error}",
-                                message_id=event.message_id,
-                                code=event.code,
-                            )
-                        )
-                case SubscribeConfirmed():
-                    for waiter in self._subscribe_waiters.get(event.topic, ()):
-                        waiter.resolve(None)
-                case SubscribeRefused():
-                    self._on_subscribe_refused_locked(event)
                 case Connected():
                     self._ever_connected = True
                     self.auth_error = None
@@ -1146,13 +1116,8 @@ class Client:
             self._dispatch_ready.notify()
 
     def _on_subscribe_refused_locked(self, event: SubscribeRefused) -> None:
-        error = SubscribeRefusedError(
-            f"the server refused the subscription to {event.topic!r}: {event.error}",
-            topic=event.topic,
-            code=event.code,
-        )
-        for waiter in self._subscribe_waiters.get(event.topic, ()):
-            waiter.fail(error)
+        """Its answers are failed already (:func:`settle_answers`); end what listens to the topic."""
+        error = subscribe_refused_error(event)
         if event.topic in self._core.topics:
             return  # a later request for the topic is still unanswered: only the last answer decides
         logger.warning("%s", error)

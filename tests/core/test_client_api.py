@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from fastport_core.client import AuthRefused
-from fastport_core.client_api import Endpoint, auth_error, parse_url
-from fastport_core.errors import ErrorCode, LocalProtocolError
+from fastport_core.client import (
+    AuthRefused,
+    Connected,
+    PublishConfirmed,
+    PublishRefused,
+    SubscribeConfirmed,
+    SubscribeRefused,
+)
+from fastport_core.client_api import Answer, Endpoint, auth_error, parse_url, settle_answers
+from fastport_core.errors import ErrorCode, LocalProtocolError, PublishRefusedError, SubscribeRefusedError
 
 
 @pytest.mark.parametrize(
@@ -37,3 +44,32 @@ def test_a_refused_init_becomes_a_typed_authentication_error() -> None:
     assert "wrong password" in str(error)
     assert auth_error(AuthRefused("slow down", "auth_throttled")).code is ErrorCode.AUTH_THROTTLED
     assert auth_error(AuthRefused("?", "from_the_future")).code is ErrorCode.AUTH_FAILED
+
+
+class _Flag:
+    def __init__(self) -> None:
+        self.flag = False
+
+    def set(self) -> None:
+        self.flag = True
+
+    def is_set(self) -> bool:
+        return self.flag
+
+
+def test_answers_are_settled_once_by_the_events_that_concern_them() -> None:
+    publish: Answer[str] = Answer(_Flag())
+    refused: Answer[str] = Answer(_Flag())
+    subscribe: Answer[None] = Answer(_Flag())
+    publishes = {"m1": publish, "m2": refused}
+    subscribes = {"t": [subscribe]}
+    assert settle_answers(PublishConfirmed("m1", 3), publishes, subscribes)
+    assert settle_answers(PublishRefused("m2", "no", "not_allowed"), publishes, subscribes)
+    assert settle_answers(SubscribeRefused("t", "too many", "too_many_subscriptions"), publishes, subscribes)
+    assert settle_answers(SubscribeConfirmed("t"), publishes, subscribes)  # too late: the first answer stands
+    assert settle_answers(PublishConfirmed("unknown", 1), publishes, subscribes)
+    assert not settle_answers(Connected("demo"), publishes, subscribes)
+    assert publish.done and publish.result == "m1" and publish.error is None
+    assert isinstance(refused.error, PublishRefusedError) and refused.error.code == "not_allowed"
+    assert isinstance(subscribe.error, SubscribeRefusedError) and subscribe.error.topic == "t"
+    assert subscribe.result is None
