@@ -8,9 +8,7 @@ for something it can await; the few sleeps let time pass on purpose (a quiet per
 
 from __future__ import annotations
 
-import datetime
 import functools
-import ipaddress
 import os
 import ssl
 import sys
@@ -24,10 +22,6 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import fastport_anyio.client as client_module
 from fastport_anyio import (
@@ -48,6 +42,7 @@ from fastport_core.client import IntegrityFailure
 from fastport_core.config import ClientConfig
 from fastport_core.crypto import AuthenticatedSuite, SuiteName, generate_key
 from fastport_core.errors import AuthenticationError, InvalidKeyError, LocalProtocolError
+from tests.certificates import make_certificate
 
 from .conftest import FAST_CONFIG, SESSIONS, TIMEOUT, RawClient, publish_frame
 
@@ -683,39 +678,8 @@ async def test_async_chat_example_runs(server: Server, anyio_backend: str) -> No
 # TLS.
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastport test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(private_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(private_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_wss_round_trip_and_certificate_check(anyio_backend: str, tmp_path: Path) -> None:
-    cert_path, key_path = self_signed_certificate(tmp_path)
+    cert_path, key_path = make_certificate(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert_path, key_path)
     client_context = ssl.create_default_context(cafile=str(cert_path))

@@ -4,8 +4,6 @@ slow consumers and graceful shutdown. The wire format itself is pinned in ``test
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import socket
 import ssl
 from pathlib import Path
@@ -17,15 +15,12 @@ import anyio.to_thread
 import orjson
 import pytest
 from anyio.abc import SocketStream
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from wsproto.events import Ping
 
 import fastport_anyio.server as server_module
 from fastport_anyio import Server, serve
 from fastport_core.config import Limits, ServerConfig
+from tests.certificates import make_certificate
 
 from .conftest import ADMIN, FAST_CONFIG, SESSIONS, TIMEOUT, RawClient, http_request, publish_frame
 
@@ -316,40 +311,6 @@ async def test_keepalive_pings_and_drops_a_peer_that_never_answers(anyio_backend
 
 # --------------------------------------------------------------------------------------------------------
 # TLS
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, written as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
-    certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return certfile, keyfile
 
 
 async def test_tls_round_trip_and_admin_over_https(anyio_backend: str, tmp_path: Path) -> None:

@@ -7,10 +7,8 @@ the point (keepalive across an idle period, an iterator's idle timeout), and it 
 
 from __future__ import annotations
 
-import datetime
 import functools
 import gc
-import ipaddress
 import os
 import runpy
 import socket
@@ -22,10 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import fastport_threads
 from fastport_core.config import ClientConfig
@@ -39,6 +33,7 @@ from fastport_threads import (
     Message,
     PublishTimeoutError,
 )
+from tests.certificates import make_certificate
 
 from .conftest import FAST_CLIENT, PASSWORD, SESSION, WAIT, Relay, ServerHandle, States, make_server_config
 
@@ -666,41 +661,10 @@ def test_an_unreachable_server_raises_connect_error(key: str) -> None:
 # TLS.
 
 
-def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastport test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(private_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(private_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_round_trip_and_certificate_check(
     start_server: Callable[..., ServerHandle], open_client: Callable[..., Client], tmp_path: Path, key: str
 ) -> None:
-    cert_path, key_path = _self_signed_certificate(tmp_path)
+    cert_path, key_path = make_certificate(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert_path, key_path)
     server = start_server(ssl_context=server_context)
