@@ -69,7 +69,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from fastport_core.client import (
     AuthRefused,
-    ClientCore,
     ClientState,
     Connected,
     Disconnected,
@@ -87,7 +86,7 @@ from fastport_core.client_api import (
     Message,
     StateChange,
     auth_error,
-    parse_url,
+    make_client_core,
     settle_answers,
     subscribe_refused_error,
 )
@@ -307,21 +306,20 @@ class Client:
         client_id: str | None = None,
     ) -> None:
         self._url = url
-        self._endpoint = endpoint = parse_url(url)
         self._config = config if config is not None else ClientConfig()
-        self._core = ClientCore(
+        self._endpoint, self._core = make_client_core(
+            url,
             session=session,
             password=password,
             key=key,
             suite=suite,
-            host=endpoint.host_header,
-            target=endpoint.target,
             config=self._config,
             client_id=client_id,
+            tls_context_given=ssl_context is not None,
         )
-        if endpoint.tls and ssl_context is None:
+        if self._endpoint.tls and ssl_context is None:
             ssl_context = ssl.create_default_context()
-        self._ssl_context: ssl.SSLContext | None = ssl_context if endpoint.tls else None
+        self._ssl_context: ssl.SSLContext | None = ssl_context
 
         self._task_group: anyio.abc.TaskGroup | None = None
         self._task_scopes: set[anyio.CancelScope] = set()

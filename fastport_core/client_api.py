@@ -16,12 +16,15 @@ from urllib.parse import urlsplit
 
 from .client import (
     AuthRefused,
+    ClientCore,
     ClientEvent,
     PublishConfirmed,
     PublishRefused,
     SubscribeConfirmed,
     SubscribeRefused,
 )
+from .config import ClientConfig
+from .crypto import SuiteName
 from .errors import (
     AuthenticationError,
     ErrorCode,
@@ -39,6 +42,7 @@ __all__ = [
     "Message",
     "StateChange",
     "auth_error",
+    "make_client_core",
     "parse_url",
     "settle_answers",
     "subscribe_refused_error",
@@ -123,6 +127,36 @@ def parse_url(url: str) -> Endpoint:
     host_header = shown_host if port == default_port else f"{shown_host}:{port}"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Endpoint(host, port, tls, host_header, target)
+
+
+def make_client_core(
+    url: str,
+    *,
+    session: str,
+    password: str,
+    key: str | bytes,
+    suite: SuiteName,
+    config: ClientConfig,
+    client_id: str | None,
+    tls_context_given: bool,
+) -> tuple[Endpoint, ClientCore]:
+    """What both adapters do with ``connect``'s arguments before any IO: parse the URL, refuse a TLS
+    context for a plain ``ws://`` URL (it would be silently ignored), and build the :class:`ClientCore`
+    (which checks the key and suite). Raises :class:`LocalProtocolError` for any of them."""
+    endpoint = parse_url(url)
+    if tls_context_given and not endpoint.tls:
+        raise LocalProtocolError(f"ssl_context was given for a plain ws:// url ({url!r}): use wss://")
+    core = ClientCore(
+        session=session,
+        password=password,
+        key=key,
+        suite=suite,
+        host=endpoint.host_header,
+        target=endpoint.target,
+        config=config,
+        client_id=client_id,
+    )
+    return endpoint, core
 
 
 def auth_error(event: AuthRefused) -> AuthenticationError:

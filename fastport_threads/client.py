@@ -75,7 +75,6 @@ from typing import Any, Final, TypeVar, cast
 
 from fastport_core.client import (
     AuthRefused,
-    ClientCore,
     ClientEvent,
     ClientState,
     Connected,
@@ -95,7 +94,7 @@ from fastport_core.client_api import (
     Message,
     StateChange,
     auth_error,
-    parse_url,
+    make_client_core,
     settle_answers,
     subscribe_refused_error,
 )
@@ -494,23 +493,20 @@ class Client:
         if max_buffer < 1:
             raise LocalProtocolError(f"max_buffer must be at least 1, got {max_buffer!r}")
         self._url = url
-        self._endpoint = endpoint = parse_url(url)
-        if not endpoint.tls and ssl_context is not None:
-            raise LocalProtocolError(f"ssl_context was given for a plain ws:// url ({url!r}): use wss://")
-        if endpoint.tls and ssl_context is None:
-            ssl_context = ssl.create_default_context()
-        self._ssl_context = ssl_context
         self._config = config if config is not None else ClientConfig()
-        self._core = ClientCore(
+        self._endpoint, self._core = make_client_core(
+            url,
             session=session,
             password=password,
             key=key,
             suite=suite,
-            host=endpoint.host_header,
-            target=endpoint.target,
             config=self._config,
             client_id=client_id,
+            tls_context_given=ssl_context is not None,
         )
+        if self._endpoint.tls and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        self._ssl_context = ssl_context
         self._lock = threading.Lock()
         self._max_buffer = max_buffer
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from fastport_core.client import (
     AuthRefused,
+    ClientState,
     Connected,
     PublishConfirmed,
     PublishRefused,
     SubscribeConfirmed,
     SubscribeRefused,
 )
-from fastport_core.client_api import Answer, Endpoint, auth_error, parse_url, settle_answers
+from fastport_core.client_api import Answer, Endpoint, auth_error, make_client_core, parse_url, settle_answers
+from fastport_core.config import ClientConfig
+from fastport_core.crypto import generate_key
 from fastport_core.errors import ErrorCode, LocalProtocolError, PublishRefusedError, SubscribeRefusedError
 
 
@@ -73,3 +78,12 @@ def test_answers_are_settled_once_by_the_events_that_concern_them() -> None:
     assert isinstance(refused.error, PublishRefusedError) and refused.error.code == "not_allowed"
     assert isinstance(subscribe.error, SubscribeRefusedError) and subscribe.error.topic == "t"
     assert subscribe.result is None
+
+
+def test_a_tls_context_for_a_plain_url_is_refused_before_any_io() -> None:
+    common: dict[str, Any] = {"session": "s", "password": "p", "key": generate_key(), "suite": "authenticated",
+                              "config": ClientConfig(), "client_id": None}  # fmt: skip
+    with pytest.raises(LocalProtocolError, match="wss://"):
+        make_client_core("ws://127.0.0.1:3000", tls_context_given=True, **common)
+    endpoint, core = make_client_core("wss://example.com/x", tls_context_given=True, **common)
+    assert endpoint.tls and core.state is ClientState.DISCONNECTED
