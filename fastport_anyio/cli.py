@@ -35,11 +35,11 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 
+from fastport_core.config_file import ConfigError, Overrides, ServerSettings, load_settings
 from fastport_core.crypto import generate_key
 from fastport_core.errors import LocalProtocolError
 
 from . import cli_pubsub
-from .config_file import ConfigError, Overrides, ServerSettings, load_settings
 from .server import Server
 
 __all__ = [

@@ -51,9 +51,8 @@ except ImportError:  # pragma: no cover - anyio then assumes asyncio too
 
 from fastport_core.admin import AdminCredentials
 from fastport_core.config import ServerConfig
+from fastport_core.config_file import SessionSpec
 from fastport_core.server import ServerCore
-
-from .config_file import SessionSpec
 
 __all__ = ["Server", "SessionSpec", "serve"]
 

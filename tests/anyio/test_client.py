@@ -37,9 +37,9 @@ from fastport_anyio import (
     connect,
     serve,
 )
-from fastport_anyio.config_file import load_settings
 from fastport_core.client import IntegrityFailure
 from fastport_core.config import ClientConfig
+from fastport_core.config_file import load_settings
 from fastport_core.crypto import AuthenticatedSuite, SuiteName, generate_key
 from fastport_core.errors import AuthenticationError, InvalidKeyError, LocalProtocolError
 from tests.certificates import make_certificate

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fastport_anyio import Server
-from fastport_anyio.config_file import ConfigError, Overrides, ServerSettings, SessionSpec, load_settings
 from fastport_core.config import Limits, ServerConfig, SessionSettings, SlowConsumerPolicy
+from fastport_core.config_file import ConfigError, Overrides, ServerSettings, SessionSpec, load_settings
 
 from .conftest import RawClient
 

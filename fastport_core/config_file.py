@@ -37,9 +37,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
-from fastport_core.admin import AdminCredentials
-from fastport_core.config import Limits, ServerConfig, SessionSettings
-from fastport_core.errors import LocalProtocolError
+from .admin import AdminCredentials
+from .config import Limits, ServerConfig, SessionSettings
+from .errors import LocalProtocolError
 
 __all__ = [
     "ENVIRONMENT_VARIABLES",
