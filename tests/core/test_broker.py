@@ -1,4 +1,4 @@
-"""The broker's guarantees (DESIGN §3), each shown on a recording sink with a fake clock."""
+"""The broker's guarantees (DESIGN §3), each shown on a recorder of its output with a fake clock."""
 
 from __future__ import annotations
 
@@ -46,23 +46,45 @@ def unframe(frame: bytes) -> bytes:
     return frame[start:]
 
 
-class RecordingSink:
-    """Records what the broker sends, decoded, per connection."""
+class Recorder:
+    """Records what the broker queued on its output, decoded, per connection (as the server core would
+    apply it: the output is drained, and cleared, whenever the recorder is looked at)."""
 
-    def __init__(self) -> None:
-        self.frames: list[tuple[int, dict[str, Any]]] = []
-        self.raw_frames: list[tuple[int, bytes]] = []
-        self.closes: list[tuple[int, int, str]] = []
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._frames: list[tuple[int, dict[str, Any]]] = []
+        self._raw_frames: list[tuple[int, bytes]] = []
+        self._closes: list[tuple[int, int, str]] = []
+        self._initialised: list[int] = []
 
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        self.frames.append((conn, orjson.loads(payload)))
+    def _drain(self) -> None:
+        output = self.broker.output
+        for conn, frame in output.frames:
+            self._raw_frames.append((conn, frame))
+            self._frames.append((conn, orjson.loads(unframe(frame))))
+        self._closes.extend((conn, int(code), reason) for conn, code, reason in output.closes)
+        self._initialised.extend(output.initialised)
+        output.clear()
 
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        self.raw_frames.append((conn, frame))
-        self.frames.append((conn, orjson.loads(unframe(frame))))
+    @property
+    def frames(self) -> list[tuple[int, dict[str, Any]]]:
+        self._drain()
+        return self._frames
 
-    def close(self, conn: int, code: CloseCode, reason: str) -> None:
-        self.closes.append((conn, int(code), reason))
+    @property
+    def raw_frames(self) -> list[tuple[int, bytes]]:
+        self._drain()
+        return self._raw_frames
+
+    @property
+    def closes(self) -> list[tuple[int, int, str]]:
+        self._drain()
+        return self._closes
+
+    @property
+    def initialised(self) -> list[int]:
+        self._drain()
+        return self._initialised
 
 
 class Harness:
@@ -70,8 +92,8 @@ class Harness:
 
     def __init__(self, config: ServerConfig | None = None, settings: SessionSettings = SETTINGS) -> None:
         self.config = config or make_config()
-        self.sink = RecordingSink()
-        self.broker = Broker(self.config, self.sink, random=random.Random(7).randbytes)
+        self.broker = Broker(self.config, random=random.Random(7).randbytes)
+        self.sink = Recorder(self.broker)
         self.now = 0.0
         self.secrets = {
             name: self.broker.create_session(name, f"pw-{name}", self.now, settings) for name in ("a", "b")
@@ -233,17 +255,14 @@ def test_connections_per_session_are_limited() -> None:
     assert h.init(h.open(), "b")["success"]  # the limit is per session
 
 
-def test_init_deadline_closes_with_4005(h: Harness) -> None:
-    idle = h.open()
+def test_successful_inits_are_reported_for_the_server_cores_handshake_deadline(h: Harness) -> None:
+    refused = h.open()
     done = h.open()
+    h.init(refused, password="bad")
     h.init(done)
-    assert h.broker.next_deadline() == h.config.handshake_timeout
-    h.advance(h.config.handshake_timeout - 0.1)
-    assert h.sink.closes == []
-    h.advance(0.1)
-    assert h.closes() == {idle: CloseCode.HANDSHAKE_TIMEOUT}
-    assert h.send(idle, Init("a", "pw-a")) == []  # forgotten: late frames are dropped
-    assert h.broker.stats().connections == 1
+    assert h.sink.initialised == [done]
+    assert h.broker.is_initialised(done) and not h.broker.is_initialised(refused)
+    assert h.broker.next_deadline() is None  # the init deadline is the server core's (test_server.py)
 
 
 def test_repeated_auth_failures_close_the_connection_with_1008(h: Harness) -> None:
@@ -338,8 +357,9 @@ def test_publish_fans_out_once_encoded_to_every_other_subscriber(h: Harness) -> 
     h.client("a", "other")
     response = h.publish(publisher, "t", "m1", "hello")
     assert response == {"type": "publish_response", "success": True, "messageId": "m1", "deliveredTo": 3}
-    frames = [frame for _, frame in h.sink.raw_frames]
-    assert [conn for conn, _ in h.sink.raw_frames] == subs
+    fanned_out = [(conn, frame) for conn, frame in h.sink.raw_frames if b'"type":"message"' in frame]
+    frames = [frame for _, frame in fanned_out]
+    assert [conn for conn, _ in fanned_out] == subs
     assert all(frame is frames[0] for frame in frames)  # one encoding, shared
     assert frames[0] == encode_text_frame(encode(Message("t", "hello", "h", 1, "m1")))
     assert h.messages(publisher) == []
@@ -625,37 +645,14 @@ def test_slow_consumer_drop_oldest_policy() -> None:
     assert [m["messageId"] for m in h.messages(slow)[3:]] == ["m2", "m3"]  # m1 is no longer retried
 
 
-class ReentrantSink(RecordingSink):
-    """Like the server core: an output overflow reports the connection closed from inside ``send_*``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.broker: Broker | None = None
-        self.overflowing: set[int] = set()
-
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        super().send_frame(conn, frame)
-        if conn in self.overflowing and self.broker is not None:
-            self.broker.connection_closed(conn, 0.0)
-
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        super().send_payload(conn, payload)
-        if conn in self.overflowing and self.broker is not None and b'"message"' in payload:
-            self.broker.connection_closed(conn, 0.0)
-
-
-def test_a_sink_may_report_a_close_from_inside_a_send() -> None:
-    h = Harness()
-    sink = ReentrantSink()
-    h.sink = sink
-    h.broker = Broker(h.config, sink)
-    sink.broker = h.broker
-    for name in ("a", "b"):
-        h.secrets[name] = h.broker.create_session(name, f"pw-{name}", 0.0, SETTINGS)
+def test_closes_reported_while_a_fan_out_is_applied_leave_consistent_state(h: Harness) -> None:
+    """The server core applies a fan-out's frames after the broker call and reports the connections whose
+    output overflowed only then: the broker sees them as ordinary closes, between calls."""
     subs = [h.client("a", "t") for _ in range(3)]
     resumable = h.client("a", "t", client_id="dev")
-    sink.overflowing.update({subs[0], subs[1], resumable})
     assert h.publish(h.client("a"), "t", "m1")["deliveredTo"] == 4
+    for conn in (subs[0], subs[1], resumable):
+        h.broker.connection_closed(conn, h.now)
     stats = h.broker.stats().per_session["a"]
     assert stats.connections == 2 and stats.detached_subscribers == 1
     assert given_up(h, "a", "disconnected") == 2
