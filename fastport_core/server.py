@@ -111,7 +111,9 @@ class ServerCore:
         """Armed while the adapter reports a write blocked (:meth:`write_blocked`)."""
         self._uninitialised: dict[str, int] = {}
         """Per peer address: connections not (yet) past a successful ``init``."""
+        self._shutting_down = False
         self._shutdown_at: float | None = None
+        """When the shutdown grace period ends (every connection left is then aborted)."""
 
     # -- adapter API -------------------------------------------------------------------------------------
 
@@ -132,7 +134,7 @@ class ServerCore:
         )
         self._connections[conn] = connection
         self.metrics.inc("connections_opened")
-        if self._shutdown_at is not None:
+        if self._shutting_down:
             self._finish_transport(conn, connection, "refused: the server is shutting down", now)
         elif len(self._connections) > limits.max_connections:
             logger.warning(
@@ -280,8 +282,9 @@ class ServerCore:
         can only shorten the grace period.
         """
         deadline = now + grace
-        if self._shutdown_at is None or deadline < self._shutdown_at:
+        if not self._shutting_down or (self._shutdown_at is not None and deadline < self._shutdown_at):
             self._shutdown_at = deadline
+        self._shutting_down = True
         for conn in list(self._connections):
             self._guarded(conn, self._close_for_shutdown, "closing for shutdown", now)
 

@@ -197,7 +197,7 @@ async def test_session_create_drop_suspend_resume(
         assert json.loads(capsys.readouterr().out)["suspended"] is suspended
     assert await run_cli("session", "drop", "gamma", "--password", "gamma-pw", *url, *ADMIN_ARGS) == EXIT_OK
     assert json.loads(capsys.readouterr().out) == {"success": True, "sessionName": "gamma"}
-    assert "gamma" not in server.core.broker.session_names()
+    assert "gamma" not in server.core.session_names()
 
 
 @pytest.mark.anyio

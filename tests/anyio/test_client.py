@@ -620,10 +620,10 @@ async def test_close_leaves_no_task_and_no_connection(server: Server) -> None:
         assert {task.id for task in anyio.get_running_tasks()} - before == set()
         assert publisher.state is ConnectionState.CLOSED
         for _ in range(200):  # the server notices the closes on its own schedule
-            if server.core.broker.stats().connections == 0:
+            if server.core.stats().connections == 0:
                 break
             await anyio.sleep(0.01)
-        assert server.core.broker.stats().connections == 0
+        assert server.core.stats().connections == 0
 
 
 async def test_close_fails_waiters_and_later_calls(server: Server) -> None:

@@ -238,5 +238,5 @@ async def test_sessions_from_a_file_exist_when_the_server_starts(tmp_path: Path)
             async with await RawClient.connect(server.port) as client:
                 assert (await client.init(name, password))["success"] is True
         # The file's secret key is the one that authorises dropping the session.
-        server.core.broker.drop_session("ops-managed", "pw", "operator-chosen-secret", 0.0)
-        assert server.core.broker.session_names() == ["demo"]
+        server.core.drop_session("ops-managed", "pw", "operator-chosen-secret", 0.0)
+        assert server.core.session_names() == ["demo"]
