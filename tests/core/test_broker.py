@@ -116,16 +116,25 @@ class Harness:
         return [f for c, f in self.sink.frames[mark:] if c == conn]
 
     def init(
-        self, conn: int, session: str = "a", *, client_id: str | None = None, password: str = ""
+        self,
+        conn: int,
+        session: str = "a",
+        *,
+        client_id: str | None = None,
+        password: str = "",
+        persistent: bool = False,
     ) -> dict[str, Any]:
         """Returns the ``init_response`` (a resumed subscriber's re-sends follow it)."""
-        response, *_resent = self.send(conn, Init(session, password or f"pw-{session}", client_id))
+        init = Init(session, password or f"pw-{session}", client_id, persistent)
+        response, *_resent = self.send(conn, init)
         assert response["type"] == "init_response"
         return response
 
-    def client(self, session: str = "a", *topics: str, client_id: str | None = None) -> int:
+    def client(
+        self, session: str = "a", *topics: str, client_id: str | None = None, persistent: bool = False
+    ) -> int:
         conn = self.open()
-        assert self.init(conn, session, client_id=client_id)["success"]
+        assert self.init(conn, session, client_id=client_id, persistent=persistent)["success"]
         for topic in topics:
             assert self.send(conn, Subscribe(topic)) == [
                 {"type": "subscribe_response", "success": True, "topic": topic}
@@ -801,7 +810,7 @@ class Op:
     topic: str
     message_id: str
     size: int
-    flag: bool  # init: a wrong password; suspend: suspend (else resume)
+    flag: bool  # init: a wrong password; suspend: suspend (else resume); close: a clean close
     client_id: str | None
     seconds: float
     peer: str
@@ -872,9 +881,10 @@ class PropertyRun:
         elif kind == "unsub":
             h.send(conn, Unsubscribe(op.topic))
         elif kind == "close":
-            h.broker.connection_closed(conn, h.now)
+            h.broker.connection_closed(conn, h.now, clean=op.flag)
         elif kind == "init":
-            self.init(conn, Init(op.session, "bad" if op.flag else f"pw-{op.session}", op.client_id))
+            password = "bad" if op.flag else f"pw-{op.session}"
+            self.init(conn, Init(op.session, password, op.client_id, persistent=op.size % 2 == 0))
         elif kind == "connect":
             self.connect(op.session, op.client_id, op.topic)
         elif kind == "open":
@@ -954,3 +964,50 @@ def test_a_detached_subscriber_due_at_an_inexact_float_time_is_forgotten_then() 
     h.broker.handle_timeout(deadline)
     assert given_up(h, "a", "detached") == 0  # it had nothing in flight
     assert h.broker.next_deadline() is None or h.broker.next_deadline() > deadline  # type: ignore[operator]
+
+
+# -- subscriber lifecycle: clean close vs lost connection (DESIGN §3.10) ------------------------------------
+
+
+def test_a_clean_close_releases_a_non_persistent_resumable_subscriber_at_once(h: Harness) -> None:
+    sub = h.client("a", "t", client_id="dev")
+    h.publish(h.client("a"), "t", "m1")
+    h.broker.connection_closed(sub, h.now, clean=True)
+    stats = h.broker.stats().per_session["a"]
+    assert (stats.subscribers, stats.detached_subscribers, stats.inflight_deliveries) == (1, 0, 0)
+    assert stats.stored_messages == 0 and stats.pending_bytes == 0
+    assert given_up(h, "a", "released") == 1
+    assert h.publish(h.client("a"), "t", "m2")["deliveredTo"] == 0  # nobody stores for it any more
+    again = h.client("a", client_id="dev")
+    assert h.messages(again) == []  # a fresh subscriber: nothing to resume
+    assert h.metrics.value("subscribers_resumed", "a") == 0
+
+
+def test_a_lost_connection_keeps_a_non_persistent_subscriber_for_the_detached_window(h: Harness) -> None:
+    sub = h.client("a", "t", client_id="dev")
+    h.publish(h.client("a"), "t", "m1")
+    h.broker.connection_closed(sub, h.now)  # EOF, reset, keepalive, a close the server started
+    assert h.broker.stats().per_session["a"].detached_subscribers == 1
+    again = h.client("a", client_id="dev")
+    assert [m["messageId"] for m in h.messages(again)] == ["m1"]
+
+
+def test_a_persistent_subscriber_survives_a_clean_close_until_it_expires(h: Harness) -> None:
+    sub = h.client("a", "t", client_id="dev", persistent=True)
+    publisher = h.client("a")
+    h.publish(publisher, "t", "m1")
+    h.broker.connection_closed(sub, h.now, clean=True)
+    assert h.broker.stats().per_session["a"].detached_subscribers == 1
+    assert h.publish(publisher, "t", "m2")["deliveredTo"] == 1  # its backlog accumulates
+    again = h.client("a", client_id="dev")  # resumed without persistent: the latest init decides
+    assert [m["messageId"] for m in h.messages(again)] == ["m1", "m2"]
+    h.broker.connection_closed(again, h.now, clean=True)
+    assert h.broker.stats().per_session["a"].subscribers == 1  # released: only the publisher is left
+    assert given_up(h, "a", "released") == 2
+
+
+def test_a_clean_close_of_an_anonymous_subscriber_is_unchanged(h: Harness) -> None:
+    sub = h.client("a", "t")
+    h.publish(h.client("a"), "t", "m1")
+    h.broker.connection_closed(sub, h.now, clean=True)
+    assert given_up(h, "a", "disconnected") == 1 and given_up(h, "a", "released") == 0

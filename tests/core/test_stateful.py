@@ -552,9 +552,7 @@ class World:
         self.suspended[session] = suspend
         password = SESSIONS[session][0]
         self.server_call(
-            lambda: self.server.suspend_session(
-                session, password, self.secrets[session], suspend, self.now
-            ),
+            lambda: self.server.suspend_session(session, password, self.secrets[session], suspend, self.now),
             "suspend",
             session=session,
         )
