@@ -376,7 +376,9 @@ class ServerCore:
                 self._handshake.cancel(conn)
             output.initialised.clear()
             for conn in overflowed:
-                self._after_websocket_io(conn, None, now)
+                connection = connections.get(conn)
+                if connection is not None and connection.ws is not None:
+                    self._after_websocket_io(conn, connection.ws, now)  # the broker hears of it now
             if not output:
                 return
 
@@ -580,12 +582,8 @@ class ServerCore:
         self.metrics.inc("protocol_errors", str(exc.code))
         self._output.frames.append((conn, encode_text_frame(encode_error(exc))))
 
-    def _after_websocket_io(self, conn: int, ws: WebSocket | None, now: float) -> None:
+    def _after_websocket_io(self, conn: int, ws: WebSocket, now: float) -> None:
         """Reflect what the WebSocket did: output to send, a new deadline, or the end of the connection."""
-        if ws is None:
-            connection = self._connections.get(conn)
-            if connection is None or (ws := connection.ws) is None:
-                return
         if ws.pending_bytes or ws.state is not WebSocketState.OPEN:
             self._dirty.add(conn)
         if ws.state is WebSocketState.OPEN:
