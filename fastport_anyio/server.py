@@ -44,6 +44,7 @@ from typing import Any, Final, cast
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
@@ -53,6 +54,7 @@ except ImportError:  # pragma: no cover - anyio then assumes asyncio too
     sniffio = None  # type: ignore[assignment]
 
 from fastport_core.admin import AdminCredentials
+from fastport_core.auth import PasswordCheck
 from fastport_core.config import ServerConfig
 from fastport_core.config_file import SessionSpec
 from fastport_core.server import ServerCore
@@ -71,6 +73,10 @@ asyncio, a chunk is what the transport reads at once: up to 256 KiB.)"""
 CLOSE_LINGER: Final = 2.0
 """Seconds the lingering close of a socket may take, once the core has forgotten its connection (socket
 cleanup only: every protocol timer, the last write's included, is the core's)."""
+
+VERIFY_WORKERS: Final = 2
+"""Worker threads that run password checks (scrypt) at once, off the event loop (the machine's cores are
+shared with the loop itself; the core bounds the queue behind them, ``max_pending_verifications``)."""
 
 _ACCEPT_BACKOFF: Final = 0.1
 """Pause after an accept failure caused by resource exhaustion (out of file descriptors), which would
@@ -178,7 +184,8 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         shutdown_timeout: float = 5.0,
     ) -> None:
-        self.core = ServerCore(config, admin_credentials=admin)
+        self.core = ServerCore(config, admin_credentials=admin, offload_verification=True)
+        self._verify_limiter = anyio.CapacityLimiter(VERIFY_WORKERS)
         self.host = host
         self._requested_port = port
         self._sessions = tuple(sessions)
@@ -286,6 +293,9 @@ class Server:
     def _flush(self) -> None:
         """After every core call: write each dirty connection's bytes, or hand them to its writer."""
         core = self.core
+        for check in core.take_verifications():
+            assert self._task_group is not None
+            self._task_group.start_soon(self._verify, check)
         for conn in core.take_dirty():
             connection = self._connections.get(conn)
             if connection is None:
@@ -336,6 +346,13 @@ class Server:
                 self._timer_at = math.inf
                 core.handle_timeout(now)
                 self._flush()
+
+    async def _verify(self, check: PasswordCheck) -> None:
+        """Run one password check (scrypt) in a worker thread, so it stalls no connection; the core decides
+        what the result means."""
+        ok = await anyio.to_thread.run_sync(check.run, limiter=self._verify_limiter)
+        self.core.verification_done(check, ok, self._now())
+        self._flush()
 
     async def _writer(self, connection: _Connection, stop: anyio.CancelScope) -> None:
         """Send what the direct write could not, one buffer per wake-up; end the connection when told.

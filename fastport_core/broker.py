@@ -55,7 +55,7 @@ from typing import Final
 
 import orjson
 
-from .auth import AuthThrottle, PasswordHash
+from .auth import AuthThrottle, PasswordCheck, PasswordHash
 from .config import ServerConfig, SessionSettings, SlowConsumerPolicy
 from .dedupe import DedupeWindow
 from .errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -104,7 +104,7 @@ class BrokerOutput:
     queues a frame for it afterwards.
     """
 
-    __slots__ = ("closes", "frames", "initialised")
+    __slots__ = ("closes", "frames", "initialised", "verifications")
 
     def __init__(self) -> None:
         self.frames: list[tuple[int, bytes]] = []
@@ -113,14 +113,18 @@ class BrokerOutput:
         """``(conn, code, reason)``: start the closing handshake (the broker has already forgotten it)."""
         self.initialised: list[int] = []
         """Connections whose ``init`` succeeded: their handshake deadline and pre-init accounting end."""
+        self.verifications: list[PasswordCheck] = []
+        """Password checks to run off the core's thread (only with ``offload_verification``); each result
+        comes back through :meth:`Broker.verification_done`."""
 
     def __bool__(self) -> bool:
-        return bool(self.frames or self.closes or self.initialised)
+        return bool(self.frames or self.closes or self.initialised or self.verifications)
 
     def clear(self) -> None:
         self.frames.clear()
         self.closes.clear()
         self.initialised.clear()
+        self.verifications.clear()
 
 
 class SessionExistsError(LocalProtocolError):
@@ -240,7 +244,7 @@ class _Subscriber:
 class _Connection:
     """A transport connection as the broker sees it: unauthenticated until a successful ``init``."""
 
-    __slots__ = ("auth_failures", "conn", "peer", "session", "subscriber")
+    __slots__ = ("auth_failures", "conn", "peer", "session", "subscriber", "verifying")
 
     def __init__(self, conn: int, peer: str) -> None:
         self.conn = conn
@@ -248,6 +252,8 @@ class _Connection:
         self.session: _Session | None = None
         self.subscriber: _Subscriber | None = None
         self.auth_failures = 0
+        self.verifying: tuple[PasswordCheck, Init] | None = None
+        """The ``init`` whose password check runs off the core's thread, and that check."""
 
 
 class _Context:
@@ -713,8 +719,13 @@ class Broker:
         *,
         metrics: Metrics | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        offload_verification: bool = False,
     ) -> None:
         self._config = config
+        self._offload = offload_verification
+        """Queue scrypt checks on :attr:`output` (``verifications``) instead of running them inline."""
+        self._verifying = 0
+        """Checks queued and not yet answered through :meth:`verification_done` (bounded)."""
         self.output = BrokerOutput()
         """What the broker decided since the caller last applied and cleared it (:class:`BrokerOutput`)."""
         self._frames = self.output.frames
@@ -854,13 +865,58 @@ class Broker:
             self._refuse_auth(connection, ErrorCode.AUTH_THROTTLED, message, now)
             return
         session = self._sessions.get(frame.session_name)
-        if not self._check_password(session, frame.password):
+        password_hash = session.password if session is not None else self._decoy_hash()
+        if session is not None and password_hash.verify_cached(frame.password):
+            self._admit(connection, session, frame, now)
+        elif not self._offload:
+            ok = password_hash.verify(frame.password)  # the decoy too: the same scrypt either way
+            self._verified(connection, frame, ok and session is not None, now)
+        elif self._verifying >= self._config.limits.max_pending_verifications:
+            message = "too many logins are being verified: retry shortly"
+            self._refuse_init(connection, ErrorCode.SERVER_BUSY, message)
+        else:
+            # scrypt would stall every connection: the adapter runs it in a worker and reports back.
+            check = PasswordCheck(connection.conn, password_hash, frame.password)
+            self._verifying += 1
+            connection.verifying = (check, frame)
+            self.output.verifications.append(check)
+
+    def is_verifying(self, conn: int) -> bool:
+        """Whether ``conn``'s ``init`` waits for its password check (:meth:`verification_done`)."""
+        connection = self._connections.get(conn)
+        return connection is not None and connection.verifying is not None
+
+    def verification_done(self, check: PasswordCheck, ok: bool, now: float) -> None:
+        """The result of a check from ``output.verifications``: finish (or refuse) its ``init``.
+
+        Ignored if its connection is gone or the check is not the one it waits for. A session dropped, or
+        dropped and created again, meanwhile makes the check fail.
+        """
+        self._verifying -= 1
+        connection = self._connections.get(check.conn)
+        if connection is None or connection.verifying is None or connection.verifying[0] is not check:
+            return
+        frame = connection.verifying[1]
+        connection.verifying = None
+        session = self._sessions.get(frame.session_name)
+        ok = ok and session is not None and session.password is check.password_hash
+        if ok:
+            check.password_hash.remember(frame.password)
+        self._verified(connection, frame, ok, now)
+
+    def _verified(self, connection: _Connection, frame: Init, ok: bool, now: float) -> None:
+        session = self._sessions.get(frame.session_name)
+        if not ok or session is None:
+            peer = connection.peer
             if peer:
                 self._throttle.record_failure(peer, now)
             _log.info("connection %d from %r: failed init into %r", connection.conn, peer, frame.session_name)
             self._refuse_auth(connection, ErrorCode.AUTH_FAILED, "unknown session or wrong password", now)
             return
-        assert session is not None
+        self._admit(connection, session, frame, now)
+
+    def _admit(self, connection: _Connection, session: _Session, frame: Init, now: float) -> None:
+        """The password is right: the remaining ``init`` checks (suspended, connection limit), then join."""
         if session.suspended:
             self._refuse_init(connection, ErrorCode.SESSION_SUSPENDED, "the session is suspended")
             return
@@ -879,15 +935,12 @@ class Broker:
         self.output.initialised.append(connection.conn)
         session.attach(connection, frame.client_id, frame.persistent, now)
 
-    def _check_password(self, session: _Session | None, password: str) -> bool:
-        """Verify against the session's hash, or pay the same scrypt against a decoy for an unknown name,
-        so that timing does not tell which sessions exist."""
-        if session is not None:
-            return session.password.verify(password)
+    def _decoy_hash(self) -> PasswordHash:
+        """What an unknown session name is verified against (the same scrypt, always failing), so that
+        timing does not tell which sessions exist."""
         if self._decoy is None:
             self._decoy = self._hash(base64.b64encode(self._random(SECRET_KEY_BYTES)).decode("ascii"))
-        self._decoy.verify(password)
-        return False
+        return self._decoy
 
     def _refuse_init(self, connection: _Connection, code: ErrorCode, message: str) -> None:
         self._count_refusal(connection, code, message)

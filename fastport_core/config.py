@@ -110,6 +110,9 @@ class Limits:
     """Sessions the server holds; ``createSession`` past it is refused."""
     max_connections: int = 10_000
     """Transport connections the server holds; past it new ones are closed at once."""
+    max_pending_verifications: int = 128
+    """Password verifications (scrypt) queued for the adapter's worker threads at once; past it an ``init``
+    that needs one is refused with ``server_busy`` (transient: the client retries)."""
     max_uninitialised_per_address: int = 64
     """Connections one peer address may hold that have not completed a successful ``init`` (TLS, HTTP
     upgrade or admin requests included); past it new ones from that address are closed at once."""

@@ -39,15 +39,16 @@ from collections.abc import Callable
 from typing import Final
 
 from .admin import AdminApi, AdminCredentials
+from .auth import PasswordCheck
 from .broker import Broker, BrokerOutput, BrokerStats
 from .config import ServerConfig, SessionSettings
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
 from .frames import ABNORMAL_CLOSURE, encode_text_frame
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics
-from .protocol import CLIENT_FRAMES, FrameParser, encode_error
+from .protocol import CLIENT_FRAMES, FrameParser, Init, encode_error
 from .timers import Deadlines
-from .websocket import TextMessage, WebSocket, WebSocketState
+from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
 
 __all__ = ["LAST_WRITE_TIMEOUT", "ServerCore"]
 
@@ -66,7 +67,7 @@ _BINARY_REFUSED = RemoteProtocolError(
 class _Connection:
     """One transport connection: the HTTP stage until upgraded, then its WebSocket."""
 
-    __slots__ = ("abort", "http", "peer", "pre_init", "prefix", "transport_done", "ws")
+    __slots__ = ("abort", "held", "held_bytes", "http", "peer", "pre_init", "prefix", "transport_done", "ws")
 
     def __init__(self, http: HttpServerConnection, peer: str) -> None:
         self.http: HttpServerConnection | None = http
@@ -80,6 +81,9 @@ class _Connection:
         """Drop the socket now, without waiting for a write in progress (write deadline, shutdown grace)."""
         self.pre_init = False
         """Counted against its address's ``max_uninitialised_per_address`` (until its ``init`` succeeds)."""
+        self.held: list[TextMessage | BinaryMessage] | None = None
+        """Messages received while its ``init`` waits for a password check, handled in order after it."""
+        self.held_bytes = 0
 
 
 class ServerCore:
@@ -91,10 +95,15 @@ class ServerCore:
         *,
         admin_credentials: AdminCredentials | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        offload_verification: bool = False,
     ) -> None:
         self.config = config = config or ServerConfig()
         self.metrics = Metrics()
-        self.broker = Broker(config, metrics=self.metrics, random=random)
+        self.broker = Broker(
+            config, metrics=self.metrics, random=random, offload_verification=offload_verification
+        )
+        self._offload = offload_verification
+        self._verifications: list[PasswordCheck] = []
         self._output: BrokerOutput = self.broker.output
         self.admin = AdminApi(
             self.broker, admin_credentials, session_defaults=config.default_session_settings
@@ -207,6 +216,35 @@ class ServerCore:
         dirty = list(self._dirty)
         self._dirty.clear()
         return dirty
+
+    def take_verifications(self) -> list[PasswordCheck]:
+        """Password checks to run off the core's thread (``offload_verification``), each once: call
+        ``check.run()`` in a worker, then :meth:`verification_done` with its result."""
+        if not self._verifications:
+            return []
+        checks, self._verifications = self._verifications, []
+        return checks
+
+    def verification_done(self, check: PasswordCheck, ok: bool, now: float) -> None:
+        """The result of a check from :meth:`take_verifications`: the ``init`` is answered, then the frames
+        its connection sent meanwhile are handled, in order."""
+        conn = check.conn
+        try:
+            self.broker.verification_done(check, ok, now)
+            if self._output:
+                self._apply(now)
+            connection = self._connections.get(conn)
+            if connection is None or connection.held is None or self.broker.is_verifying(conn):
+                return
+            held, connection.held, connection.held_bytes = connection.held, None, 0
+            ws = connection.ws
+            if ws is not None and ws.is_open:
+                self._handle_messages(conn, connection, ws, held, now)
+                self._after_websocket_io(conn, ws, now)
+                if self._output:
+                    self._apply(now)
+        except Exception:
+            self._contain(conn, "finishing a password check", now)
 
     def write_blocked(self, conn: int, now: float) -> None:
         """The adapter's write to ``conn`` did not complete at once: start its write deadline (unless one
@@ -375,6 +413,9 @@ class ServerCore:
                     self._leave_uninitialised(connection)
                 self._handshake.cancel(conn)
             output.initialised.clear()
+            if output.verifications:
+                self._verifications += output.verifications
+                output.verifications.clear()
             for conn in overflowed:
                 connection = connections.get(conn)
                 if connection is not None and connection.ws is not None:
@@ -557,25 +598,56 @@ class ServerCore:
     ) -> None:
         messages = ws.receive_data(data, now)
         if messages and ws.state is not WebSocketState.CLOSED:
-            parse = self._parser.parse
-            handle = self.broker.handle_frame
-            closes = self._output.closes
-            for message in messages:
-                if type(message) is TextMessage:
-                    try:
-                        frame = parse(message.text)
-                    except RemoteProtocolError as exc:
-                        self._refuse(conn, exc)
-                        continue
-                    handle(conn, frame, now)
-                    if closes:
-                        self._apply(now)  # the broker closed a connection: maybe this one
-                else:
-                    self.metrics.inc("binary_frames")
-                    self._refuse(conn, _BINARY_REFUSED)
-                if not ws.is_open:
-                    break  # the broker closed it (e.g. repeated auth failures): ignore the rest
+            self._handle_messages(conn, connection, ws, messages, now)
         self._after_websocket_io(conn, ws, now)
+
+    def _handle_messages(
+        self,
+        conn: int,
+        connection: _Connection,
+        ws: WebSocket,
+        messages: list[TextMessage | BinaryMessage],
+        now: float,
+    ) -> None:
+        parse = self._parser.parse
+        handle = self.broker.handle_frame
+        closes = self._output.closes
+        for message in messages:
+            if connection.held is not None:
+                self._hold(conn, connection, ws, message, now)
+            elif type(message) is TextMessage:
+                try:
+                    frame = parse(message.text)
+                except RemoteProtocolError as exc:
+                    self._refuse(conn, exc)
+                    continue
+                handle(conn, frame, now)
+                if closes:
+                    self._apply(now)  # the broker closed a connection: maybe this one
+                if type(frame) is Init and self._offload and self.broker.is_verifying(conn):
+                    connection.held = []  # the rest waits for the password check, in order
+            else:
+                self.metrics.inc("binary_frames")
+                self._refuse(conn, _BINARY_REFUSED)
+            if not ws.is_open:
+                break  # the broker closed it (e.g. repeated auth failures): ignore the rest
+
+    def _hold(
+        self,
+        conn: int,
+        connection: _Connection,
+        ws: WebSocket,
+        message: TextMessage | BinaryMessage,
+        now: float,
+    ) -> None:
+        """Keep a message received while ``init`` waits for its password check, within one message's size."""
+        assert connection.held is not None
+        connection.held.append(message)
+        connection.held_bytes += len(message.text) if isinstance(message, TextMessage) else len(message.data)
+        if connection.held_bytes > self.config.limits.max_message_size:
+            logger.info("connection %d: too much sent before its init was verified, closing it", conn)
+            self.metrics.inc("protocol_errors", str(int(CloseCode.POLICY_VIOLATION)))
+            ws.close(CloseCode.POLICY_VIOLATION, "too much sent before init completed", now)
 
     def _refuse(self, conn: int, exc: RemoteProtocolError) -> None:
         logger.debug("connection %d: %s (%s)", conn, exc.message, exc.code)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from wsproto.events import Ping
 
 import fastport_anyio.server as server_module
 from fastport_anyio import Server, serve
+from fastport_core.auth import PasswordCheck
 from fastport_core.config import Limits, ServerConfig
 from tests.certificates import make_certificate
 
@@ -414,6 +416,25 @@ async def test_the_per_address_bound_refuses_the_next_uninitialised_connection(a
         await _wait_closed_by_server(refused)
         assert server.core.metrics.value("connections_refused", "max_uninitialised_per_address") == 1
         assert server.core.connection_count == 2
+
+
+async def test_password_checks_run_in_a_worker_thread_and_pipelined_frames_wait(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    real_run = PasswordCheck.run
+
+    def run(check: PasswordCheck) -> bool:
+        threads.append(threading.get_ident())
+        return real_run(check)
+
+    monkeypatch.setattr(PasswordCheck, "run", run)
+    async with await RawClient.connect(server.port) as client:
+        await client.send_json({"type": "init", "sessionName": "alpha", "password": "alpha-password"})
+        await client.send_json({"type": "subscribe", "topic": "t"})  # sent before the init is answered
+        assert (await client.receive())["success"] is True
+        assert await client.receive() == {"type": "subscribe_response", "success": True, "topic": "t"}
+    assert threads and threading.get_ident() not in threads  # scrypt never ran on the event loop
 
 
 # --------------------------------------------------------------------------------------------------------

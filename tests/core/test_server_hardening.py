@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import fastport_core.broker as broker_module
-from fastport_core.config import Limits, SessionSettings
+from fastport_core.config import Limits, ServerConfig, SessionSettings
 from fastport_core.errors import CloseCode
 from fastport_core.frames import Opcode, encode_close_payload, encode_frame
 from fastport_core.handshake import ClientHandshake
@@ -371,3 +371,94 @@ def test_a_close_frame_is_what_the_wire_sees_as_clean() -> None:
     sub = _subscribed(core)
     sub.send_raw(encode_frame(Opcode.CLOSE, b"", mask=True))
     assert core.stats().per_session["demo"].subscribers == 0
+
+
+# -- password checks off the core's thread (offload_verification) -------------------------------------------
+
+
+def offloading_core(**config: Any) -> ServerCore:
+    config.setdefault("password_hash_cost", 2)
+    config.setdefault("ping_interval", None)
+    core = ServerCore(ServerConfig(**config), offload_verification=True)
+    core.create_session("demo", "pw", 0.0)
+    return core
+
+
+def test_an_init_waits_for_its_password_check_and_frames_sent_meanwhile_wait_in_order() -> None:
+    core = offloading_core()
+    peer = RawPeer(core)
+    peer.send({"type": "init", "sessionName": "demo", "password": "pw"})
+    peer.send({"type": "subscribe", "topic": "t"})  # pipelined behind the init, as old clients do
+    assert peer.pump() == []  # nothing answered yet: the check runs elsewhere
+    (check,) = core.take_verifications()
+    assert core.take_verifications() == []  # each check is handed out once
+    core.verification_done(check, check.run(), 1.0)
+    assert [f["type"] for f in peer.pump(1.0)] == ["init_response", "subscribe_response"]
+    assert peer.received[0]["success"] is True
+    again = RawPeer(core)  # the same password again: the verified-password cache answers inline
+    assert again.init("demo", "pw")["success"] is True
+    assert core.take_verifications() == []
+
+
+def test_a_failed_check_refuses_the_init_and_the_held_frames_see_no_session() -> None:
+    core = offloading_core()
+    peer = RawPeer(core, peer="10.0.0.9")
+    peer.send({"type": "init", "sessionName": "demo", "password": "wrong"})
+    peer.send({"type": "subscribe", "topic": "t"})
+    (check,) = core.take_verifications()
+    assert check.run() is False
+    core.verification_done(check, False, 1.0)
+    answers = peer.pump(1.0)
+    assert [(f["type"], f.get("code")) for f in answers] == [
+        ("init_response", "auth_failed"),
+        ("error", "not_initialised"),
+    ]
+    throttled = RawPeer(core, peer="10.0.0.9")  # the failure was recorded for the address
+    assert throttled.init("demo", "pw")["code"] == "auth_throttled"
+
+
+def test_an_unknown_session_pays_a_check_too_and_fails_whatever_the_adapter_says() -> None:
+    core = offloading_core()
+    peer = RawPeer(core)
+    peer.send({"type": "init", "sessionName": "nope", "password": "pw"})
+    (check,) = core.take_verifications()
+    core.verification_done(check, True, 1.0)
+    assert peer.pump(1.0)[0]["code"] == "auth_failed"
+
+
+def test_queued_checks_are_bounded_with_a_transient_refusal() -> None:
+    core = offloading_core(limits=Limits(max_pending_verifications=2))
+    peers = [RawPeer(core) for _ in range(3)]
+    for peer in peers:
+        peer.send({"type": "init", "sessionName": "demo", "password": "pw"})
+    assert peers[2].pump()[0]["code"] == "server_busy"
+    first, second = core.take_verifications()
+    core.verification_done(first, True, 1.0)
+    assert peers[0].pump(1.0)[0]["success"] is True
+    late = RawPeer(core)
+    late.send({"type": "init", "sessionName": "demo", "password": "other-wrong"})
+    assert [c.conn for c in core.take_verifications()] == [late.conn]  # a slot came free
+    core.verification_done(second, True, 1.0)
+
+
+def test_a_connection_gone_during_its_check_is_forgotten() -> None:
+    core = offloading_core(limits=Limits(max_pending_verifications=1))
+    peer = RawPeer(core)
+    peer.send({"type": "init", "sessionName": "demo", "password": "pw"})
+    (check,) = core.take_verifications()
+    core.connection_lost(peer.conn, 0.5)
+    core.verification_done(check, True, 1.0)  # ignored, but its slot is free again
+    again = RawPeer(core)
+    again.send({"type": "init", "sessionName": "demo", "password": "pw"})
+    assert again.pump() == []  # not refused with server_busy: queued
+    assert [c.conn for c in core.take_verifications()] == [again.conn]
+
+
+def test_frames_held_during_a_check_are_bounded() -> None:
+    core = offloading_core(limits=Limits(max_message_size=1000))
+    peer = RawPeer(core)
+    peer.send({"type": "init", "sessionName": "demo", "password": "pw"})
+    for i in range(20):
+        peer.send({"type": "subscribe", "topic": f"t{i}" * 10})
+    peer.pump()
+    assert peer.ws.close_code == CloseCode.POLICY_VIOLATION
