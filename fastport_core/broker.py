@@ -559,9 +559,10 @@ class _Session:
                 self.pending_bytes += message.size
             self.dedupe.add(message_id, delivered, now)
             self._publishes.value += 1
-            reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
-            for connection in slow:
-                self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
+            if slow:
+                reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
+                for connection in slow:
+                    self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
         return delivered
 
     def _fan_out(

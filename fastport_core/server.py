@@ -174,7 +174,8 @@ class ServerCore:
                 self._receive_http(conn, connection, data, now)
             else:
                 self._receive_websocket(conn, connection, connection.ws, data, now)
-            if self._output:
+            output = self._output
+            if output.frames or output.closes or output.initialised or output.verifications:
                 self._apply(now)
         except Exception:
             self._contain(conn, "processing its input", now)
@@ -372,56 +373,61 @@ class ServerCore:
         """
         output = self._output
         frames = output.frames
+        while True:
+            overflowed = self._apply_frames(frames) if frames else None
+            if output.closes or output.initialised or output.verifications or overflowed:
+                self._apply_rest(output, overflowed, now)
+            if not (frames or output.closes or output.initialised or output.verifications):
+                return
+
+    def _apply_frames(self, frames: list[tuple[int, bytes]]) -> list[int] | None:
+        """Append each frame to its connection's queue; returns the connections aborted for overflow."""
         connections = self._connections
         dirty = self._dirty
         limit = self.config.limits.max_output_buffer
-        while True:
-            overflowed: list[int] = []
-            if frames:
-                for conn, frame in frames:
-                    connection = connections.get(conn)
-                    if connection is not None and (ws := connection.ws) is not None:
-                        ws.append_frame(frame)
-                        dirty.add(conn)
-                # The bound is checked once per application, not per frame: it is exceeded by at most what
-                # one input produced. A peer whose buffer passed it has not had its output taken for a while:
-                # it does not read. Dropping the bytes (not queueing a close behind them) is what bounds
-                # memory; the peer still gets a close frame saying why, in case it ever reads again.
-                for conn in dirty:
-                    connection = connections.get(conn)
-                    if (
-                        connection is not None
-                        and (ws := connection.ws) is not None
-                        and ws.pending_bytes > limit
-                    ):
-                        logger.info(
-                            "connection %d: output buffer over %d bytes, dropping it", conn, ws.pending_bytes
-                        )
-                        ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded", notify=True)
-                        self.metrics.inc("output_overflows")
-                        overflowed.append(conn)
-            frames.clear()
-            for conn, code, reason in output.closes:
-                connection = connections.get(conn)
-                if connection is not None and (ws := connection.ws) is not None:
-                    ws.close(code, reason, now)
-                    self._after_websocket_io(conn, ws, now)
-            output.closes.clear()
-            for conn in output.initialised:
-                connection = connections.get(conn)
-                if connection is not None:
-                    self._leave_uninitialised(connection)
-                self._handshake.cancel(conn)
-            output.initialised.clear()
-            if output.verifications:
-                self._verifications += output.verifications
-                output.verifications.clear()
-            for conn in overflowed:
-                connection = connections.get(conn)
-                if connection is not None and connection.ws is not None:
-                    self._after_websocket_io(conn, connection.ws, now)  # the broker hears of it now
-            if not output:
-                return
+        overflowed: list[int] | None = None
+        for conn, frame in frames:
+            connection = connections.get(conn)
+            if connection is not None and (ws := connection.ws) is not None:
+                ws.append_frame(frame)
+                dirty.add(conn)
+                if ws.pending_bytes > limit:
+                    # The adapter has not taken this connection's output for a while: its peer does not
+                    # read. Dropping the bytes (not queueing a close behind them) is what bounds memory;
+                    # the peer still gets a close frame saying why, in case it ever reads again. Later
+                    # frames for it are ignored (it is no longer open).
+                    logger.info(
+                        "connection %d: output buffer over %d bytes, dropping it", conn, ws.pending_bytes
+                    )
+                    ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded", notify=True)
+                    self.metrics.inc("output_overflows")
+                    if overflowed is None:
+                        overflowed = []
+                    overflowed.append(conn)
+        frames.clear()
+        return overflowed
+
+    def _apply_rest(self, output: BrokerOutput, overflowed: list[int] | None, now: float) -> None:
+        connections = self._connections
+        for conn, code, reason in output.closes:
+            connection = connections.get(conn)
+            if connection is not None and (ws := connection.ws) is not None:
+                ws.close(code, reason, now)
+                self._after_websocket_io(conn, ws, now)
+        output.closes.clear()
+        for conn in output.initialised:
+            connection = connections.get(conn)
+            if connection is not None:
+                self._leave_uninitialised(connection)
+            self._handshake.cancel(conn)
+        output.initialised.clear()
+        if output.verifications:
+            self._verifications += output.verifications
+            output.verifications.clear()
+        for conn in overflowed or ():
+            connection = connections.get(conn)
+            if connection is not None and connection.ws is not None:
+                self._after_websocket_io(conn, connection.ws, now)  # the broker hears of it now
 
     # -- internals ---------------------------------------------------------------------------------------
 
