@@ -43,7 +43,7 @@ def _connect(core: ServerCore, *frames: bytes) -> int:
 def run(subscribers: int, messages: int, batch: int) -> float:
     """Server-core CPU µs per published message, each delivered to ``subscribers`` who all ACK it."""
     core = ServerCore(ServerConfig(password_hash_cost=2, ping_interval=None))
-    core.broker.create_session("bench", "pw", 0.0)
+    core.create_session("bench", "pw", 0.0)
     init = _client_frame({"type": "init", "sessionName": "bench", "password": "pw"})
     publisher = _connect(core, init)
     subscribe = _client_frame({"type": "subscribe", "topic": "t"})
@@ -69,7 +69,7 @@ def run(subscribers: int, messages: int, batch: int) -> float:
             receive(conn, acks, 1.0)
         take_dirty()
     elapsed = time.process_time() - start
-    stats = core.broker.stats()
+    stats = core.stats()
     assert stats.inflight_deliveries == 0 and stats.stored_messages == 0, "every delivery must be ACKed"
     return elapsed / messages * 1e6
 

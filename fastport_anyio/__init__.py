@@ -4,6 +4,8 @@ Public names (DESIGN §5): :func:`serve` / :class:`Server` run a broker; :func:`
 the async client. Each group is imported on its own lines so the two can be edited independently.
 """
 
+from fastport_core.config_file import ServerSettings, SessionSpec
+
 from .client import (
     Client,
     ClientClosedError,
@@ -18,7 +20,6 @@ from .client import (
     Subscription,
     connect,
 )
-from .config_file import ServerSettings, SessionSpec
 from .server import Server, serve
 
 __all__ = [

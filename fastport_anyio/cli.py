@@ -35,11 +35,11 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 
+from fastport_core.config_file import ConfigError, Overrides, ServerSettings, load_settings
 from fastport_core.crypto import generate_key
 from fastport_core.errors import LocalProtocolError
 
 from . import cli_pubsub
-from .config_file import ConfigError, Overrides, ServerSettings, load_settings
 from .server import Server
 
 __all__ = [
@@ -117,6 +117,12 @@ def add_serve_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
         help="log level (env FASTPORT_LOG_LEVEL; default INFO)",
     )
+    parser.add_argument(
+        "--max-uninitialised-per-address",
+        type=int,
+        metavar="N",
+        help="connections one address may hold before a successful init (default 64; [limits] in the file)",
+    )
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop")
     parser.add_argument(
         "--uvloop", action="store_true", help="use uvloop (asyncio backend; must be installed)"
@@ -134,6 +140,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         log_level=args.log_level,
         admin_user=args.admin_user,
         admin_password=args.admin_password,
+        max_uninitialised_per_address=args.max_uninitialised_per_address,
     )
     try:
         return load_settings(args.config, environ=environ, overrides=overrides)

@@ -3,21 +3,28 @@
 This module decides nothing about the protocol. It moves bytes and time into the core and bytes out of it,
 exactly as the core's module docstring says an adapter must, on asyncio or trio alike:
 
+* **Accept.** Each accepted socket is registered with the core at once (``open_connection``), *before*
+  its TLS handshake, so the core's absolute handshake deadline covers TLS, the HTTP upgrade and ``init``
+  together; the core may refuse it on the spot (its connection limits).
 * **Readers.** One task per connection reads (``receive(65536)``) and calls ``core.receive_data``. On
   asyncio, a plain TCP connection's task instead lets the transport call the core for each chunk it reads
-  and only waits for the end of the stream: see :meth:`Server._read_by_callback` for why.
-* **Timer.** One task sleeps until ``core.next_deadline()`` and calls ``core.handle_timeout(now)``. After
-  every input call the adapter compares the core's next deadline with the one the timer sleeps towards
-  and wakes it only if the new one is earlier (a new connection's handshake deadline, a first retry): an
-  unconditional wake-up per input would cost a task switch per message.
+  and only waits for the end of the stream (:func:`~fastport_anyio.fastpath.feed_by_callback`).
+* **Timer.** The adapter's one timer: a task sleeps until ``core.next_deadline()`` and calls
+  ``core.handle_timeout(now)``. Handshake, keepalive, close, write and shutdown deadlines are all the
+  core's. After every input call the adapter compares the core's next deadline with the one the timer
+  sleeps towards and wakes it only if the new one is earlier: an unconditional wake-up per input would
+  cost a task switch per message.
 * **Writes.** After *every* core call the adapter drains ``core.take_dirty()``: each dirty connection's
   ``core.data_to_send(conn)`` (everything the call queued for it, one buffer) goes out in one
   non-blocking send, and what the socket does not take at once goes to that connection's writer task,
-  the only code that waits on its socket. See :class:`_Connection` for why this shape, and what it costs.
+  the only code that waits on its socket. A write that waits is reported to the core
+  (``write_blocked`` / ``write_completed``), which drops the connection if it stays blocked too long.
+  See :class:`_Connection` for why this shape, and what it costs.
 * **Closing.** When ``core.should_close(conn)`` is true after its bytes are out, the writer ends the
   connection: the socket is half-closed and drained for a moment (a *lingering close*, so that a peer
   that was still sending gets our Close frame instead of a TCP reset), closed, and ``connection_lost`` is
-  called.
+  called. When ``core.should_abort(conn)`` is true (a blocked write past its deadline, the end of the
+  shutdown grace period, a handshake deadline during TLS), the connection's tasks are cancelled at once.
 
 Time is the event loop's monotonic clock, the one ``anyio.current_time()`` reads (so the core's deadlines
 agree with anyio's cancel scopes and sleeps), called directly: see :func:`_loop_clock`.
@@ -29,11 +36,7 @@ import asyncio
 import errno
 import logging
 import math
-import os
-import socket
 import ssl
-from asyncio.trsock import TransportSocket
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -41,6 +44,7 @@ from typing import Any, Final, cast
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
@@ -50,10 +54,12 @@ except ImportError:  # pragma: no cover - anyio then assumes asyncio too
     sniffio = None  # type: ignore[assignment]
 
 from fastport_core.admin import AdminCredentials
+from fastport_core.auth import PasswordCheck
 from fastport_core.config import ServerConfig
+from fastport_core.config_file import SessionSpec
 from fastport_core.server import ServerCore
 
-from .config_file import SessionSpec
+from .fastpath import direct_send, feed_by_callback
 
 __all__ = ["Server", "SessionSpec", "serve"]
 
@@ -65,8 +71,12 @@ the core handles a whole chunk per call (the coalescing of DESIGN §6 works per 
 asyncio, a chunk is what the transport reads at once: up to 256 KiB.)"""
 
 CLOSE_LINGER: Final = 2.0
-"""Seconds a connection the core is done with may still spend on its last write and on the lingering
-close. Bounds how long a peer that stopped reading can hold a finished connection's task."""
+"""Seconds the lingering close of a socket may take, once the core has forgotten its connection (socket
+cleanup only: every protocol timer, the last write's included, is the core's)."""
+
+VERIFY_WORKERS: Final = 2
+"""Worker threads that run password checks (scrypt) at once, off the event loop (the machine's cores are
+shared with the loop itself; the core bounds the queue behind them, ``max_pending_verifications``)."""
 
 _ACCEPT_BACKOFF: Final = 0.1
 """Pause after an accept failure caused by resource exhaustion (out of file descriptors), which would
@@ -98,10 +108,10 @@ class _Connection:
        common case and no task switch happens at all; whatever it does not take becomes ``pending``;
     2. otherwise, or for the rest, **wakes the connection's writer task** (``wake``), which sends with
        ``await stream.send(...)`` and so is the only code that ever waits on this socket. While it waits
-       (``busy``), new output stays in the core, which bounds it (``max_output_buffer``; past it the core
-       aborts the connection and the adapter cancels the stuck send after :data:`CLOSE_LINGER`). When
-       the send returns, the writer takes everything queued meanwhile in one buffer (so a slow peer
-       gets larger, fewer writes) and loops.
+       (``busy``), new output stays in the core, which bounds it (``max_output_buffer``), and the core's
+       write deadline runs (``write_blocked``): past it the core says ``should_abort`` and the adapter
+       cancels the connection's tasks. When the send returns, the writer takes everything queued
+       meanwhile in one buffer (so a slow peer gets larger, fewer writes) and loops.
 
     Memory per connection is thus one in-flight buffer plus the core's bounded queue.
 
@@ -114,44 +124,27 @@ class _Connection:
     connection's answers inline, saved less (0-25 %) and needed two tasks to hand one stream back and
     forth.
 
-    The direct write needs a plain TCP socket it can write to without the event loop's help: the stdlib
-    socket under trio, and under asyncio the socket's descriptor (``fileno()`` reads the live socket,
-    -1 once closed, so a write never reaches a recycled descriptor; and anyio's ``send`` returns only
-    once the transport's buffer is empty, so no bytes of ours wait in it). TLS streams, uvloop and
-    non-POSIX systems use the writer task for everything.
+    The direct write needs a plain TCP socket it can write to without the event loop's help
+    (:func:`~fastport_anyio.fastpath.direct_send`). TLS streams, uvloop and non-POSIX systems use the
+    writer task for everything.
     """
 
-    __slots__ = ("busy", "close_by", "direct", "id", "pending", "send_scope", "stream", "tcp", "wake")
+    __slots__ = ("busy", "direct", "id", "pending", "scope", "stream", "tcp", "wake")
 
-    def __init__(self, conn: int, stream: anyio.abc.ByteStream, tcp: anyio.abc.SocketStream) -> None:
+    def __init__(self, conn: int, tcp: anyio.abc.SocketStream) -> None:
         self.id = conn
-        self.stream = stream
-        """What the WebSocket bytes go through (the TLS stream for ``wss://``)."""
         self.tcp = tcp
-        """The TCP stream under it (the same object without TLS), for the lingering close."""
-        self.direct = _direct_send(tcp) if stream is tcp else None
+        """The TCP stream (under the TLS stream for ``wss://``), for the lingering close."""
+        self.stream: anyio.abc.ByteStream | None = None
+        """What the WebSocket bytes go through (the TLS stream for ``wss://``); ``None`` during TLS."""
+        self.direct: Callable[[bytes], int] | None = None
         self.pending = b""
         """Bytes taken from the core that the direct write could not place; the writer sends them next."""
         self.wake = anyio.Event()
         self.busy = False
         """The writer is inside ``stream.send``."""
-        self.close_by = math.inf
-        """When the writer's send is abandoned (set once the core is done with the connection)."""
-        self.send_scope: anyio.CancelScope | None = None
-
-
-def _direct_send(tcp: anyio.abc.SocketStream) -> Callable[[bytes], int] | None:
-    """A non-blocking ``send(data) -> bytes sent`` on the socket under ``tcp``, or ``None`` if unsafe."""
-    try:
-        raw: Any = tcp.extra(SocketAttribute.raw_socket)
-    except anyio.TypedAttributeLookupError:
-        return None
-    if isinstance(raw, socket.socket):  # trio: the stdlib socket itself (EBADF once closed)
-        return raw.send
-    if isinstance(raw, TransportSocket) and os.name == "posix":  # asyncio's selector loop
-        fileno = raw.fileno
-        return lambda data: os.write(fileno(), data)
-    return None  # e.g. uvloop's pseudo-socket, whose descriptor number outlives the socket
+        self.scope = anyio.CancelScope()
+        """Around everything the connection's task does: cancelled when the core says to drop it now."""
 
 
 def _loop_clock() -> Callable[[], float]:
@@ -169,62 +162,6 @@ def _loop_clock() -> Callable[[], float]:
     return asyncio.get_running_loop().time
 
 
-class _Feed(asyncio.Protocol):
-    """asyncio only: the protocol a connection's transport calls while the core is fed by callback.
-
-    Each chunk read goes to ``on_data`` (the core, then the flush) in the transport's own callback; the rest
-    (end of stream, connection lost, write flow control) goes to anyio's protocol (``inner``), so anyio's
-    ``send`` still waits for the transport's buffer to drain and its ``receive`` sees the end of the stream.
-    """
-
-    __slots__ = ("error", "inner", "on_data", "transport")
-
-    def __init__(
-        self, inner: asyncio.Protocol, transport: asyncio.Transport, on_data: Callable[[bytes], None]
-    ) -> None:
-        self.inner = inner
-        self.transport = transport
-        self.on_data = on_data
-        self.error: Exception | None = None
-        """What ``on_data`` raised (a bug): reading stops and the reader task raises it."""
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.on_data(bytes(data))  # the same object for bytes; a copy of a proactor's bytearray
-        except Exception as exc:
-            self.error = exc
-            self.transport.pause_reading()
-            self.inner.read_event.set()  # type: ignore[attr-defined]
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-def _anyio_transport(stream: anyio.abc.ByteStream) -> tuple[asyncio.Transport, Any] | None:
-    """The asyncio transport and anyio protocol under a plain anyio TCP stream, or ``None`` (trio, TLS, or an
-    anyio whose asyncio stream is not shaped as expected: the adapter then just reads with ``receive``)."""
-    transport = getattr(stream, "_transport", None)
-    inner = getattr(stream, "_protocol", None)
-    if (
-        isinstance(transport, asyncio.Transport)
-        and isinstance(inner, asyncio.Protocol)
-        and isinstance(getattr(inner, "read_queue", None), deque)
-        and isinstance(getattr(inner, "read_event", None), asyncio.Event)
-        and hasattr(inner, "is_at_eof")
-    ):
-        return transport, inner
-    return None
-
-
 class Server:
     """A running broker: ``async with Server(...) as server:`` listens, serves, and stops gracefully.
 
@@ -232,8 +169,8 @@ class Server:
     socket is bound (a bad one raises :class:`~fastport_core.errors.LocalProtocolError` and nothing
     listens). ``admin=None`` turns the admin API off. ``ssl_context`` makes every connection TLS
     (``wss://``, ``https://``). Leaving the block, or :meth:`shutdown`, stops the server gracefully:
-    it stops accepting, closes every WebSocket with 1001, waits up to ``shutdown_timeout`` seconds for the
-    clients to answer, then drops whatever is left.
+    it stops accepting, closes every WebSocket with 1001, and the core drops whatever is left
+    ``shutdown_timeout`` seconds later.
     """
 
     def __init__(
@@ -247,7 +184,8 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         shutdown_timeout: float = 5.0,
     ) -> None:
-        self.core = ServerCore(config, admin_credentials=admin)
+        self.core = ServerCore(config, admin_credentials=admin, offload_verification=True)
+        self._verify_limiter = anyio.CapacityLimiter(VERIFY_WORKERS)
         self.host = host
         self._requested_port = port
         self._sessions = tuple(sessions)
@@ -263,7 +201,6 @@ class Server:
         self._timer_wake = anyio.Event()
         self._closing = False
         self._all_closed = anyio.Event()
-        self._grace_scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
         self._port: int | None = None
         self._now: Callable[[], float] = anyio.current_time
@@ -288,9 +225,7 @@ class Server:
         self._now = _loop_clock()
         now = self._now()
         for spec in self._sessions:
-            self.core.broker.create_session(
-                spec.name, spec.password, now, spec.settings, secret_key=spec.secret_key
-            )
+            self.core.create_session(spec.name, spec.password, now, spec.settings, secret_key=spec.secret_key)
         listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self._requested_port)
         # One per address the host resolves to; create_tcp_listener only makes socket listeners.
         self._listeners = [cast(anyio.abc.SocketListener, one) for one in listener.listeners]
@@ -326,14 +261,14 @@ class Server:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, close every connection with 1001 and return once they are gone.
 
-        Clients get ``timeout`` seconds (default ``shutdown_timeout``) to answer the close; then the
-        remaining sockets are dropped. A second call waits for the first, shortening its grace period to
-        its own ``timeout`` (a second Ctrl-C means "now").
+        Clients get ``timeout`` seconds (default ``shutdown_timeout``) to answer the close; then the core
+        aborts the remaining connections. A second call waits for the first, shortening its grace period
+        to its own ``timeout`` (a second Ctrl-C means "now").
         """
-        deadline = self._now() + (self._shutdown_timeout if timeout is None else timeout)
+        grace = self._shutdown_timeout if timeout is None else timeout
         if self._closing:
-            if self._grace_scope is not None:
-                self._grace_scope.deadline = min(self._grace_scope.deadline, deadline)
+            self.core.shutdown(self._now(), grace)  # the core only ever shortens the grace period
+            self._flush()
             await self._stopped.wait()
             return
         self._closing = True
@@ -341,20 +276,12 @@ class Server:
         for scope in self._accept_scopes:
             scope.cancel()
         await self._close_listeners()
-        self.core.shutdown(self._now())
+        self.core.shutdown(self._now(), grace)
         self._flush()
-        with anyio.CancelScope(deadline=deadline) as self._grace_scope:
-            if self._connections:
-                await self._all_closed.wait()
-        if self._grace_scope.cancelled_caught:
-            logger.info("shutdown: dropping %d connection(s) that did not close", len(self._connections))
-        self._grace_scope = None
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()  # the timer, and any connection left
         if self._connections:
-            # Cancelled connection tasks forget their connection at once (no await before that).
-            with anyio.CancelScope(shield=True):
-                await self._all_closed.wait()
+            await self._all_closed.wait()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()  # the timer
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -366,15 +293,18 @@ class Server:
     def _flush(self) -> None:
         """After every core call: write each dirty connection's bytes, or hand them to its writer."""
         core = self.core
+        for check in core.take_verifications():
+            assert self._task_group is not None
+            self._task_group.start_soon(self._verify, check)
         for conn in core.take_dirty():
             connection = self._connections.get(conn)
             if connection is None:
                 continue
-            if connection.busy or connection.pending:
-                # The writer takes the new bytes when its send returns. If the core is already done with
-                # the connection (it aborted it: a dead or slow peer), that send must not last forever.
-                if core.should_close(conn):
-                    self._abandon_after(connection, CLOSE_LINGER)
+            if connection.stream is None or connection.busy or connection.pending:
+                # TLS handshake in progress (nothing to write yet), or the writer takes the new bytes when
+                # its send returns. Either way, the core may want the connection gone now.
+                if core.should_abort(conn) or (connection.stream is None and core.should_close(conn)):
+                    connection.scope.cancel()
                 continue
             direct = connection.direct
             if direct is not None:
@@ -386,19 +316,22 @@ class Server:
                         sent = 0
                     if sent < len(data):
                         connection.pending = data[sent:]
+                        core.write_blocked(conn, self._now())
                         connection.wake.set()
                         continue
                 if not core.should_close(conn):
                     continue
-            connection.wake.set()
-        deadline = core.next_deadline()
+            if core.should_abort(conn):
+                connection.scope.cancel()
+            else:
+                connection.wake.set()
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Wake the timer if the core's next deadline is now earlier than the one it sleeps towards."""
+        deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             self._timer_wake.set()
-
-    def _abandon_after(self, connection: _Connection, delay: float) -> None:
-        connection.close_by = min(connection.close_by, self._now() + delay)
-        if connection.send_scope is not None:
-            connection.send_scope.deadline = connection.close_by
 
     async def _run_timer(self) -> None:
         core = self.core
@@ -414,10 +347,23 @@ class Server:
                 core.handle_timeout(now)
                 self._flush()
 
+    async def _verify(self, check: PasswordCheck) -> None:
+        """Run one password check (scrypt) in a worker thread, so it stalls no connection; the core decides
+        what the result means."""
+        ok = await anyio.to_thread.run_sync(check.run, limiter=self._verify_limiter)
+        self.core.verification_done(check, ok, self._now())
+        self._flush()
+
     async def _writer(self, connection: _Connection, stop: anyio.CancelScope) -> None:
-        """Send what the direct write could not, one buffer per wake-up; end the connection when told."""
+        """Send what the direct write could not, one buffer per wake-up; end the connection when told.
+
+        Every send is reported to the core (``write_blocked`` before, ``write_completed`` after), whose
+        write deadline ends a send the peer never drains (``should_abort``, then this task is cancelled).
+        """
         core = self.core
         conn = connection.id
+        stream = connection.stream
+        assert stream is not None
         try:
             while True:
                 await connection.wake.wait()
@@ -425,12 +371,11 @@ class Server:
                 while data := connection.pending + core.data_to_send(conn):
                     connection.pending = b""
                     connection.busy = True
-                    with anyio.CancelScope(deadline=connection.close_by) as connection.send_scope:
-                        await connection.stream.send(data)
+                    core.write_blocked(conn, self._now())
+                    self._reschedule()
+                    await stream.send(data)
+                    core.write_completed(conn, self._now())
                     connection.busy = False
-                    if connection.send_scope.cancelled_caught:
-                        logger.debug("connection %d: last write abandoned: the peer does not read", conn)
-                        return
                 if core.should_close(conn):
                     return
         except _STREAM_ERRORS as exc:
@@ -440,13 +385,21 @@ class Server:
             connection.pending = b""
             stop.cancel()  # the reader too: the connection is over
 
-    async def _read(self, connection: _Connection, stop: anyio.CancelScope) -> None:
+    async def _read(self, connection: _Connection) -> None:
         core = self.core
         conn = connection.id
         now = self._now
-        if connection.stream is connection.tcp and (found := _anyio_transport(connection.tcp)) is not None:
-            await self._read_by_callback(conn, *found)
-        receive = connection.stream.receive
+        flush = self._flush
+        stream = connection.stream
+        assert stream is not None
+
+        def on_data(data: bytes) -> None:
+            core.receive_data(conn, data, now())
+            flush()
+
+        if stream is connection.tcp:
+            await feed_by_callback(stream, on_data)  # asyncio, plain TCP: until the stream ends
+        receive = stream.receive
         while True:
             try:
                 data = await receive(RECEIVE_SIZE)
@@ -454,55 +407,9 @@ class Server:
                 if not isinstance(exc, anyio.EndOfStream):
                     logger.debug("connection %d: read failed: %r", conn, exc)
                 data = b""
-            core.receive_data(conn, data, now())
-            self._flush()
+            on_data(data)
             if not data:
-                # The core now closes the connection (the writer sends what is left, then stops); bound
-                # that in case the peer, gone for reading, does not take our last bytes either.
-                stop.deadline = min(stop.deadline, now() + CLOSE_LINGER)
-                return
-
-    async def _read_by_callback(self, conn: int, transport: asyncio.Transport, inner: Any) -> None:
-        """asyncio, plain TCP: feed the core from the transport's ``data_received`` until the stream ends.
-
-        anyio's ``receive`` on asyncio resumes the transport's reading before each wait and pauses it after
-        (an ``epoll_ctl`` add and delete per read), queues the chunk and wakes the task through an event:
-        in trickling traffic that cost more than the core's work for the message (``benchmarks/io_probe.py``:
-        ~120 µs against ~70 µs per read + write for a protocol's callback). So the transport keeps
-        reading, and each chunk goes to the core and :meth:`_flush` at once, in the callback, exactly as the
-        read loop would have handled it: one core call per chunk, the same flush, reads never waiting on
-        any socket's writes (the core's ``max_output_buffer`` bounds the output, as with the loop).
-
-        This task only waits for the end: anyio's protocol still gets the end of stream, the loss of the
-        connection and the write flow control (:class:`_Feed`), and sets its read event for the first two.
-        Then, or when the task is cancelled, anyio's protocol is put back with reading paused, so the core
-        never hears of the connection again once it has been told it is gone, and :meth:`_read` finishes
-        with ``receive`` (which sees the end of the stream; the lingering close reads with it too).
-        """
-        core = self.core
-        now = self._now
-        flush = self._flush
-
-        def on_data(data: bytes) -> None:
-            core.receive_data(conn, data, now())
-            flush()
-
-        queue: deque[bytes] = inner.read_queue
-        while queue:  # what anyio's protocol read before this task ran (the opening request, often)
-            on_data(queue.popleft())
-        if inner.is_at_eof or transport.is_closing():
-            return  # receive() reports it
-        inner.read_event.clear()
-        feed = _Feed(inner, transport, on_data)
-        transport.set_protocol(feed)
-        try:
-            transport.resume_reading()
-            await inner.read_event.wait()
-        finally:
-            transport.pause_reading()
-            transport.set_protocol(inner)
-        if feed.error is not None:
-            raise feed.error
+                return  # the core closes the connection now; the writer sends what is left, then stops
 
     # -- connections -----------------------------------------------------------------------------------
 
@@ -524,28 +431,24 @@ class Server:
                 task_group.start_soon(self._serve_connection, stream)
 
     async def _serve_connection(self, tcp: anyio.abc.SocketStream) -> None:
-        peer = _peer_address(tcp)
-        stream: anyio.abc.ByteStream = tcp
-        if self._ssl_context is not None:
-            tls = await self._tls_handshake(tcp, peer)
-            if tls is None:
-                return
-            stream = tls
-        if self._closing:
-            await anyio.aclose_forcefully(stream)
-            return
         core = self.core
-        conn = core.open_connection(self._now(), peer)
-        connection = _Connection(conn, stream, tcp)
+        peer = _peer_address(tcp)
+        conn = core.open_connection(self._now(), peer)  # before TLS: the handshake deadline covers it
+        connection = _Connection(conn, tcp)
         self._connections[conn] = connection
         finished = False
         try:
-            async with anyio.create_task_group() as task_group:
-                stop = task_group.cancel_scope
-                task_group.start_soon(self._writer, connection, stop)
-                self._flush()  # open_connection may already have refused it (max_connections)
-                await self._read(connection, stop)
-            finished = core.should_close(conn)
+            with connection.scope:
+                self._flush()  # the core may have refused it at once (its connection limits, a shutdown)
+                stream = await self._tls_handshake(tcp, peer) if self._ssl_context is not None else tcp
+                if stream is not None:
+                    connection.stream = stream
+                    connection.direct = direct_send(tcp) if stream is tcp else None
+                    async with anyio.create_task_group() as task_group:
+                        task_group.start_soon(self._writer, connection, task_group.cancel_scope)
+                        self._flush()  # anything the core decided during the TLS handshake
+                        await self._read(connection)
+                    finished = core.should_close(conn) and not core.should_abort(conn)
         except Exception:
             # A bug (the core promises never to raise for input): it costs this connection, not the
             # server and everyone on it. Logged with its traceback, loudly.
@@ -565,20 +468,19 @@ class Server:
                 await anyio.aclose_forcefully(connection.tcp)
 
     async def _tls_handshake(self, tcp: anyio.abc.SocketStream, peer: str) -> TLSStream | None:
-        """Bounded by the core's ``handshake_timeout``: the core only sees the connection after it."""
+        """The server side of TLS, or ``None`` if it failed. Its deadline is the core's handshake deadline,
+        which cancels the connection's scope."""
         assert self._ssl_context is not None
-        with anyio.move_on_after(self.core.config.handshake_timeout):
-            try:
-                # standard_compatible=False: a peer's EOF without close_notify is a plain end of stream
-                # (the WebSocket Close frame already marks the end of the data), and closing never waits
-                # on the peer; the polite close_notify exchange is done, bounded, by _linger.
-                return await TLSStream.wrap(
-                    tcp, server_side=True, ssl_context=self._ssl_context, standard_compatible=False
-                )
-            except _STREAM_ERRORS as exc:
-                logger.debug("TLS handshake with %s failed: %r", peer, exc)
-        await anyio.aclose_forcefully(tcp)
-        return None
+        try:
+            # standard_compatible=False: a peer's EOF without close_notify is a plain end of stream
+            # (the WebSocket Close frame already marks the end of the data), and closing never waits
+            # on the peer; the polite close_notify exchange is done, bounded, by _linger.
+            return await TLSStream.wrap(
+                tcp, server_side=True, ssl_context=self._ssl_context, standard_compatible=False
+            )
+        except _STREAM_ERRORS as exc:
+            logger.debug("TLS handshake with %s failed: %r", peer, exc)
+            return None
 
     @staticmethod
     async def _linger(connection: _Connection) -> None:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["SCRYPT_N", "AuthThrottle", "PasswordHash"]
+__all__ = ["SCRYPT_N", "AuthThrottle", "PasswordCheck", "PasswordHash"]
 
 SCRYPT_N: Final = 2**14
 """Default scrypt CPU/memory cost (``ServerConfig.password_hash_cost``): ~16 MiB, tens of ms per hash."""
@@ -81,18 +81,59 @@ class PasswordHash:
 
     def verify(self, candidate: str) -> bool:
         """Whether ``candidate`` is the hashed secret (constant-time comparison; cached after a success)."""
-        secret = _utf8(candidate)
-        tag = hmac.digest(_FAST_TAG_KEY, self._salt + secret, "sha256")
-        cached = self._verified_tag
-        if cached is not None and hmac.compare_digest(tag, cached):
+        if self.verify_cached(candidate):
             return True
-        if not hmac.compare_digest(self._scrypt(secret, self._salt, self._n), self._digest):
+        if not self.verify_slow(candidate):
             return False
-        self._verified_tag = tag
+        self.remember(candidate)
         return True
+
+    def _tag(self, candidate: str) -> bytes:
+        return hmac.digest(_FAST_TAG_KEY, self._salt + _utf8(candidate), "sha256")
+
+    def verify_cached(self, candidate: str) -> bool:
+        """Whether ``candidate`` matches the verified-password cache (microseconds; ``False``: unknown)."""
+        cached = self._verified_tag
+        return cached is not None and hmac.compare_digest(self._tag(candidate), cached)
+
+    def verify_slow(self, candidate: str) -> bool:
+        """The full scrypt check, with no side effect: safe to run on another thread (see
+        :class:`PasswordCheck`); :meth:`remember` a success afterwards, on the owner's thread."""
+        return hmac.compare_digest(self._scrypt(_utf8(candidate), self._salt, self._n), self._digest)
+
+    def remember(self, candidate: str) -> None:
+        """Cache ``candidate`` as verified (only after :meth:`verify_slow` said so)."""
+        self._verified_tag = self._tag(candidate)
 
     def __repr__(self) -> str:
         return f"PasswordHash(scrypt n={self._n} r={SCRYPT_R} p={SCRYPT_P})"
+
+
+class PasswordCheck:
+    """One scrypt verification the server core wants run off its thread (DESIGN §3.7: scrypt must not stall
+    every connection).
+
+    The adapter calls :meth:`run` in a worker thread (it reads only immutable data), then hands the result
+    back with ``ServerCore.verification_done(check, ok, now)`` on the core's thread.
+    """
+
+    __slots__ = ("_hash", "_password", "conn")
+
+    def __init__(self, conn: int, password_hash: PasswordHash, password: str) -> None:
+        self.conn = conn
+        self._hash = password_hash
+        self._password = password
+
+    @property
+    def password_hash(self) -> PasswordHash:
+        return self._hash
+
+    def run(self) -> bool:
+        """The scrypt comparison itself: tens of milliseconds of CPU, no side effect."""
+        return self._hash.verify_slow(self._password)
+
+    def __repr__(self) -> str:
+        return f"PasswordCheck(conn={self.conn})"
 
 
 class _Failures:

@@ -3,9 +3,12 @@
 Theory of operation
 -------------------
 The broker is pure routing and bookkeeping. The server core parses each client frame into a
-:mod:`~fastport_core.protocol` event and calls :meth:`Broker.handle_frame`; the broker answers through a
-:class:`Sink`. It never sees WebSocket bytes, a socket or a clock: every entry point takes ``now``, and
-:meth:`Broker.next_deadline` / :meth:`Broker.handle_timeout` drive everything that happens later.
+:mod:`~fastport_core.protocol` event and calls :meth:`Broker.handle_frame`. The broker's answer is *data*:
+it appends what must happen (these frame bytes to connection X, close Y with code Z, connection W is now
+initialised) to :attr:`Broker.output`, and the server core applies that queue after each call (the h11 /
+aioquic pattern: no callback from the broker into the server). It never sees a socket or a clock: every
+entry point takes ``now``, and :meth:`Broker.next_deadline` / :meth:`Broker.handle_timeout` drive
+everything that happens later.
 
 State, all of it under a session (so nothing of session A can be reached from session B, DESIGN §3.2)::
 
@@ -32,11 +35,11 @@ order. Each session arms one :class:`~fastport_core.timers.Deadlines` key at (or
 its queue heads; the key is re-armed only when a queue goes from empty to non-empty and after the session
 has run its timers, so an early wake-up (the head was ACKed meanwhile) costs one idle call per interval.
 
-Closing: when the broker closes a connection (auth failures, init timeout, slow consumer, replaced, session
-dropped) it forgets it first and then calls ``sink.close``, so a later ``connection_closed`` from the
-server core is a no-op. When the sink reports a close from *inside* a sink call (an output buffer that
-overflowed during a fan-out), the broker defers it to the end of the running entry point, so no table
-changes under a loop that is walking it.
+Closing: when the broker closes a connection (auth failures, slow consumer, replaced, session dropped) it
+forgets it first and then queues the close, so a later ``connection_closed`` from the server core is a
+no-op, and no frame for that connection is ever queued after its close. Because the output is data, the
+server core can only report a close (say, an output buffer that overflowed while it applied a fan-out)
+*between* broker calls: no table ever changes under a loop that is walking it, with no re-entrancy guard.
 """
 
 from __future__ import annotations
@@ -48,11 +51,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Protocol
+from typing import Final
 
 import orjson
 
-from .auth import AuthThrottle, PasswordHash
+from .auth import AuthThrottle, PasswordCheck, PasswordHash
 from .config import ServerConfig, SessionSettings, SlowConsumerPolicy
 from .dedupe import DedupeWindow
 from .errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -78,11 +81,11 @@ from .timers import Deadlines
 __all__ = [
     "AccessDeniedError",
     "Broker",
+    "BrokerOutput",
     "BrokerStats",
     "GiveUpReason",
     "SessionExistsError",
     "SessionStats",
-    "Sink",
     "UnknownSessionError",
 ]
 
@@ -92,22 +95,36 @@ SECRET_KEY_BYTES: Final = 32
 """Random bytes in a generated secret key (shown once, base64url without padding: 43 characters)."""
 
 
-class Sink(Protocol):
-    """How the broker answers; implemented by the server core.
+class BrokerOutput:
+    """What the broker decided, as data; the server core applies it after every broker call, then clears it.
 
-    A sink may call :meth:`Broker.connection_closed` from inside one of these calls (say, a connection's
-    output buffer overflowed): the broker is then in the middle of walking its tables, so it defers that
-    close to the end of the call that is running (see ``Broker._deferred_closes``).
+    Plain lists, appended to on the hot path (a fan-out appends the *same* encoded frame object once per
+    subscriber: one encoding per publish, DESIGN §6.3). Applying ``frames`` before ``closes`` keeps each
+    connection's order, because the broker forgets a connection before it queues its close and so never
+    queues a frame for it afterwards.
     """
 
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        """Queue one JSON frame payload for ``conn`` (the sink wraps it in a WebSocket text frame)."""
+    __slots__ = ("closes", "frames", "initialised", "verifications")
 
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        """Queue an already-encoded WebSocket text frame (fan-out: one encoding shared by subscribers)."""
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, bytes]] = []
+        """``(conn, encoded unmasked WebSocket text frame)``, in the order they must be sent."""
+        self.closes: list[tuple[int, CloseCode, str]] = []
+        """``(conn, code, reason)``: start the closing handshake (the broker has already forgotten it)."""
+        self.initialised: list[int] = []
+        """Connections whose ``init`` succeeded: their handshake deadline and pre-init accounting end."""
+        self.verifications: list[PasswordCheck] = []
+        """Password checks to run off the core's thread (only with ``offload_verification``); each result
+        comes back through :meth:`Broker.verification_done`."""
 
-    def close(self, conn: int, code: CloseCode, reason: str) -> None:
-        """Start closing ``conn``. The broker has already forgotten it; must be idempotent."""
+    def __bool__(self) -> bool:
+        return bool(self.frames or self.closes or self.initialised or self.verifications)
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self.closes.clear()
+        self.initialised.clear()
+        self.verifications.clear()
 
 
 class SessionExistsError(LocalProtocolError):
@@ -135,6 +152,8 @@ class GiveUpReason(StrEnum):
     """Its subscriber's connection closed and had no ``clientId`` to resume with."""
     DETACHED = "detached"
     """Its resumable subscriber stayed without a connection too long, or was evicted by a newer one."""
+    RELEASED = "released"
+    """Its resumable subscriber's peer closed cleanly (a Close frame) without asking to be ``persistent``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +227,12 @@ class _Delivery:
 class _Subscriber:
     """What receives messages: a connection's, or a ``clientId``'s across connections (resumable)."""
 
-    __slots__ = ("client_id", "connection", "detached_at", "inflight", "topics")
+    __slots__ = ("client_id", "connection", "detached_at", "inflight", "persistent", "topics")
 
-    def __init__(self, connection: _Connection, client_id: str | None) -> None:
+    def __init__(self, connection: _Connection, client_id: str | None, persistent: bool) -> None:
         self.client_id = client_id
+        self.persistent = persistent
+        """Kept across a clean close too (``init``'s ``persistent``; the latest resuming ``init`` decides)."""
         self.connection: _Connection | None = connection
         """``None`` while a resumable subscriber is detached."""
         self.detached_at = 0.0
@@ -223,7 +244,7 @@ class _Subscriber:
 class _Connection:
     """A transport connection as the broker sees it: unauthenticated until a successful ``init``."""
 
-    __slots__ = ("auth_failures", "conn", "peer", "session", "subscriber")
+    __slots__ = ("auth_failures", "conn", "peer", "session", "subscriber", "verifying")
 
     def __init__(self, conn: int, peer: str) -> None:
         self.conn = conn
@@ -231,25 +252,27 @@ class _Connection:
         self.session: _Session | None = None
         self.subscriber: _Subscriber | None = None
         self.auth_failures = 0
+        self.verifying: tuple[PasswordCheck, Init] | None = None
+        """The ``init`` whose password check runs off the core's thread, and that check."""
 
 
 class _Context:
     """What the broker shares with each of its sessions."""
 
-    __slots__ = ("config", "deadlines", "disconnect", "metrics", "sink")
+    __slots__ = ("config", "deadlines", "disconnect", "metrics", "output")
 
     def __init__(
         self,
         config: ServerConfig,
-        sink: Sink,
+        output: BrokerOutput,
         metrics: Metrics,
         disconnect: Callable[[_Connection, CloseCode, str, float], None],
     ) -> None:
         self.config = config
-        self.sink = sink
+        self.output = output
         self.metrics = metrics
-        self.deadlines: Deadlines[_Session | _Connection] = Deadlines()
-        """Keys: a session (its retry, expiry and idle timers) or a connection (its init deadline)."""
+        self.deadlines: Deadlines[_Session] = Deadlines()
+        """One key per session: its retry, expiry and idle timers."""
         self.disconnect = disconnect
         """Forget a connection, then close it (the broker owns the connection table)."""
 
@@ -257,15 +280,38 @@ class _Context:
 class _Session:
     """One virtual broker: its routing table and the delivery state of its messages.
 
-    It sends through the sink and counts into the metrics itself, but closing a connection is the
-    broker's business (``_Context.disconnect``), because the broker owns the connection table.
+    It queues its frames on the broker's output and counts into the metrics itself, but closing a
+    connection is the broker's business (``_Context.disconnect``), because the broker owns the connection
+    table.
     """
 
     __slots__ = (
-        "_acks", "_acks_unknown", "_deadlines", "_deliveries", "_disconnect", "_limits", "_metrics",
-        "_policy", "_publish_duplicates", "_publishes", "_retries", "_sink", "clients", "connections",
-        "dedupe", "detached", "idle_since", "messages", "name", "password", "pending_bytes", "retry_queue",
-        "secret", "settings", "suspended", "topics",
+        "_acks",
+        "_acks_unknown",
+        "_deadlines",
+        "_deliveries",
+        "_disconnect",
+        "_frames",
+        "_limits",
+        "_metrics",
+        "_policy",
+        "_publish_duplicates",
+        "_publishes",
+        "_retries",
+        "clients",
+        "connections",
+        "dedupe",
+        "detached",
+        "idle_since",
+        "messages",
+        "name",
+        "password",
+        "pending_bytes",
+        "retry_queue",
+        "secret",
+        "settings",
+        "suspended",
+        "topics",
     )  # fmt: skip
 
     def __init__(
@@ -285,7 +331,7 @@ class _Session:
         config = context.config
         self._limits = config.limits
         self._policy = config.slow_consumer_policy
-        self._sink = context.sink
+        self._frames = context.output.frames
         metrics = self._metrics = context.metrics
         # The counters bumped per message, as cells (see Metrics.cell): a keyed ``inc`` costs ~0.4 µs.
         self._publishes = metrics.cell("publishes", name)
@@ -396,7 +442,7 @@ class _Session:
         payload = encode_message(
             p.topic, p.data, p.hash, p.timestamp, p.message_id, p.encoding, delivery.retries
         )
-        self._sink.send_payload(conn, payload)
+        self._frames.append((conn, encode_text_frame(payload)))
         delivery.due = now + self.settings.retry_interval
         self.retry_queue[delivery] = None
         self._retries.value += 1
@@ -498,29 +544,42 @@ class _Session:
                 code=ErrorCode.SESSION_FULL,
             )
         message = _Message(p, now + self.settings.message_expiry_time)
-        queue_was_empty = not self.retry_queue
-        slow = self._fan_out(message, publisher, subscribers, now)
-        delivered = message.owed = message.delivered_to = len(message.deliveries)
-        if queue_was_empty or not self.messages:  # a queue head may have moved earlier: one arm covers both
+        if not self.retry_queue or not self.messages:  # a queue head may move earlier: one arm covers both
             self._arm(min(now + self.settings.retry_interval, message.expires_at))
-        self.messages[message_id] = message
-        self.pending_bytes += message.size
-        self.dedupe.add(message_id, delivered, now)
-        self._publishes.value += 1
-        if slow is not None:
-            reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
-            for connection in slow:
-                self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
+        slow: list[_Connection] = []
+        try:
+            self._fan_out(message, publisher, subscribers, slow, now)
+        finally:
+            # Commit what the fan-out recorded, even if it stopped half-way (a bug, contained by the server
+            # core): every delivery in ``message.deliveries`` is already in its subscriber's ``inflight``,
+            # so the message is stored owing exactly that many ACKs, or not at all.
+            delivered = message.owed = message.delivered_to = len(message.deliveries)
+            if delivered:
+                self.messages[message_id] = message
+                self.pending_bytes += message.size
+            self.dedupe.add(message_id, delivered, now)
+            self._publishes.value += 1
+            if slow:
+                reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
+                for connection in slow:
+                    self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
         return delivered
 
     def _fan_out(
-        self, message: _Message, publisher: _Subscriber, subscribers: dict[_Subscriber, None], now: float
-    ) -> list[_Connection] | None:
-        """Record a delivery per subscriber and send the frame, encoded once, to every connected one.
+        self,
+        message: _Message,
+        publisher: _Subscriber,
+        subscribers: dict[_Subscriber, None],
+        slow: list[_Connection],
+        now: float,
+    ) -> None:
+        """Record a delivery per subscriber and queue the frame, encoded once, for every connected one.
 
-        Returns the connections to close under the DISCONNECT slow-consumer policy (their new
+        Adds to ``slow`` the connections to close under the DISCONNECT slow-consumer policy (their new
         delivery is recorded but not sent); closing them is left to the caller, after the message is
         stored, because a close gives up deliveries and must not change ``subscribers`` under this loop.
+        A delivery joins ``message.deliveries`` only once it is in its subscriber's ``inflight``, so the
+        caller can commit whatever was recorded if this loop stops half-way.
         """
         p = message.publish
         message_id = p.message_id
@@ -531,8 +590,7 @@ class _Session:
         due = now + self.settings.retry_interval
         cap = self._limits.max_inflight_per_subscriber
         deliveries = message.deliveries
-        send_frame = self._sink.send_frame
-        slow: list[_Connection] | None = None
+        send = self._frames.append
         sent = 0
         for subscriber in subscribers:
             if subscriber is publisher:
@@ -540,40 +598,39 @@ class _Session:
             inflight = subscriber.inflight
             connection = subscriber.connection
             delivery = _Delivery(message, subscriber, due)
-            deliveries.append(delivery)
             if len(inflight) >= cap:
                 if connection is not None and self._policy is SlowConsumerPolicy.DISCONNECT:
                     self._metrics.inc("slow_consumers", self.name, SlowConsumerPolicy.DISCONNECT.value)
                     inflight[message_id] = delivery
-                    if slow is None:
-                        slow = []
+                    deliveries.append(delivery)
                     slow.append(connection)
                     continue
                 if connection is not None:
                     self._metrics.inc("slow_consumers", self.name, SlowConsumerPolicy.DROP_OLDEST.value)
                 self._give_up_oldest(subscriber)
             inflight[message_id] = delivery
+            deliveries.append(delivery)
             if connection is not None:
-                send_frame(connection.conn, frame)
+                send((connection.conn, frame))
                 queue[delivery] = None
                 sent += 1
         if sent:
             self._deliveries.value += sent
-        return slow
 
     # -- subscribers and connections -----------------------------------------------------------------------
 
-    def attach(self, connection: _Connection, client_id: str | None, now: float) -> None:
+    def attach(self, connection: _Connection, client_id: str | None, persistent: bool, now: float) -> None:
         """Make ``connection`` a member, with a new subscriber or the detached one of ``client_id``.
 
-        A resumed subscriber gets all its in-flight deliveries again at once, in order, as retries.
+        A resumed subscriber gets all its in-flight deliveries again at once, in order, as retries; the
+        resuming ``init``'s ``persistent`` replaces the one it was created with.
         """
         self.connections[connection] = None
         self.idle_since = None
         connection.session = self
         subscriber = self.clients.get(client_id) if client_id is not None else None
         if subscriber is None:
-            subscriber = _Subscriber(connection, client_id)
+            subscriber = _Subscriber(connection, client_id, persistent)
             if client_id is not None:
                 self.clients[client_id] = subscriber
             connection.subscriber = subscriber
@@ -581,18 +638,29 @@ class _Session:
         assert subscriber.connection is None, "the broker disconnects the previous connection first"
         del self.detached[subscriber]
         subscriber.connection = connection
+        subscriber.persistent = persistent
         connection.subscriber = subscriber
         self._metrics.inc("subscribers_resumed", self.name)
         self._resend_waiting(subscriber, now, everything=True)
 
-    def connection_gone(self, connection: _Connection, now: float) -> None:
-        """``connection`` left: detach its resumable subscriber, or drop an anonymous one."""
+    def connection_gone(self, connection: _Connection, now: float, clean: bool) -> None:
+        """``connection`` left: detach its resumable subscriber, or drop an anonymous one.
+
+        A resumable subscriber whose peer closed ``clean`` (sent a Close frame: it meant to leave) is
+        released at once unless it asked to be ``persistent`` (DESIGN §3.10); one whose connection was lost
+        (EOF, reset, keepalive, a close the server started) is detached, so a reconnect resumes it.
+        """
         del self.connections[connection]
         subscriber = connection.subscriber
         assert subscriber is not None
-        if subscriber.client_id is None:
+        client_id = subscriber.client_id
+        if client_id is None:
             self._unroute(subscriber)
             self._give_up_all(subscriber, GiveUpReason.DISCONNECTED)
+        elif clean and not subscriber.persistent:
+            del self.clients[client_id]
+            self._unroute(subscriber)
+            self._give_up_all(subscriber, GiveUpReason.RELEASED)
         else:
             self._detach(subscriber, now)
         if not self.connections:
@@ -649,80 +717,80 @@ class Broker:
     def __init__(
         self,
         config: ServerConfig,
-        sink: Sink,
         *,
         metrics: Metrics | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        offload_verification: bool = False,
     ) -> None:
         self._config = config
-        self._sink = sink
+        self._offload = offload_verification
+        """Queue scrypt checks on :attr:`output` (``verifications``) instead of running them inline."""
+        self._verifying = 0
+        """Checks queued and not yet answered through :meth:`verification_done` (bounded)."""
+        self.output = BrokerOutput()
+        """What the broker decided since the caller last applied and cleared it (:class:`BrokerOutput`)."""
+        self._frames = self.output.frames
         self.metrics = metrics if metrics is not None else Metrics()
         self._random = random
         self._sessions: dict[str, _Session] = {}
         self._connections: dict[int, _Connection] = {}
-        self._context = _Context(config, sink, self.metrics, self._disconnect)
+        self._context = _Context(config, self.output, self.metrics, self._disconnect)
         self._deadlines = self._context.deadlines
         self._throttle = AuthThrottle(
             config.auth_throttle_base, config.auth_throttle_max, config.limits.max_throttled_peers
         )
         self._decoy: PasswordHash | None = None
-        self._busy = False
-        """Inside an entry point that talks to the sink: a re-entrant ``connection_closed`` must wait."""
-        self._deferred_closes: list[int] = []
-        """Connections the sink reported closed while busy; forgotten when the running call ends."""
 
     # -- connection lifecycle ------------------------------------------------------------------------------
 
     def connection_opened(self, conn: int, now: float, peer: str = "") -> None:
-        """A WebSocket connection is open; it has ``handshake_timeout`` seconds to ``init`` (else 4005).
+        """A WebSocket connection is open and may ``init``.
 
         ``peer`` is the address failed inits are throttled by (the empty string throttles nothing: the
-        per-connection limit and the init deadline still apply).
+        per-connection limit still applies). The deadline for a successful ``init`` is the server core's
+        (it runs from the accept, so it covers TLS and the HTTP upgrade too); the broker reports each
+        success in :attr:`BrokerOutput.initialised`.
         """
         if conn in self._connections:
             raise LocalProtocolError(f"connection {conn} is already open")
         if len(self._connections) >= self._config.limits.max_connections:
-            self._sink.close(conn, CloseCode.POLICY_VIOLATION, "the server is at its connection limit")
+            self.output.closes.append(
+                (conn, CloseCode.POLICY_VIOLATION, "the server is at its connection limit")
+            )
             return
-        connection = _Connection(conn, peer)
-        self._connections[conn] = connection
-        self._deadlines.arm(connection, now + self._config.handshake_timeout)
+        self._connections[conn] = _Connection(conn, peer)
 
-    def connection_closed(self, conn: int, now: float) -> None:
+    def connection_closed(self, conn: int, now: float, *, clean: bool = False) -> None:
         """The transport is gone (idempotent; a no-op for a connection the broker already closed).
 
-        Called by the sink from inside a broker call, it takes effect when that call ends, so that no
-        table changes under a loop that is walking it (a fan-out, a resume, a retry round).
+        ``clean``: the peer ended it with a WebSocket Close frame (it meant to leave), which releases a
+        subscriber that is not ``persistent``; otherwise the connection was lost and a resumable
+        subscriber waits for its reconnection (:meth:`_Session.connection_gone`).
         """
-        if self._busy:
-            self._deferred_closes.append(conn)
-            return
         connection = self._connections.get(conn)
         if connection is not None:
-            self._forget(connection, now)
+            self._forget(connection, now, clean)
 
-    def _end_call(self, now: float) -> None:
-        """Leave a sink-calling entry point: apply the closes the sink reported meanwhile."""
-        self._busy = False
-        while self._deferred_closes:
-            self.connection_closed(self._deferred_closes.pop(), now)
-
-    def _forget(self, connection: _Connection, now: float) -> None:
+    def _forget(self, connection: _Connection, now: float, clean: bool = False) -> None:
         del self._connections[connection.conn]
-        self._deadlines.cancel(connection)
         if connection.session is not None:
-            connection.session.connection_gone(connection, now)
+            connection.session.connection_gone(connection, now, clean)
 
     def _disconnect(self, connection: _Connection, code: CloseCode, reason: str, now: float) -> None:
-        """Forget ``connection`` (as if it closed), then ask the sink to close it."""
+        """Forget ``connection`` (as if it were lost), then queue its close."""
         self._forget(connection, now)
         _log.info("closing connection %d: %s (%d)", connection.conn, reason, code)
-        self._sink.close(connection.conn, code, reason)
+        self.output.closes.append((connection.conn, code, reason))
+
+    def is_initialised(self, conn: int) -> bool:
+        """Whether ``conn`` completed a successful ``init`` (and is still known to the broker)."""
+        connection = self._connections.get(conn)
+        return connection is not None and connection.session is not None
 
     # -- frames --------------------------------------------------------------------------------------------
 
     def handle_frame(self, conn: int, frame: ClientFrame, now: float) -> None:
-        """Act on one parsed client frame; every answer goes through the sink.
+        """Act on one parsed client frame; every answer is queued on :attr:`output`.
 
         Frames for a connection the broker does not know (it closed it, e.g. a slow consumer, and the
         server core still had input from it) are dropped.
@@ -732,31 +800,31 @@ class Broker:
             return
         session = connection.session
         subscriber = connection.subscriber
-        self._busy = True
-        try:
-            if session is None or subscriber is None:
-                if isinstance(frame, Init):
-                    self._on_init(connection, frame, now)
-                else:
-                    self._error(connection, ErrorCode.NOT_INITIALISED, "send init first")
-            elif isinstance(frame, Publish):
-                try:
-                    delivered = session.publish(subscriber, frame, now)
-                except RemoteProtocolError as refusal:
-                    self._refuse_publish(connection, session, frame, refusal)
-                else:
-                    self._sink.send_payload(conn, _encode_publish_ok(frame.message_id, delivered))
-            elif isinstance(frame, Ack):
-                session.ack(subscriber, frame.message_id)
-            elif isinstance(frame, Subscribe):
-                self._on_subscribe(connection, session, subscriber, frame.topic)
-            elif isinstance(frame, Unsubscribe):
-                session.unsubscribe(subscriber, frame.topic)
-                self._sink.send_payload(conn, encode(UnsubscribeResponse(True, frame.topic)))
-            else:  # a second Init: a connection belongs to one session for its whole life
-                self._error(connection, ErrorCode.ALREADY_INITIALISED, f"already in session {session.name!r}")
-        finally:
-            self._end_call(now)
+        if session is None or subscriber is None:
+            if isinstance(frame, Init):
+                self._on_init(connection, frame, now)
+            else:
+                self._error(connection, ErrorCode.NOT_INITIALISED, "send init first")
+        elif isinstance(frame, Publish):
+            try:
+                delivered = session.publish(subscriber, frame, now)
+            except RemoteProtocolError as refusal:
+                self._refuse_publish(connection, session, frame, refusal)
+            else:
+                self._send(conn, _encode_publish_ok(frame.message_id, delivered))
+        elif isinstance(frame, Ack):
+            session.ack(subscriber, frame.message_id)
+        elif isinstance(frame, Subscribe):
+            self._on_subscribe(connection, session, subscriber, frame.topic)
+        elif isinstance(frame, Unsubscribe):
+            session.unsubscribe(subscriber, frame.topic)
+            self._send(conn, encode(UnsubscribeResponse(True, frame.topic)))
+        else:  # a second Init: a connection belongs to one session for its whole life
+            self._error(connection, ErrorCode.ALREADY_INITIALISED, f"already in session {session.name!r}")
+
+    def _send(self, conn: int, payload: bytes) -> None:
+        """Queue one JSON payload for ``conn``, as a text frame."""
+        self._frames.append((conn, encode_text_frame(payload)))
 
     def _count_refusal(self, connection: _Connection, code: ErrorCode, message: str) -> None:
         self.metrics.inc("protocol_errors", code.value)
@@ -764,7 +832,7 @@ class Broker:
 
     def _error(self, connection: _Connection, code: ErrorCode, message: str) -> None:
         self._count_refusal(connection, code, message)
-        self._sink.send_payload(connection.conn, encode_error(RemoteProtocolError(message, code=code)))
+        self._send(connection.conn, encode_error(RemoteProtocolError(message, code=code)))
 
     def _refuse_publish(
         self, connection: _Connection, session: _Session, frame: Publish, refusal: RemoteProtocolError
@@ -773,7 +841,7 @@ class Broker:
         self._count_refusal(connection, code, refusal.message)
         self.metrics.inc("publishes_refused", session.name, code.value)
         response = PublishResponse(False, frame.message_id, error=refusal.message, code=code)
-        self._sink.send_payload(connection.conn, encode(response))
+        self._send(connection.conn, encode(response))
 
     def _on_subscribe(
         self, connection: _Connection, session: _Session, subscriber: _Subscriber, topic: str
@@ -787,7 +855,7 @@ class Broker:
         else:
             session.subscribe(subscriber, topic)
             response = SubscribeResponse(True, topic)
-        self._sink.send_payload(connection.conn, encode(response))
+        self._send(connection.conn, encode(response))
 
     # -- init and authentication ---------------------------------------------------------------------------
 
@@ -798,13 +866,58 @@ class Broker:
             self._refuse_auth(connection, ErrorCode.AUTH_THROTTLED, message, now)
             return
         session = self._sessions.get(frame.session_name)
-        if not self._check_password(session, frame.password):
+        password_hash = session.password if session is not None else self._decoy_hash()
+        if session is not None and password_hash.verify_cached(frame.password):
+            self._admit(connection, session, frame, now)
+        elif not self._offload:
+            ok = password_hash.verify(frame.password)  # the decoy too: the same scrypt either way
+            self._verified(connection, frame, ok and session is not None, now)
+        elif self._verifying >= self._config.limits.max_pending_verifications:
+            message = "too many logins are being verified: retry shortly"
+            self._refuse_init(connection, ErrorCode.SERVER_BUSY, message)
+        else:
+            # scrypt would stall every connection: the adapter runs it in a worker and reports back.
+            check = PasswordCheck(connection.conn, password_hash, frame.password)
+            self._verifying += 1
+            connection.verifying = (check, frame)
+            self.output.verifications.append(check)
+
+    def is_verifying(self, conn: int) -> bool:
+        """Whether ``conn``'s ``init`` waits for its password check (:meth:`verification_done`)."""
+        connection = self._connections.get(conn)
+        return connection is not None and connection.verifying is not None
+
+    def verification_done(self, check: PasswordCheck, ok: bool, now: float) -> None:
+        """The result of a check from ``output.verifications``: finish (or refuse) its ``init``.
+
+        Ignored if its connection is gone or the check is not the one it waits for. A session dropped, or
+        dropped and created again, meanwhile makes the check fail.
+        """
+        self._verifying -= 1
+        connection = self._connections.get(check.conn)
+        if connection is None or connection.verifying is None or connection.verifying[0] is not check:
+            return
+        frame = connection.verifying[1]
+        connection.verifying = None
+        session = self._sessions.get(frame.session_name)
+        ok = ok and session is not None and session.password is check.password_hash
+        if ok:
+            check.password_hash.remember(frame.password)
+        self._verified(connection, frame, ok, now)
+
+    def _verified(self, connection: _Connection, frame: Init, ok: bool, now: float) -> None:
+        session = self._sessions.get(frame.session_name)
+        if not ok or session is None:
+            peer = connection.peer
             if peer:
                 self._throttle.record_failure(peer, now)
             _log.info("connection %d from %r: failed init into %r", connection.conn, peer, frame.session_name)
             self._refuse_auth(connection, ErrorCode.AUTH_FAILED, "unknown session or wrong password", now)
             return
-        assert session is not None
+        self._admit(connection, session, frame, now)
+
+    def _admit(self, connection: _Connection, session: _Session, frame: Init, now: float) -> None:
+        """The password is right: the remaining ``init`` checks (suspended, connection limit), then join."""
         if session.suspended:
             self._refuse_init(connection, ErrorCode.SESSION_SUSPENDED, "the session is suspended")
             return
@@ -818,25 +931,22 @@ class Broker:
             return
         if replaced is not None:
             self._disconnect(replaced, CloseCode.REPLACED, "another connection resumed this clientId", now)
-        self._deadlines.cancel(connection)
         self.metrics.inc("inits", session.name)
-        self._sink.send_payload(connection.conn, encode(InitResponse(True, session.name)))
-        session.attach(connection, frame.client_id, now)
+        self._send(connection.conn, encode(InitResponse(True, session.name)))
+        self.output.initialised.append(connection.conn)
+        session.attach(connection, frame.client_id, frame.persistent, now)
 
-    def _check_password(self, session: _Session | None, password: str) -> bool:
-        """Verify against the session's hash, or pay the same scrypt against a decoy for an unknown name,
-        so that timing does not tell which sessions exist."""
-        if session is not None:
-            return session.password.verify(password)
+    def _decoy_hash(self) -> PasswordHash:
+        """What an unknown session name is verified against (the same scrypt, always failing), so that
+        timing does not tell which sessions exist."""
         if self._decoy is None:
             self._decoy = self._hash(base64.b64encode(self._random(SECRET_KEY_BYTES)).decode("ascii"))
-        self._decoy.verify(password)
-        return False
+        return self._decoy
 
     def _refuse_init(self, connection: _Connection, code: ErrorCode, message: str) -> None:
         self._count_refusal(connection, code, message)
         self.metrics.inc("auth_failures", code.value)
-        self._sink.send_payload(connection.conn, encode(InitResponse(False, error=message, code=code)))
+        self._send(connection.conn, encode(InitResponse(False, error=message, code=code)))
 
     def _refuse_auth(self, connection: _Connection, code: ErrorCode, message: str, now: float) -> None:
         """A refusal that counts towards ``auth_max_failures`` on this connection (then: close 1008)."""
@@ -856,18 +966,22 @@ class Broker:
         return min(ours, throttle)
 
     def handle_timeout(self, now: float) -> None:
-        """Do whatever fell due: init deadlines, retries, expiries, idle sessions, throttle resets."""
+        """Do whatever fell due: retries, expiries, idle sessions, throttle resets.
+
+        A bug in one session's timers is contained to that session: logged with its traceback, counted
+        in ``internal_errors``, and the session tried again one ``retry_interval`` later (not at once, so a
+        bug that repeats cannot make the adapter spin), while every other due session still runs.
+        """
         self._throttle.handle_timeout(now)
-        self._busy = True
-        try:
-            for key in self._deadlines.pop_due(now):
-                if isinstance(key, _Connection):
-                    if self._connections.get(key.conn) is key:
-                        self._disconnect(key, CloseCode.HANDSHAKE_TIMEOUT, "no successful init in time", now)
-                elif self._sessions.get(key.name) is key:
-                    self._on_session_due(key, now)
-        finally:
-            self._end_call(now)
+        for session in self._deadlines.pop_due(now):
+            if self._sessions.get(session.name) is not session:
+                continue
+            try:
+                self._on_session_due(session, now)
+            except Exception:
+                _log.exception("session %r: internal error in its timers; retrying them later", session.name)
+                self.metrics.inc("internal_errors")
+                self._deadlines.arm_earlier(session, now + session.settings.retry_interval)
 
     def _on_session_due(self, session: _Session, now: float) -> None:
         if session.idle_expired(now):
@@ -943,21 +1057,17 @@ class Broker:
         connections = list(session.connections)
         for connection in connections:
             del self._connections[connection.conn]
-            self._deadlines.cancel(connection)
         self.metrics.forget_session(session.name)
         self.metrics.inc("sessions_dropped", reason)
         _log.info("session %r %s (%d connection(s) closed)", session.name, reason, len(connections))
+        closes = self.output.closes
         for connection in connections:
-            self._sink.close(connection.conn, code, f"session {reason}")
+            closes.append((connection.conn, code, f"session {reason}"))
 
     def suspend_session(self, name: str, password: str, secret_key: str, suspend: bool, now: float) -> None:
         """Suspend a session (no new inits, no delivery, publishes refused) or resume it."""
         session = self._authorised(name, password, secret_key)
-        self._busy = True
-        try:
-            session.set_suspended(suspend, now)
-        finally:
-            self._end_call(now)
+        session.set_suspended(suspend, now)
         _log.info("session %r %s", name, "suspended" if suspend else "resumed")
 
     def session_names(self) -> list[str]:

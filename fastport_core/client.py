@@ -164,7 +164,12 @@ Iteration order is the order the docs print (the dict comprehensions follow :cla
 """
 
 _RETRYABLE_INIT_REFUSALS: Final = frozenset(
-    {ErrorCode.AUTH_THROTTLED, ErrorCode.SESSION_SUSPENDED, ErrorCode.TOO_MANY_CONNECTIONS}
+    {
+        ErrorCode.AUTH_THROTTLED,
+        ErrorCode.SESSION_SUSPENDED,
+        ErrorCode.TOO_MANY_CONNECTIONS,
+        ErrorCode.SERVER_BUSY,
+    }
 )
 """``init`` refusals that may succeed later without any change on the client's side."""
 

@@ -110,6 +110,12 @@ class Limits:
     """Sessions the server holds; ``createSession`` past it is refused."""
     max_connections: int = 10_000
     """Transport connections the server holds; past it new ones are closed at once."""
+    max_pending_verifications: int = 128
+    """Password verifications (scrypt) queued for the adapter's worker threads at once; past it an ``init``
+    that needs one is refused with ``server_busy`` (transient: the client retries)."""
+    max_uninitialised_per_address: int = 64
+    """Connections one peer address may hold that have not completed a successful ``init`` (TLS, HTTP
+    upgrade or admin requests included); past it new ones from that address are closed at once."""
     dedupe_window: int = 10_000
     """Recent message ids remembered per session (server) or per client (client) to drop duplicates."""
     max_detached_per_session: int = 1000
@@ -140,7 +146,12 @@ class ServerConfig:
     ping_timeout: float = 20.0
     """Seconds a pinged connection has to send anything before it is dropped."""
     handshake_timeout: float = 10.0
-    """Seconds a new connection has to complete the HTTP upgrade and a successful ``init``."""
+    """Seconds from accept (TLS included) a new connection has to complete the HTTP upgrade and a successful
+    ``init``: an absolute deadline, not reset by received bytes (an idle admin keep-alive connection gets
+    this long again after each answered request)."""
+    write_timeout: float = 30.0
+    """Seconds one write to a connection may stay blocked (its peer does not read) before the connection is
+    dropped (4002)."""
     auth_max_failures: int = 3
     """Failed ``init`` attempts on one connection before it is closed with 1008."""
     auth_throttle_base: float = 0.5
@@ -155,7 +166,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _require_positive(
-            self, "ping_interval", "ping_timeout", "handshake_timeout", "auth_max_failures",
+            self, "ping_interval", "ping_timeout", "handshake_timeout", "write_timeout", "auth_max_failures",
             "auth_throttle_base", "auth_throttle_max", "dedupe_ttl",
         )  # fmt: skip
         cost = self.password_hash_cost

@@ -78,6 +78,10 @@ class ErrorCode(StrEnum):
         "The session already holds its maximum number of connections.",
     )
     SESSION_FULL = "session_full", "Accepting the publish would exceed the session's pending-bytes limit."
+    SERVER_BUSY = (
+        "server_busy",
+        "Too many password verifications are queued (``max_pending_verifications``): retry shortly.",
+    )
 
 
 class CloseCode(IntEnum):

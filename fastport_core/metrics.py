@@ -17,6 +17,7 @@ __all__ = ["COUNTERS", "CounterCell", "Metrics"]
 COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "connections_opened": ("Transport connections accepted.", ()),
     "connections_closed": ("Transport connections closed, by close code.", ("code",)),
+    "connections_refused": ("Connections closed at accept, by the limit they hit.", ("reason",)),
     "protocol_errors": ("Frames answered with an error frame or close, by error code.", ("code",)),
     "binary_frames": ("WebSocket binary frames received (not part of protocol v1).", ()),
     "http_requests": ("Admin/HTTP requests answered, by path and status.", ("path", "status")),
@@ -35,7 +36,9 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "slow_consumers": ("Subscribers that hit a slow-consumer bound, by action.", ("session", "action")),
     "subscribers_resumed": ("Resumable subscribers (clientId) taken over by a new connection.", ("session",)),
     "output_overflows": ("Connections dropped because their unsent output passed max_output_buffer.", ()),
-    "internal_errors": ("Inputs that hit a server bug (logged with a traceback; connection closed).", ()),
+    "write_timeouts": ("Connections dropped because a write stayed blocked past write_timeout.", ()),
+    "handshake_timeouts": ("Connections closed for no successful init within handshake_timeout.", ()),
+    "internal_errors": ("Server bugs caught (logged with a traceback; the connection closed with 1011).", ()),
     "integrity_failures": ("Received messages that failed verification (client side).", ()),
 }
 

@@ -2,19 +2,28 @@
 
 An adapter owns the sockets and the clock and does only this::
 
-    conn = core.open_connection(now, peer)            # a socket was accepted
+    conn = core.open_connection(now, peer)            # a socket was accepted (before any TLS handshake)
     core.receive_data(conn, data, now)                # bytes arrived (b"" at EOF)
     for dirty in core.take_dirty():                   # after *every* call into the core
+        if core.should_abort(dirty): drop the socket now (even mid-write), core.connection_lost(dirty, now)
         data = core.data_to_send(dirty)               #   one write per touched connection
-        ...write data...; if core.should_close(dirty): close the socket, core.connection_lost(dirty, now)
-    sleep until core.next_deadline(); core.handle_timeout(now)
+        ...write data...                              #   core.write_blocked / core.write_completed if
+                                                      #   the socket did not take it at once
+        if core.should_close(dirty): close the socket once written, core.connection_lost(dirty, now)
+    sleep until core.next_deadline(); core.handle_timeout(now)   # the adapter's one timer
     core.connection_lost(conn, now)                   # the socket died on its own
+    core.shutdown(now, grace)                         # graceful stop; aborts what is left after grace
 
 Each connection starts in the HTTP stage (h11, through :mod:`.handshake`): a WebSocket upgrade moves it to
 the WebSocket stage (:mod:`.websocket`, the core's own frame codec), any other request is answered by the
 admin API (:mod:`.admin`) on the same port. In the WebSocket stage every complete text message is parsed
-(:mod:`.protocol`) and handed to the :class:`~fastport_core.broker.Broker`, which answers through this
-object (the :class:`~fastport_core.broker.Sink` it implements).
+(:mod:`.protocol`) and handed to the :class:`~fastport_core.broker.Broker`, whose answer is data (its
+:class:`~fastport_core.broker.BrokerOutput`: frames to send, connections to close, inits that succeeded)
+that this object applies after each input, h11/aioquic-style: the broker never calls back into it.
+
+Every server timer lives here, behind :meth:`ServerCore.next_deadline`: the absolute handshake deadline
+(from accept: TLS, HTTP upgrade and ``init`` together), keepalive and close timeouts, the write deadline
+(a write the peer does not drain), the shutdown grace period, and the broker's retries and expiries.
 
 Why one object for all connections: a publish on one connection produces output for many others. Doing
 all of a received chunk's work in one call and leaving at most one buffer per touched connection lets the
@@ -27,21 +36,27 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Final
 
 from .admin import AdminApi, AdminCredentials
-from .broker import Broker
-from .config import ServerConfig
+from .auth import PasswordCheck
+from .broker import Broker, BrokerOutput, BrokerStats
+from .config import ServerConfig, SessionSettings
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
-from .frames import ABNORMAL_CLOSURE
+from .frames import ABNORMAL_CLOSURE, encode_text_frame
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics
-from .protocol import CLIENT_FRAMES, FrameParser, encode_error
+from .protocol import CLIENT_FRAMES, FrameParser, Init, encode_error
 from .timers import Deadlines
-from .websocket import TextMessage, WebSocket, WebSocketState
+from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
 
-__all__ = ["ServerCore"]
+__all__ = ["LAST_WRITE_TIMEOUT", "ServerCore"]
 
 logger = logging.getLogger(__name__)
+
+LAST_WRITE_TIMEOUT: Final = 2.0
+"""Seconds a blocked write may still take once the core is done with its connection (a Close frame, a
+last HTTP answer behind unread output): a peer that stopped reading must not keep a finished connection."""
 
 _BINARY_REFUSED = RemoteProtocolError(
     "binary WebSocket frames are not part of protocol v1; send JSON text frames",
@@ -52,7 +67,7 @@ _BINARY_REFUSED = RemoteProtocolError(
 class _Connection:
     """One transport connection: the HTTP stage until upgraded, then its WebSocket."""
 
-    __slots__ = ("http", "peer", "prefix", "transport_done", "ws")
+    __slots__ = ("abort", "held", "held_bytes", "http", "peer", "pre_init", "prefix", "transport_done", "ws")
 
     def __init__(self, http: HttpServerConnection, peer: str) -> None:
         self.http: HttpServerConnection | None = http
@@ -62,6 +77,13 @@ class _Connection:
         """HTTP bytes (a response, the 101) to send before anything the WebSocket queues."""
         self.transport_done = False
         """Nothing more will be sent or received: the adapter closes the socket once ``prefix`` is out."""
+        self.abort = False
+        """Drop the socket now, without waiting for a write in progress (write deadline, shutdown grace)."""
+        self.pre_init = False
+        """Counted against its address's ``max_uninitialised_per_address`` (until its ``init`` succeeds)."""
+        self.held: list[TextMessage | BinaryMessage] | None = None
+        """Messages received while its ``init`` waits for a password check, handled in order after it."""
+        self.held_bytes = 0
 
 
 class ServerCore:
@@ -73,10 +95,16 @@ class ServerCore:
         *,
         admin_credentials: AdminCredentials | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        offload_verification: bool = False,
     ) -> None:
         self.config = config = config or ServerConfig()
         self.metrics = Metrics()
-        self.broker = Broker(config, self, metrics=self.metrics, random=random)
+        self.broker = Broker(
+            config, metrics=self.metrics, random=random, offload_verification=offload_verification
+        )
+        self._offload = offload_verification
+        self._verifications: list[PasswordCheck] = []
+        self._output: BrokerOutput = self.broker.output
         self.admin = AdminApi(
             self.broker, admin_credentials, session_defaults=config.default_session_settings
         )
@@ -85,15 +113,26 @@ class ServerCore:
         self._next_id = 1
         self._dirty: set[int] = set()
         self._deadlines: Deadlines[int] = Deadlines()
-        self._now = 0.0
-        """The ``now`` of the call in progress, for sink calls that start a closing handshake."""
+        """Each WebSocket's own deadline (keepalive, close timeout), re-armed lazily when it fires."""
+        self._handshake: Deadlines[int] = Deadlines()
+        """Absolute from accept until the ``init`` succeeds (for admin keep-alive: from the last answer)."""
+        self._writes: Deadlines[int] = Deadlines()
+        """Armed while the adapter reports a write blocked (:meth:`write_blocked`)."""
+        self._uninitialised: dict[str, int] = {}
+        """Per peer address: connections not (yet) past a successful ``init``."""
+        self._shutting_down = False
+        self._shutdown_at: float | None = None
+        """When the shutdown grace period ends (every connection left is then aborted)."""
 
     # -- adapter API -------------------------------------------------------------------------------------
 
     def open_connection(self, now: float, peer: str = "") -> int:
-        """Register an accepted transport and return its id; ``peer`` (its address) keys auth throttling.
+        """Register an accepted transport (before its TLS handshake) and return its id.
 
-        Past ``max_connections`` the connection is refused at once: :meth:`should_close` is already true.
+        ``peer`` (its address) keys auth throttling and ``max_uninitialised_per_address``. The connection has
+        ``handshake_timeout`` seconds from now, TLS included, to complete a successful ``init``. A refused
+        connection (``max_connections``, the per-address bound, a shutdown) is closed at once:
+        :meth:`should_close` is already true.
         """
         conn = self._next_id
         self._next_id += 1
@@ -104,13 +143,25 @@ class ServerCore:
         )
         self._connections[conn] = connection
         self.metrics.inc("connections_opened")
-        if len(self._connections) > limits.max_connections:
+        if self._shutting_down:
+            self._finish_transport(conn, connection, "refused: the server is shutting down", now)
+        elif len(self._connections) > limits.max_connections:
             logger.warning(
                 "refusing connection from %s: max_connections (%d) reached", peer, limits.max_connections
             )
-            self._finish_transport(conn, connection, "refused: too many connections")
+            self.metrics.inc("connections_refused", "max_connections")
+            self._finish_transport(conn, connection, "refused: too many connections", now)
+        elif peer and self._uninitialised.get(peer, 0) >= limits.max_uninitialised_per_address:
+            logger.warning(
+                "refusing connection from %s: it holds %d connections without a successful init",
+                peer, limits.max_uninitialised_per_address,
+            )  # fmt: skip
+            self.metrics.inc("connections_refused", "max_uninitialised_per_address")
+            self._finish_transport(conn, connection, "refused: too many uninitialised connections", now)
         else:
-            self._deadlines.arm(conn, now + self.config.handshake_timeout)
+            connection.pre_init = True
+            self._uninitialised[peer] = self._uninitialised.get(peer, 0) + 1
+            self._handshake.arm(conn, now + self.config.handshake_timeout)
         return conn
 
     def receive_data(self, conn: int, data: bytes, now: float) -> None:
@@ -118,17 +169,16 @@ class ServerCore:
         connection = self._connections.get(conn)
         if connection is None or connection.transport_done:
             return
-        self._now = now
         try:
             if connection.ws is None:
                 self._receive_http(conn, connection, data, now)
             else:
                 self._receive_websocket(conn, connection, connection.ws, data, now)
+            output = self._output
+            if output.frames or output.closes or output.initialised or output.verifications:
+                self._apply(now)
         except Exception:
-            # A bug of ours, not the peer's fault: one connection pays for it, the broker goes on.
-            logger.exception("connection %d: internal error while processing its input; closing it", conn)
-            self.metrics.inc("internal_errors")
-            self._fail_internal(conn, connection, now)
+            self._contain(conn, "processing its input", now)
 
     def data_to_send(self, conn: int) -> bytes:
         """Everything queued for ``conn``, as one buffer for one write."""
@@ -142,11 +192,12 @@ class ServerCore:
         return data
 
     def should_close(self, conn: int) -> bool:
-        """Whether the adapter should close ``conn``'s socket, after one bounded attempt to write what
-        :meth:`data_to_send` still returns (a close frame, a last HTTP answer).
+        """Whether the adapter should close ``conn``'s socket once what :meth:`data_to_send` still returns
+        (a close frame, a last HTTP answer) is written.
 
-        True as soon as nothing more will be sent or received: a peer that never reads must not keep its
-        socket, and the adapter's task, by leaving its last bytes untaken.
+        True as soon as nothing more will be sent or received. A write of those last bytes that blocks is
+        bounded by the write deadline (:data:`LAST_WRITE_TIMEOUT` once the connection is done), after which
+        :meth:`should_abort` turns true.
         """
         connection = self._connections.get(conn)
         if connection is None:
@@ -155,105 +206,274 @@ class ServerCore:
             return connection.ws.state is WebSocketState.CLOSED
         return connection.transport_done
 
+    def should_abort(self, conn: int) -> bool:
+        """Whether the adapter should drop ``conn``'s socket now, abandoning any write in progress (its
+        write deadline passed, or the shutdown grace period did). Implies :meth:`should_close`."""
+        connection = self._connections.get(conn)
+        return connection is None or connection.abort
+
     def take_dirty(self) -> list[int]:
         """Connections with bytes to send or a socket to close since the last call (each once)."""
         dirty = list(self._dirty)
         self._dirty.clear()
         return dirty
 
+    def take_verifications(self) -> list[PasswordCheck]:
+        """Password checks to run off the core's thread (``offload_verification``), each once: call
+        ``check.run()`` in a worker, then :meth:`verification_done` with its result."""
+        if not self._verifications:
+            return []
+        checks, self._verifications = self._verifications, []
+        return checks
+
+    def verification_done(self, check: PasswordCheck, ok: bool, now: float) -> None:
+        """The result of a check from :meth:`take_verifications`: the ``init`` is answered, then the frames
+        its connection sent meanwhile are handled, in order."""
+        conn = check.conn
+        try:
+            self.broker.verification_done(check, ok, now)
+            if self._output:
+                self._apply(now)
+            connection = self._connections.get(conn)
+            if connection is None or connection.held is None or self.broker.is_verifying(conn):
+                return
+            held, connection.held, connection.held_bytes = connection.held, None, 0
+            ws = connection.ws
+            if ws is not None and ws.is_open:
+                self._handle_messages(conn, connection, ws, held, now)
+                self._after_websocket_io(conn, ws, now)
+                if self._output:
+                    self._apply(now)
+        except Exception:
+            self._contain(conn, "finishing a password check", now)
+
+    def write_blocked(self, conn: int, now: float) -> None:
+        """The adapter's write to ``conn`` did not complete at once: start its write deadline (unless one
+        runs already). The connection is dropped if that write has not completed by then."""
+        connection = self._connections.get(conn)
+        if connection is None or conn in self._writes:
+            return
+        done = connection.transport_done or (
+            connection.ws is not None and connection.ws.state is WebSocketState.CLOSED
+        )
+        self._writes.arm(conn, now + (LAST_WRITE_TIMEOUT if done else self.config.write_timeout))
+
+    def write_completed(self, conn: int, now: float) -> None:
+        """The write in progress to ``conn`` completed: its write deadline stops."""
+        self._writes.cancel(conn)
+
     def connection_lost(self, conn: int, now: float) -> None:
-        """The socket is gone (closed by the adapter, or died). Idempotent."""
+        """The socket is gone (closed by the adapter, or died). Idempotent; never raises."""
         connection = self._connections.pop(conn, None)
         if connection is None:
             return
-        self._now = now
-        self._deadlines.cancel(conn)
+        for deadlines in (self._deadlines, self._handshake, self._writes):
+            deadlines.cancel(conn)
         self._dirty.discard(conn)
+        self._leave_uninitialised(connection)
         ws = connection.ws
-        if ws is not None:
-            code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
-            self.metrics.inc("connections_closed", str(code))
-            self.broker.connection_closed(conn, now)
-        else:
-            self.metrics.inc("connections_closed", "http")
+        try:
+            if ws is not None:
+                code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
+                self.metrics.inc("connections_closed", str(code))
+                self.broker.connection_closed(conn, now, clean=ws.closed_by_peer)
+            else:
+                self.metrics.inc("connections_closed", "http")
+            if self._output:
+                self._apply(now)
+        except Exception:
+            self._contain(None, f"forgetting connection {conn}", now)
 
     def next_deadline(self) -> float | None:
-        """The earliest time :meth:`handle_timeout` must run (keepalive, handshake, retries, expiry...)."""
-        ours = self._deadlines.next()
-        broker = self.broker.next_deadline()
-        if ours is None:
-            return broker
-        if broker is None:
-            return ours
-        return min(ours, broker)
+        """The earliest time :meth:`handle_timeout` must run (keepalive, handshake, writes, shutdown grace,
+        retries, expiry...)."""
+        best = self.broker.next_deadline()
+        for deadline in (
+            self._deadlines.next(), self._handshake.next(), self._writes.next(), self._shutdown_at
+        ):  # fmt: skip
+            if deadline is not None and (best is None or deadline < best):
+                best = deadline
+        return best
 
     def handle_timeout(self, now: float) -> None:
-        """Do everything that fell due at ``now``."""
-        self._now = now
+        """Do everything that fell due at ``now``. A bug costs the connection it hit (1011), not the rest."""
+        if self._shutdown_at is not None and self._shutdown_at <= now:
+            self._shutdown_at = None
+            for conn in list(self._connections):
+                self._guarded(conn, self._grace_expired, "ending the shutdown grace period", now)
+        for conn in self._writes.pop_due(now):
+            self._guarded(conn, self._write_expired, "dropping a blocked writer", now)
+        for conn in self._handshake.pop_due(now):
+            self._guarded(conn, self._handshake_expired, "running a handshake deadline", now)
         for conn in self._deadlines.pop_due(now):
-            connection = self._connections.get(conn)
-            if connection is None:
-                continue
-            ws = connection.ws
-            if ws is None:
-                self._finish_transport(conn, connection, "handshake timeout")
-                continue
-            ws.handle_timeout(now)
-            self._after_websocket_io(conn, ws, now)
-            self._arm(conn, ws)  # receiving only moved the keepalive deadline later: re-arm it lazily here
-        self.broker.handle_timeout(now)
+            self._guarded(conn, self._websocket_timeout, "running a WebSocket timer", now)
+        try:
+            self.broker.handle_timeout(now)
+            if self._output:
+                self._apply(now)
+        except Exception:
+            self._contain(None, "running the broker's timers", now)
 
-    def shutdown(self, now: float) -> None:
-        """Graceful stop: close every WebSocket with 1001 and every HTTP connection."""
-        self._now = now
-        for conn, connection in list(self._connections.items()):
-            if connection.ws is not None:
-                connection.ws.close(CloseCode.GOING_AWAY, "server shutting down", now)
-                self._after_websocket_io(conn, connection.ws, now)
-            else:
-                self._finish_transport(conn, connection, "server shutting down")
+    def shutdown(self, now: float, grace: float = 5.0) -> None:
+        """Graceful stop: close every WebSocket with 1001 and every HTTP connection; refuse new ones.
+
+        Whatever is still open ``grace`` seconds later is aborted (:meth:`should_abort`). A second call
+        can only shorten the grace period.
+        """
+        deadline = now + grace
+        if not self._shutting_down or (self._shutdown_at is not None and deadline < self._shutdown_at):
+            self._shutdown_at = deadline
+        self._shutting_down = True
+        for conn in list(self._connections):
+            self._guarded(conn, self._close_for_shutdown, "closing for shutdown", now)
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
 
-    # -- the broker's sink -------------------------------------------------------------------------------
+    # -- operations on the broker, for adapters and the config file --------------------------------------
 
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        """Queue one JSON frame for ``conn`` (the broker's replies)."""
-        connection = self._connections.get(conn)
-        if connection is not None and connection.ws is not None:
-            connection.ws.send_text(payload)
-            self._queued(conn, connection.ws)
+    def create_session(
+        self,
+        name: str,
+        password: str,
+        now: float,
+        settings: SessionSettings | None = None,
+        *,
+        secret_key: str | None = None,
+    ) -> str:
+        """Create a session (e.g. from the config file); see :meth:`Broker.create_session`."""
+        return self.broker.create_session(name, password, now, settings, secret_key=secret_key)
 
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        """Queue an already-encoded WebSocket frame for ``conn`` (fan-out: one encoding for all)."""
-        connection = self._connections.get(conn)
-        if connection is not None and connection.ws is not None:
-            connection.ws.append_frame(frame)
-            self._queued(conn, connection.ws)
+    def drop_session(self, name: str, password: str, secret_key: str, now: float) -> None:
+        """Drop a session, closing its connections with 4001; see :meth:`Broker.drop_session`."""
+        self.broker.drop_session(name, password, secret_key, now)
+        self._apply(now)
 
-    def close(self, conn: int, code: CloseCode, reason: str) -> None:
-        """Start closing ``conn`` (the broker's decision: auth, dropped session, slow consumer)."""
-        connection = self._connections.get(conn)
-        if connection is None or connection.ws is None:
-            return
-        connection.ws.close(code, reason, self._now)
-        self._dirty.add(conn)
-        self._arm(conn, connection.ws)
+    def suspend_session(self, name: str, password: str, secret_key: str, suspend: bool, now: float) -> None:
+        """Suspend or resume a session; see :meth:`Broker.suspend_session`."""
+        self.broker.suspend_session(name, password, secret_key, suspend, now)
+        self._apply(now)
+
+    def session_names(self) -> list[str]:
+        return self.broker.session_names()
+
+    def stats(self) -> BrokerStats:
+        """The broker's gauges (sessions, connections, stored messages...), as ``/metrics`` shows them."""
+        return self.broker.stats()
+
+    # -- applying the broker's output ----------------------------------------------------------------------
+
+    def _apply(self, now: float) -> None:
+        """Carry out what the broker queued: frames, then closes, then finished inits; clears the queue.
+
+        The hot path of a fan-out: each entry is one ``append_frame`` of bytes shared by every subscriber.
+        A connection whose unsent output passed ``max_output_buffer`` is aborted, and the broker is told
+        once the queue is applied, so a fan-out never sees its tables change under it.
+        """
+        output = self._output
+        frames = output.frames
+        while True:
+            overflowed = self._apply_frames(frames) if frames else None
+            if output.closes or output.initialised or output.verifications or overflowed:
+                self._apply_rest(output, overflowed, now)
+            if not (frames or output.closes or output.initialised or output.verifications):
+                return
+
+    def _apply_frames(self, frames: list[tuple[int, bytes]]) -> list[int] | None:
+        """Append each frame to its connection's queue; returns the connections aborted for overflow."""
+        connections = self._connections
+        dirty = self._dirty
+        limit = self.config.limits.max_output_buffer
+        overflowed: list[int] | None = None
+        for conn, frame in frames:
+            connection = connections.get(conn)
+            if connection is not None and (ws := connection.ws) is not None:
+                ws.append_frame(frame)
+                dirty.add(conn)
+                if ws.pending_bytes > limit:
+                    # The adapter has not taken this connection's output for a while: its peer does not
+                    # read. Dropping the bytes (not queueing a close behind them) is what bounds memory;
+                    # the peer still gets a close frame saying why, in case it ever reads again. Later
+                    # frames for it are ignored (it is no longer open).
+                    logger.info(
+                        "connection %d: output buffer over %d bytes, dropping it", conn, ws.pending_bytes
+                    )
+                    ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded", notify=True)
+                    self.metrics.inc("output_overflows")
+                    if overflowed is None:
+                        overflowed = []
+                    overflowed.append(conn)
+        frames.clear()
+        return overflowed
+
+    def _apply_rest(self, output: BrokerOutput, overflowed: list[int] | None, now: float) -> None:
+        connections = self._connections
+        for conn, code, reason in output.closes:
+            connection = connections.get(conn)
+            if connection is not None and (ws := connection.ws) is not None:
+                ws.close(code, reason, now)
+                self._after_websocket_io(conn, ws, now)
+        output.closes.clear()
+        for conn in output.initialised:
+            connection = connections.get(conn)
+            if connection is not None:
+                self._leave_uninitialised(connection)
+            self._handshake.cancel(conn)
+        output.initialised.clear()
+        if output.verifications:
+            self._verifications += output.verifications
+            output.verifications.clear()
+        for conn in overflowed or ():
+            connection = connections.get(conn)
+            if connection is not None and connection.ws is not None:
+                self._after_websocket_io(conn, connection.ws, now)  # the broker hears of it now
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _queued(self, conn: int, ws: WebSocket) -> None:
-        self._dirty.add(conn)
-        if ws.pending_bytes > self.config.limits.max_output_buffer:
-            # The adapter has not taken this connection's output for a while: its peer does not read.
-            # Dropping the bytes (not queueing a close behind them) is what bounds memory; the peer still
-            # gets a close frame saying why, in case it ever reads again.
-            logger.info("connection %d: output buffer over %d bytes, dropping it", conn, ws.pending_bytes)
-            ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded", notify=True)
-            self.metrics.inc("output_overflows")
-            self.broker.connection_closed(conn, self._now)
+    def _guarded(
+        self, conn: int, action: Callable[[int, _Connection, float], None], what: str, now: float
+    ) -> None:
+        """Run one timer action for ``conn``; a bug there costs that connection (1011), nothing else."""
+        connection = self._connections.get(conn)
+        if connection is None:
+            return
+        try:
+            action(conn, connection, now)
+            if self._output:
+                self._apply(now)
+        except Exception:
+            self._contain(conn, what, now)
+
+    def _contain(self, conn: int | None, what: str, now: float) -> None:
+        """A bug of ours, not the peer's: log it with its traceback, count it, and close the connection it
+        hit (1011; its state may be half-updated), so every other connection and session carries on."""
+        logger.exception("internal error while %s%s", what, "" if conn is None else f" (connection {conn})")
+        self.metrics.inc("internal_errors")
+        try:
+            connection = self._connections.get(conn) if conn is not None else None
+            if conn is not None and connection is not None:
+                if connection.ws is None:
+                    self._finish_transport(conn, connection, "internal error", now)
+                else:
+                    connection.ws.close(CloseCode.INTERNAL_ERROR, "internal server error", now)
+                    self._after_websocket_io(conn, connection.ws, now)
+            if self._output:
+                self._apply(now)
+        except Exception:
+            logger.exception(
+                "internal error while containing an internal error; dropping the broker's output"
+            )
+            self._output.clear()
+
+    def _leave_uninitialised(self, connection: _Connection) -> None:
+        if connection.pre_init:
+            connection.pre_init = False
+            left = self._uninitialised[connection.peer] - 1
+            if left:
+                self._uninitialised[connection.peer] = left
+            else:
+                del self._uninitialised[connection.peer]
 
     def _arm(self, conn: int, ws: WebSocket) -> None:
         deadline = ws.next_deadline()
@@ -262,25 +482,67 @@ class ServerCore:
         else:
             self._deadlines.arm(conn, deadline)
 
-    def _finish_transport(self, conn: int, connection: _Connection, why: str) -> None:
+    def _finish_transport(self, conn: int, connection: _Connection, why: str, now: float) -> None:
         logger.debug("connection %d (%s): closing transport: %s", conn, connection.peer, why)
         connection.transport_done = True
         connection.http = None
-        self._deadlines.cancel(conn)
+        self._handshake.cancel(conn)
+        self._done_writing(conn, now)
         self._dirty.add(conn)
 
-    def _fail_internal(self, conn: int, connection: _Connection, now: float) -> None:
+    def _done_writing(self, conn: int, now: float) -> None:
+        """The connection is finished: a write still blocked gets at most :data:`LAST_WRITE_TIMEOUT` more."""
+        if conn in self._writes:
+            self._writes.arm_earlier(conn, now + LAST_WRITE_TIMEOUT)
+
+    def _drop(self, conn: int, connection: _Connection, code: CloseCode, why: str, now: float) -> None:
+        """Give up on ``conn`` at once: nothing more is sent, the adapter drops the socket."""
+        logger.info("connection %d (%s): dropping it: %s", conn, connection.peer, why)
+        connection.abort = True
+        connection.prefix = b""
         if connection.ws is None:
-            self._finish_transport(conn, connection, "internal error")
-            return
-        connection.ws.close(CloseCode.INTERNAL_ERROR, "internal server error", now)
-        self._after_websocket_io(conn, connection.ws, now)
+            self._finish_transport(conn, connection, why, now)
+        else:
+            connection.ws.abort(code, why)
+            self._after_websocket_io(conn, connection.ws, now)
+
+    def _write_expired(self, conn: int, connection: _Connection, now: float) -> None:
+        self.metrics.inc("write_timeouts")
+        self._drop(conn, connection, CloseCode.SLOW_CONSUMER, "a write stayed blocked past its deadline", now)
+
+    def _grace_expired(self, conn: int, connection: _Connection, now: float) -> None:
+        self._drop(conn, connection, CloseCode.GOING_AWAY, "the shutdown grace period is over", now)
+
+    def _handshake_expired(self, conn: int, connection: _Connection, now: float) -> None:
+        self.metrics.inc("handshake_timeouts")
+        ws = connection.ws
+        if ws is None:
+            self._finish_transport(conn, connection, "handshake timeout", now)
+        elif not self.broker.is_initialised(conn):
+            logger.info("connection %d (%s): no successful init in time", conn, connection.peer)
+            ws.close(CloseCode.HANDSHAKE_TIMEOUT, "no successful init in time", now)
+            self._after_websocket_io(conn, ws, now)
+
+    def _websocket_timeout(self, conn: int, connection: _Connection, now: float) -> None:
+        ws = connection.ws
+        if ws is not None:
+            ws.handle_timeout(now)
+            self._after_websocket_io(conn, ws, now)
+            self._arm(conn, ws)  # receiving only moved the keepalive deadline later: re-arm it lazily here
+
+    def _close_for_shutdown(self, conn: int, connection: _Connection, now: float) -> None:
+        if connection.ws is not None:
+            connection.ws.close(CloseCode.GOING_AWAY, "server shutting down", now)
+            self._after_websocket_io(conn, connection.ws, now)
+        elif not connection.transport_done:
+            self._finish_transport(conn, connection, "server shutting down", now)
 
     def _receive_http(self, conn: int, connection: _Connection, data: bytes, now: float) -> None:
         http = connection.http
         assert http is not None
         answers = [connection.prefix] if connection.prefix else []
         queued = len(connection.prefix)
+        answered = False
         events = http.receive_data(data)
         while events:
             for event in events:
@@ -296,6 +558,7 @@ class ServerCore:
                         content_type=response.content_type,
                         headers=response.headers,
                     )
+                    answered = True
                 else:
                     answer = event.response
                     self.metrics.inc("protocol_errors", "http")
@@ -311,9 +574,11 @@ class ServerCore:
             events = [] if http.should_close else http.next_events()
         connection.prefix = b"".join(answers)
         if http.should_close or queued > self.config.limits.max_output_buffer:
-            self._finish_transport(conn, connection, "HTTP connection done")
-        else:
-            self._deadlines.arm(conn, now + self.config.handshake_timeout)
+            self._finish_transport(conn, connection, "HTTP connection done", now)
+        elif answered:
+            # An idle keep-alive admin connection gets a fresh window after each answered request; bytes
+            # of an unfinished request never move the deadline (a slowloris is closed on time).
+            self._handshake.arm(conn, now + self.config.handshake_timeout)
 
     def _upgrade(self, conn: int, connection: _Connection, upgrade: WebSocketUpgrade, now: float) -> None:
         config = self.config
@@ -329,6 +594,8 @@ class ServerCore:
         self._dirty.add(conn)
         self._arm(conn, ws)
         self.broker.connection_opened(conn, now, connection.peer)
+        if self._output:
+            self._apply(now)  # the broker may refuse it at once (its connection limit)
         if upgrade.leftover:
             self._receive_websocket(conn, connection, ws, upgrade.leftover, now)
 
@@ -337,27 +604,61 @@ class ServerCore:
     ) -> None:
         messages = ws.receive_data(data, now)
         if messages and ws.state is not WebSocketState.CLOSED:
-            parse = self._parser.parse
-            handle = self.broker.handle_frame
-            for message in messages:
-                if type(message) is TextMessage:
-                    try:
-                        frame = parse(message.text)
-                    except RemoteProtocolError as exc:
-                        self._refuse(conn, exc)
-                        continue
-                    handle(conn, frame, now)
-                else:
-                    self.metrics.inc("binary_frames")
-                    self._refuse(conn, _BINARY_REFUSED)
-                if not ws.is_open:
-                    break  # the broker closed it (e.g. repeated auth failures): ignore the rest
+            self._handle_messages(conn, connection, ws, messages, now)
         self._after_websocket_io(conn, ws, now)
+
+    def _handle_messages(
+        self,
+        conn: int,
+        connection: _Connection,
+        ws: WebSocket,
+        messages: list[TextMessage | BinaryMessage],
+        now: float,
+    ) -> None:
+        parse = self._parser.parse
+        handle = self.broker.handle_frame
+        closes = self._output.closes
+        for message in messages:
+            if connection.held is not None:
+                self._hold(conn, connection, ws, message, now)
+            elif type(message) is TextMessage:
+                try:
+                    frame = parse(message.text)
+                except RemoteProtocolError as exc:
+                    self._refuse(conn, exc)
+                    continue
+                handle(conn, frame, now)
+                if closes:
+                    self._apply(now)  # the broker closed a connection: maybe this one
+                if type(frame) is Init and self._offload and self.broker.is_verifying(conn):
+                    connection.held = []  # the rest waits for the password check, in order
+            else:
+                self.metrics.inc("binary_frames")
+                self._refuse(conn, _BINARY_REFUSED)
+            if not ws.is_open:
+                break  # the broker closed it (e.g. repeated auth failures): ignore the rest
+
+    def _hold(
+        self,
+        conn: int,
+        connection: _Connection,
+        ws: WebSocket,
+        message: TextMessage | BinaryMessage,
+        now: float,
+    ) -> None:
+        """Keep a message received while ``init`` waits for its password check, within one message's size."""
+        assert connection.held is not None
+        connection.held.append(message)
+        connection.held_bytes += len(message.text) if isinstance(message, TextMessage) else len(message.data)
+        if connection.held_bytes > self.config.limits.max_message_size:
+            logger.info("connection %d: too much sent before its init was verified, closing it", conn)
+            self.metrics.inc("protocol_errors", str(int(CloseCode.POLICY_VIOLATION)))
+            ws.close(CloseCode.POLICY_VIOLATION, "too much sent before init completed", now)
 
     def _refuse(self, conn: int, exc: RemoteProtocolError) -> None:
         logger.debug("connection %d: %s (%s)", conn, exc.message, exc.code)
         self.metrics.inc("protocol_errors", str(exc.code))
-        self.send_payload(conn, encode_error(exc))
+        self._output.frames.append((conn, encode_text_frame(encode_error(exc))))
 
     def _after_websocket_io(self, conn: int, ws: WebSocket, now: float) -> None:
         """Reflect what the WebSocket did: output to send, a new deadline, or the end of the connection."""
@@ -369,5 +670,8 @@ class ServerCore:
             failure = ws.failure
             self.metrics.inc("protocol_errors", str(failure.close_code or failure.code))
             logger.info("connection %d: protocol violation: %s", conn, ws.failure.message)
-        self.broker.connection_closed(conn, now)
+        self._handshake.cancel(conn)
+        if ws.state is WebSocketState.CLOSED:
+            self._done_writing(conn, now)
+        self.broker.connection_closed(conn, now, clean=ws.closed_by_peer)
         self._arm(conn, ws)

@@ -84,6 +84,7 @@ class WebSocket:
         "_close_deadline",
         "_close_reason",
         "_close_timeout",
+        "_closed_by_peer",
         "_decoder",
         "_failure",
         "_last_received",
@@ -118,6 +119,7 @@ class WebSocket:
         self._state = _OPEN
         self._close_code: int | None = None
         self._close_reason = ""
+        self._closed_by_peer = False
         self._failure: RemoteProtocolError | None = None
         self._outgoing: list[bytes] = []
         self._pending_bytes = 0
@@ -150,6 +152,12 @@ class WebSocket:
     @property
     def close_reason(self) -> str:
         return self._close_reason
+
+    @property
+    def closed_by_peer(self) -> bool:
+        """Whether the peer started the closing handshake (its Close frame arrived while we were OPEN): a
+        clean close it meant, as opposed to a lost transport or a close this side started."""
+        return self._closed_by_peer
 
     @property
     def failure(self) -> RemoteProtocolError | None:
@@ -211,6 +219,7 @@ class WebSocket:
             )
             self._close_code = code
             self._close_reason = event.reason
+            self._closed_by_peer = True
         self._state = _CLOSED
         self._close_deadline = None
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-import fastport_anyio.server as server_module
 from fastport_anyio import Server
+from fastport_anyio.fastpath import fed_by_callback
 
 from .conftest import TIMEOUT
 
@@ -21,18 +21,27 @@ async def test_the_adapter_clock_is_anyios_clock(server: Server) -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_asyncio_plain_tcp_is_fed_by_callback_then_handed_back(server: Server) -> None:
-    """On asyncio a plain TCP connection is read by the transport's callback (``_read_by_callback``); at
+    """On asyncio a plain TCP connection is read by the transport's callback (``feed_by_callback``); at
     the end of the stream anyio's protocol gets its transport back."""
     with anyio.fail_after(TIMEOUT):
         stream = await anyio.connect_tcp("127.0.0.1", server.port)
         while not server._connections:
             await anyio.sleep(0.01)
         (connection,) = server._connections.values()
-        transport = connection.tcp._transport  # type: ignore[attr-defined]
-        while not isinstance(transport.get_protocol(), server_module._Feed):
+        while not fed_by_callback(connection.tcp):
             await anyio.sleep(0.01)
         await stream.send_eof()
         while server._connections:
             await anyio.sleep(0.01)
-        assert not isinstance(transport.get_protocol(), server_module._Feed)
+        assert not fed_by_callback(connection.tcp)
         await stream.aclose()
+
+
+async def test_plain_tcp_connections_write_directly(server: Server) -> None:
+    """On both backends a plain TCP connection gets the non-blocking direct write (``direct_send``)."""
+    with anyio.fail_after(TIMEOUT):
+        async with await anyio.connect_tcp("127.0.0.1", server.port):
+            while not server._connections or next(iter(server._connections.values())).stream is None:
+                await anyio.sleep(0.01)
+            (connection,) = server._connections.values()
+            assert connection.direct is not None

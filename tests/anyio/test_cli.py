@@ -26,7 +26,7 @@ import anyio.to_thread
 import pytest
 
 from fastport_anyio import Server
-from fastport_anyio.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from fastport_anyio.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser, main, serve_settings
 
 from .conftest import FAST_CONFIG, TIMEOUT, RawClient
 
@@ -197,7 +197,7 @@ async def test_session_create_drop_suspend_resume(
         assert json.loads(capsys.readouterr().out)["suspended"] is suspended
     assert await run_cli("session", "drop", "gamma", "--password", "gamma-pw", *url, *ADMIN_ARGS) == EXIT_OK
     assert json.loads(capsys.readouterr().out) == {"success": True, "sessionName": "gamma"}
-    assert "gamma" not in server.core.broker.session_names()
+    assert "gamma" not in server.core.session_names()
 
 
 @pytest.mark.anyio
@@ -291,3 +291,8 @@ async def test_serve_subprocess_on_port_zero_stops_on_sigterm_with_exit_0(
             rest += chunk
         assert b"SIGTERM received: stopping gracefully" in log + rest
         assert b"Traceback" not in log + rest
+
+
+def test_serve_takes_the_per_address_bound_from_its_flag() -> None:
+    args = build_parser().parse_args(["serve", "--max-uninitialised-per-address", "7"])
+    assert serve_settings(args, environ={}).config.limits.max_uninitialised_per_address == 7

@@ -37,9 +37,9 @@ from fastport_anyio import (
     connect,
     serve,
 )
-from fastport_anyio.config_file import load_settings
 from fastport_core.client import IntegrityFailure
 from fastport_core.config import ClientConfig
+from fastport_core.config_file import load_settings
 from fastport_core.crypto import AuthenticatedSuite, SuiteName, generate_key
 from fastport_core.errors import AuthenticationError, InvalidKeyError, LocalProtocolError
 from tests.certificates import make_certificate
@@ -620,10 +620,10 @@ async def test_close_leaves_no_task_and_no_connection(server: Server) -> None:
         assert {task.id for task in anyio.get_running_tasks()} - before == set()
         assert publisher.state is ConnectionState.CLOSED
         for _ in range(200):  # the server notices the closes on its own schedule
-            if server.core.broker.stats().connections == 0:
+            if server.core.stats().connections == 0:
                 break
             await anyio.sleep(0.01)
-        assert server.core.broker.stats().connections == 0
+        assert server.core.stats().connections == 0
 
 
 async def test_close_fails_waiters_and_later_calls(server: Server) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fastport_anyio import Server
-from fastport_anyio.config_file import ConfigError, Overrides, ServerSettings, SessionSpec, load_settings
 from fastport_core.config import Limits, ServerConfig, SessionSettings, SlowConsumerPolicy
+from fastport_core.config_file import ConfigError, Overrides, ServerSettings, SessionSpec, load_settings
 
 from .conftest import RawClient
 
@@ -195,6 +195,17 @@ def test_layering_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert from_flags.certfile == Path("/etc/cert.pem")  # a flag's path is taken as given
 
 
+def test_the_per_address_bound_from_the_file_or_its_flag(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nmax_uninitialised_per_address = 8\nmax_connections = 100\n")
+    assert load_settings(path, environ={}).config.limits.max_uninitialised_per_address == 8
+    flagged = load_settings(path, environ={}, overrides=Overrides(max_uninitialised_per_address=3))
+    assert flagged.config.limits.max_uninitialised_per_address == 3
+    assert flagged.config.limits.max_connections == 100  # the file's other limits stay
+    assert load_settings(environ={}).config.limits.max_uninitialised_per_address == 64
+    with pytest.raises(ConfigError, match=r"--max-uninitialised-per-address: .*positive"):
+        load_settings(environ={}, overrides=Overrides(max_uninitialised_per_address=0))
+
+
 def test_admin_credentials_may_be_split_across_layers(tmp_path: Path) -> None:
     path = write(tmp_path, "[admin]\nuser = 'ops'\n")
     settings = load_settings(path, environ={"FASTPORT_ADMIN_PASSWORD": "from-env"})
@@ -238,5 +249,5 @@ async def test_sessions_from_a_file_exist_when_the_server_starts(tmp_path: Path)
             async with await RawClient.connect(server.port) as client:
                 assert (await client.init(name, password))["success"] is True
         # The file's secret key is the one that authorises dropping the session.
-        server.core.broker.drop_session("ops-managed", "pw", "operator-chosen-secret", 0.0)
-        assert server.core.broker.session_names() == ["demo"]
+        server.core.drop_session("ops-managed", "pw", "operator-chosen-secret", 0.0)
+        assert server.core.session_names() == ["demo"]

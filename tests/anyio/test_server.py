@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from wsproto.events import Ping
 
 import fastport_anyio.server as server_module
 from fastport_anyio import Server, serve
+from fastport_core.auth import PasswordCheck
 from fastport_core.config import Limits, ServerConfig
 from tests.certificates import make_certificate
 
@@ -339,6 +341,100 @@ async def test_tls_round_trip_and_admin_over_https(anyio_backend: str, tmp_path:
                     await plain.receive()
         async with await connected(server.port, ssl_context=client_context):
             pass
+
+
+async def _wait_closed_by_server(stream: anyio.abc.ByteStream) -> None:
+    with anyio.fail_after(TIMEOUT), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+        while True:
+            await stream.receive()
+
+
+async def test_a_tls_client_that_never_finishes_its_handshake_is_closed_by_the_cores_deadline(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """The core sees the connection from the accept, so its handshake deadline covers TLS too."""
+    certfile, keyfile = make_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(certfile, keyfile)
+    config = ServerConfig(handshake_timeout=0.3, password_hash_cost=16)
+    async with (
+        Server("127.0.0.1", 0, config=config, ssl_context=server_context) as server,
+        await anyio.connect_tcp("127.0.0.1", server.port) as stalled,
+    ):
+        await stalled.send(b"\x16\x03\x01\x00")  # the first bytes of a ClientHello, then nothing
+        await _wait_closed_by_server(stalled)
+        assert server.core.metrics.value("handshake_timeouts") == 1
+        with anyio.fail_after(TIMEOUT):
+            while server.core.connection_count:
+                await anyio.sleep(0.01)
+
+
+async def test_slowloris_connections_are_closed_at_the_absolute_handshake_deadline(
+    anyio_backend: str,
+) -> None:
+    config = ServerConfig(handshake_timeout=0.5, password_hash_cost=16)
+    request = b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n" + b"X-Pad: y\r\n" * 100
+    async with Server("127.0.0.1", 0, config=config) as server:
+        streams = [await anyio.connect_tcp("127.0.0.1", server.port) for _ in range(5)]
+        closed: list[anyio.abc.ByteStream] = []
+
+        async def trickle(stream: anyio.abc.ByteStream) -> None:
+            try:
+                for i in range(len(request)):  # one byte per 50 ms: never a complete request in time
+                    await stream.send(request[i : i + 1])
+                    await anyio.sleep(0.05)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+
+        async def watch(stream: anyio.abc.ByteStream) -> None:
+            await _wait_closed_by_server(stream)
+            closed.append(stream)
+
+        start = anyio.current_time()
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as task_group:
+                for stream in streams:
+                    task_group.start_soon(watch, stream)
+                    task_group.start_soon(trickle, stream)
+                while len(closed) < len(streams):
+                    await anyio.sleep(0.01)
+                task_group.cancel_scope.cancel()
+        assert anyio.current_time() - start < 5  # reset by every byte, they would live ~30 s
+        assert server.core.metrics.value("handshake_timeouts") == len(streams)
+        for stream in streams:
+            await stream.aclose()
+
+
+async def test_the_per_address_bound_refuses_the_next_uninitialised_connection(anyio_backend: str) -> None:
+    config = ServerConfig(limits=Limits(max_uninitialised_per_address=2), password_hash_cost=16)
+    async with (
+        Server("127.0.0.1", 0, config=config, sessions=SESSIONS) as server,
+        await anyio.connect_tcp("127.0.0.1", server.port),
+        await anyio.connect_tcp("127.0.0.1", server.port),
+        await anyio.connect_tcp("127.0.0.1", server.port) as refused,
+    ):
+        await _wait_closed_by_server(refused)
+        assert server.core.metrics.value("connections_refused", "max_uninitialised_per_address") == 1
+        assert server.core.connection_count == 2
+
+
+async def test_password_checks_run_in_a_worker_thread_and_pipelined_frames_wait(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    real_run = PasswordCheck.run
+
+    def run(check: PasswordCheck) -> bool:
+        threads.append(threading.get_ident())
+        return real_run(check)
+
+    monkeypatch.setattr(PasswordCheck, "run", run)
+    async with await RawClient.connect(server.port) as client:
+        await client.send_json({"type": "init", "sessionName": "alpha", "password": "alpha-password"})
+        await client.send_json({"type": "subscribe", "topic": "t"})  # sent before the init is answered
+        assert (await client.receive())["success"] is True
+        assert await client.receive() == {"type": "subscribe_response", "success": True, "topic": "t"}
+    assert threads and threading.get_ident() not in threads  # scrypt never ran on the event loop
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from wsproto.events import CloseConnection
 
 from fastport_anyio import Server, SessionSpec
 from fastport_core.config import SessionSettings
@@ -226,3 +227,72 @@ def _text(frame: dict[str, Any]) -> Any:
     from wsproto.events import TextMessage
 
     return TextMessage(data=orjson.dumps(frame).decode())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Subscriber lifecycle: a clean close (a Close frame) releases a clientId subscriber unless it is persistent
+
+
+async def resumable(server: Server, **init: Any) -> RawClient:
+    client = await RawClient.connect(server.port)
+    frame = {"type": "init", "sessionName": "alpha", "password": "alpha-password", "clientId": "dev", **init}
+    assert await client.request(frame) == INIT_OK
+    assert (await client.subscribe("t"))["success"] is True
+    return client
+
+
+async def close_cleanly(client: RawClient) -> None:
+    """Send a Close frame and wait for the server's answer: by then the server has acted on it."""
+    try:
+        await client._send(CloseConnection(code=1000, reason="bye"))
+        while not isinstance(event := await client.next_event(), CloseConnection):
+            pass  # a delivery the server sent before it read our Close
+        assert event.code == 1000
+    finally:
+        await client.aclose()
+
+
+async def test_a_clean_close_releases_a_subscriber_that_is_not_persistent(server: Server) -> None:
+    async with await connected(server) as publisher:
+        subscriber = await resumable(server)
+        assert (await publisher.request(publish_frame("t", "x", "c-1")))["deliveredTo"] == 1
+        await close_cleanly(subscriber)
+        assert (await publisher.request(publish_frame("t", "x", "c-2")))["deliveredTo"] == 0
+        async with await RawClient.connect(server.port) as again:
+            init = {"type": "init", "sessionName": "alpha", "password": "alpha-password", "clientId": "dev"}
+            assert await again.request(init) == INIT_OK
+            assert (await again.subscribe("other"))["type"] == "subscribe_response"  # no resent c-1 first
+
+
+async def test_a_persistent_subscriber_is_kept_across_a_clean_close(server: Server) -> None:
+    async with await connected(server) as publisher:
+        subscriber = await resumable(server, persistent=True)
+        assert (await publisher.request(publish_frame("t", "x", "p-1")))["deliveredTo"] == 1
+        await close_cleanly(subscriber)
+        assert (await publisher.request(publish_frame("t", "x", "p-2")))["deliveredTo"] == 1
+        async with await RawClient.connect(server.port) as again:
+            init = {"type": "init", "sessionName": "alpha", "password": "alpha-password", "clientId": "dev"}
+            assert await again.request(init) == INIT_OK
+            resent = [await again.receive(), await again.receive()]
+            assert [(m["messageId"], m["retry"]) for m in resent] == [("p-1", 1), ("p-2", 1)]
+
+
+async def test_a_connection_lost_without_a_close_frame_keeps_the_subscriber(server: Server) -> None:
+    async with await connected(server) as publisher:
+        subscriber = await resumable(server)
+        await subscriber.aclose()  # TCP closed, no Close frame: a lost connection
+        with anyio.fail_after(TIMEOUT):
+            while server.core.stats().per_session["alpha"].detached_subscribers != 1:
+                await anyio.sleep(0.01)
+        assert (await publisher.request(publish_frame("t", "x", "l-1")))["deliveredTo"] == 1
+
+
+async def test_persistent_must_be_a_boolean(server: Server) -> None:
+    async with await RawClient.connect(server.port) as client:
+        frame = {"type": "init", "sessionName": "alpha", "password": "alpha-password", "persistent": "yes"}
+        answer = await client.request(frame)
+        assert answer == {
+            "type": "error",
+            "error": "init: field 'persistent' must be a boolean",
+            "code": "invalid_frame",
+        }

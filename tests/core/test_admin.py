@@ -28,7 +28,7 @@ from fastport_core.broker import (
     UnknownSessionError,
 )
 from fastport_core.config import Limits, ServerConfig, SessionSettings
-from fastport_core.errors import CloseCode, LocalProtocolError
+from fastport_core.errors import LocalProtocolError
 from fastport_core.exposition import GAUGES, PREFIX, SESSION_GAUGES
 from fastport_core.metrics import Metrics
 
@@ -413,20 +413,9 @@ def test_credentials_validate_and_hide_the_password() -> None:
             AdminCredentials(user, password)
 
 
-class NullSink:
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        raise AssertionError("no connection is open")
-
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        raise AssertionError("no connection is open")
-
-    def close(self, conn: int, code: CloseCode, reason: str) -> None:
-        raise AssertionError("no connection is open")
-
-
 def test_the_real_broker_answers_as_the_fake_does() -> None:
     config = ServerConfig(limits=Limits(max_sessions=1), password_hash_cost=2)
-    broker = Broker(config, NullSink())
+    broker = Broker(config)
     api = AdminApi(broker, CREDENTIALS, session_defaults=config.default_session_settings)
     key = create(api, retryInterval=1500)["secretKey"]
     assert_error(call(api, "POST", "/api/createSession", {"sessionName": "fleet", "password": "x"}),
@@ -446,6 +435,7 @@ def test_the_real_broker_answers_as_the_fake_does() -> None:
     assert call(api, "POST", "/api/dropSession", request).status == 200
     assert_error(call(api, "POST", "/api/dropSession", request), AdminErrorCode.UNKNOWN_SESSION, 404)
     assert broker.metrics.value("sessions_created") == broker.metrics.total("sessions_dropped") == 1
+    assert not broker.output  # no connection was open: nothing to send or close
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The broker's guarantees (DESIGN §3), each shown on a recording sink with a fake clock."""
+"""The broker's guarantees (DESIGN §3), each shown on a recorder of its output with a fake clock."""
 
 from __future__ import annotations
 
@@ -46,23 +46,45 @@ def unframe(frame: bytes) -> bytes:
     return frame[start:]
 
 
-class RecordingSink:
-    """Records what the broker sends, decoded, per connection."""
+class Recorder:
+    """Records what the broker queued on its output, decoded, per connection (as the server core would
+    apply it: the output is drained, and cleared, whenever the recorder is looked at)."""
 
-    def __init__(self) -> None:
-        self.frames: list[tuple[int, dict[str, Any]]] = []
-        self.raw_frames: list[tuple[int, bytes]] = []
-        self.closes: list[tuple[int, int, str]] = []
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._frames: list[tuple[int, dict[str, Any]]] = []
+        self._raw_frames: list[tuple[int, bytes]] = []
+        self._closes: list[tuple[int, int, str]] = []
+        self._initialised: list[int] = []
 
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        self.frames.append((conn, orjson.loads(payload)))
+    def _drain(self) -> None:
+        output = self.broker.output
+        for conn, frame in output.frames:
+            self._raw_frames.append((conn, frame))
+            self._frames.append((conn, orjson.loads(unframe(frame))))
+        self._closes.extend((conn, int(code), reason) for conn, code, reason in output.closes)
+        self._initialised.extend(output.initialised)
+        output.clear()
 
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        self.raw_frames.append((conn, frame))
-        self.frames.append((conn, orjson.loads(unframe(frame))))
+    @property
+    def frames(self) -> list[tuple[int, dict[str, Any]]]:
+        self._drain()
+        return self._frames
 
-    def close(self, conn: int, code: CloseCode, reason: str) -> None:
-        self.closes.append((conn, int(code), reason))
+    @property
+    def raw_frames(self) -> list[tuple[int, bytes]]:
+        self._drain()
+        return self._raw_frames
+
+    @property
+    def closes(self) -> list[tuple[int, int, str]]:
+        self._drain()
+        return self._closes
+
+    @property
+    def initialised(self) -> list[int]:
+        self._drain()
+        return self._initialised
 
 
 class Harness:
@@ -70,8 +92,8 @@ class Harness:
 
     def __init__(self, config: ServerConfig | None = None, settings: SessionSettings = SETTINGS) -> None:
         self.config = config or make_config()
-        self.sink = RecordingSink()
-        self.broker = Broker(self.config, self.sink, random=random.Random(7).randbytes)
+        self.broker = Broker(self.config, random=random.Random(7).randbytes)
+        self.sink = Recorder(self.broker)
         self.now = 0.0
         self.secrets = {
             name: self.broker.create_session(name, f"pw-{name}", self.now, settings) for name in ("a", "b")
@@ -94,16 +116,25 @@ class Harness:
         return [f for c, f in self.sink.frames[mark:] if c == conn]
 
     def init(
-        self, conn: int, session: str = "a", *, client_id: str | None = None, password: str = ""
+        self,
+        conn: int,
+        session: str = "a",
+        *,
+        client_id: str | None = None,
+        password: str = "",
+        persistent: bool = False,
     ) -> dict[str, Any]:
         """Returns the ``init_response`` (a resumed subscriber's re-sends follow it)."""
-        response, *_resent = self.send(conn, Init(session, password or f"pw-{session}", client_id))
+        init = Init(session, password or f"pw-{session}", client_id, persistent)
+        response, *_resent = self.send(conn, init)
         assert response["type"] == "init_response"
         return response
 
-    def client(self, session: str = "a", *topics: str, client_id: str | None = None) -> int:
+    def client(
+        self, session: str = "a", *topics: str, client_id: str | None = None, persistent: bool = False
+    ) -> int:
         conn = self.open()
-        assert self.init(conn, session, client_id=client_id)["success"]
+        assert self.init(conn, session, client_id=client_id, persistent=persistent)["success"]
         for topic in topics:
             assert self.send(conn, Subscribe(topic)) == [
                 {"type": "subscribe_response", "success": True, "topic": topic}
@@ -233,17 +264,14 @@ def test_connections_per_session_are_limited() -> None:
     assert h.init(h.open(), "b")["success"]  # the limit is per session
 
 
-def test_init_deadline_closes_with_4005(h: Harness) -> None:
-    idle = h.open()
+def test_successful_inits_are_reported_for_the_server_cores_handshake_deadline(h: Harness) -> None:
+    refused = h.open()
     done = h.open()
+    h.init(refused, password="bad")
     h.init(done)
-    assert h.broker.next_deadline() == h.config.handshake_timeout
-    h.advance(h.config.handshake_timeout - 0.1)
-    assert h.sink.closes == []
-    h.advance(0.1)
-    assert h.closes() == {idle: CloseCode.HANDSHAKE_TIMEOUT}
-    assert h.send(idle, Init("a", "pw-a")) == []  # forgotten: late frames are dropped
-    assert h.broker.stats().connections == 1
+    assert h.sink.initialised == [done]
+    assert h.broker.is_initialised(done) and not h.broker.is_initialised(refused)
+    assert h.broker.next_deadline() is None  # the init deadline is the server core's (test_server.py)
 
 
 def test_repeated_auth_failures_close_the_connection_with_1008(h: Harness) -> None:
@@ -338,8 +366,9 @@ def test_publish_fans_out_once_encoded_to_every_other_subscriber(h: Harness) -> 
     h.client("a", "other")
     response = h.publish(publisher, "t", "m1", "hello")
     assert response == {"type": "publish_response", "success": True, "messageId": "m1", "deliveredTo": 3}
-    frames = [frame for _, frame in h.sink.raw_frames]
-    assert [conn for conn, _ in h.sink.raw_frames] == subs
+    fanned_out = [(conn, frame) for conn, frame in h.sink.raw_frames if b'"type":"message"' in frame]
+    frames = [frame for _, frame in fanned_out]
+    assert [conn for conn, _ in fanned_out] == subs
     assert all(frame is frames[0] for frame in frames)  # one encoding, shared
     assert frames[0] == encode_text_frame(encode(Message("t", "hello", "h", 1, "m1")))
     assert h.messages(publisher) == []
@@ -625,37 +654,14 @@ def test_slow_consumer_drop_oldest_policy() -> None:
     assert [m["messageId"] for m in h.messages(slow)[3:]] == ["m2", "m3"]  # m1 is no longer retried
 
 
-class ReentrantSink(RecordingSink):
-    """Like the server core: an output overflow reports the connection closed from inside ``send_*``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.broker: Broker | None = None
-        self.overflowing: set[int] = set()
-
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        super().send_frame(conn, frame)
-        if conn in self.overflowing and self.broker is not None:
-            self.broker.connection_closed(conn, 0.0)
-
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        super().send_payload(conn, payload)
-        if conn in self.overflowing and self.broker is not None and b'"message"' in payload:
-            self.broker.connection_closed(conn, 0.0)
-
-
-def test_a_sink_may_report_a_close_from_inside_a_send() -> None:
-    h = Harness()
-    sink = ReentrantSink()
-    h.sink = sink
-    h.broker = Broker(h.config, sink)
-    sink.broker = h.broker
-    for name in ("a", "b"):
-        h.secrets[name] = h.broker.create_session(name, f"pw-{name}", 0.0, SETTINGS)
+def test_closes_reported_while_a_fan_out_is_applied_leave_consistent_state(h: Harness) -> None:
+    """The server core applies a fan-out's frames after the broker call and reports the connections whose
+    output overflowed only then: the broker sees them as ordinary closes, between calls."""
     subs = [h.client("a", "t") for _ in range(3)]
     resumable = h.client("a", "t", client_id="dev")
-    sink.overflowing.update({subs[0], subs[1], resumable})
     assert h.publish(h.client("a"), "t", "m1")["deliveredTo"] == 4
+    for conn in (subs[0], subs[1], resumable):
+        h.broker.connection_closed(conn, h.now)
     stats = h.broker.stats().per_session["a"]
     assert stats.connections == 2 and stats.detached_subscribers == 1
     assert given_up(h, "a", "disconnected") == 2
@@ -804,7 +810,7 @@ class Op:
     topic: str
     message_id: str
     size: int
-    flag: bool  # init: a wrong password; suspend: suspend (else resume)
+    flag: bool  # init: a wrong password; suspend: suspend (else resume); close: a clean close
     client_id: str | None
     seconds: float
     peer: str
@@ -875,9 +881,10 @@ class PropertyRun:
         elif kind == "unsub":
             h.send(conn, Unsubscribe(op.topic))
         elif kind == "close":
-            h.broker.connection_closed(conn, h.now)
+            h.broker.connection_closed(conn, h.now, clean=op.flag)
         elif kind == "init":
-            self.init(conn, Init(op.session, "bad" if op.flag else f"pw-{op.session}", op.client_id))
+            password = "bad" if op.flag else f"pw-{op.session}"
+            self.init(conn, Init(op.session, password, op.client_id, persistent=op.size % 2 == 0))
         elif kind == "connect":
             self.connect(op.session, op.client_id, op.topic)
         elif kind == "open":
@@ -957,3 +964,50 @@ def test_a_detached_subscriber_due_at_an_inexact_float_time_is_forgotten_then() 
     h.broker.handle_timeout(deadline)
     assert given_up(h, "a", "detached") == 0  # it had nothing in flight
     assert h.broker.next_deadline() is None or h.broker.next_deadline() > deadline  # type: ignore[operator]
+
+
+# -- subscriber lifecycle: clean close vs lost connection (DESIGN §3.10) ------------------------------------
+
+
+def test_a_clean_close_releases_a_non_persistent_resumable_subscriber_at_once(h: Harness) -> None:
+    sub = h.client("a", "t", client_id="dev")
+    h.publish(h.client("a"), "t", "m1")
+    h.broker.connection_closed(sub, h.now, clean=True)
+    stats = h.broker.stats().per_session["a"]
+    assert (stats.subscribers, stats.detached_subscribers, stats.inflight_deliveries) == (1, 0, 0)
+    assert stats.stored_messages == 0 and stats.pending_bytes == 0
+    assert given_up(h, "a", "released") == 1
+    assert h.publish(h.client("a"), "t", "m2")["deliveredTo"] == 0  # nobody stores for it any more
+    again = h.client("a", client_id="dev")
+    assert h.messages(again) == []  # a fresh subscriber: nothing to resume
+    assert h.metrics.value("subscribers_resumed", "a") == 0
+
+
+def test_a_lost_connection_keeps_a_non_persistent_subscriber_for_the_detached_window(h: Harness) -> None:
+    sub = h.client("a", "t", client_id="dev")
+    h.publish(h.client("a"), "t", "m1")
+    h.broker.connection_closed(sub, h.now)  # EOF, reset, keepalive, a close the server started
+    assert h.broker.stats().per_session["a"].detached_subscribers == 1
+    again = h.client("a", client_id="dev")
+    assert [m["messageId"] for m in h.messages(again)] == ["m1"]
+
+
+def test_a_persistent_subscriber_survives_a_clean_close_until_it_expires(h: Harness) -> None:
+    sub = h.client("a", "t", client_id="dev", persistent=True)
+    publisher = h.client("a")
+    h.publish(publisher, "t", "m1")
+    h.broker.connection_closed(sub, h.now, clean=True)
+    assert h.broker.stats().per_session["a"].detached_subscribers == 1
+    assert h.publish(publisher, "t", "m2")["deliveredTo"] == 1  # its backlog accumulates
+    again = h.client("a", client_id="dev")  # resumed without persistent: the latest init decides
+    assert [m["messageId"] for m in h.messages(again)] == ["m1", "m2"]
+    h.broker.connection_closed(again, h.now, clean=True)
+    assert h.broker.stats().per_session["a"].subscribers == 1  # released: only the publisher is left
+    assert given_up(h, "a", "released") == 2
+
+
+def test_a_clean_close_of_an_anonymous_subscriber_is_unchanged(h: Harness) -> None:
+    sub = h.client("a", "t")
+    h.publish(h.client("a"), "t", "m1")
+    h.broker.connection_closed(sub, h.now, clean=True)
+    assert given_up(h, "a", "disconnected") == 1 and given_up(h, "a", "released") == 0

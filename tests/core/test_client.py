@@ -913,7 +913,7 @@ class Network:
 
     def __init__(self) -> None:
         self.server = ServerCore(ServerConfig(password_hash_cost=2))
-        self.server.broker.create_session(SESSION, PASSWORD, T0)
+        self.server.create_session(SESSION, PASSWORD, T0)
         self.links: dict[int, ClientCore] = {}
 
     def dial(self, client: ClientCore, now: float) -> int:

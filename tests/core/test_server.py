@@ -23,8 +23,8 @@ ADMIN = AdminCredentials("admin", "secret")
 def make_core(**config: object) -> ServerCore:
     config.setdefault("password_hash_cost", 2)  # scrypt's real cost is tested in test_auth; here it is noise
     core = ServerCore(ServerConfig(**config), admin_credentials=ADMIN)  # type: ignore[arg-type]
-    core.broker.create_session("demo", "pw", 0.0)
-    core.broker.create_session("other", "pw2", 0.0)
+    core.create_session("demo", "pw", 0.0)
+    core.create_session("other", "pw2", 0.0)
     return core
 
 
@@ -129,7 +129,7 @@ def test_ping_is_answered_and_silence_is_detected() -> None:
     assert core.should_close(peer.conn)
     core.connection_lost(peer.conn, 15.0)
     assert core.connection_count == 0
-    assert core.broker.stats().connections == 0
+    assert core.stats().connections == 0
 
 
 def test_connection_that_never_upgrades_is_closed_after_the_handshake_timeout() -> None:
@@ -167,7 +167,7 @@ def test_admin_api_on_the_same_port_with_keep_alive() -> None:
 
 def test_dropping_a_session_over_http_closes_its_connections_with_4001() -> None:
     core = make_core()
-    secret = core.broker.create_session("doomed", "pw", 0.0)
+    secret = core.create_session("doomed", "pw", 0.0)
     peer = ready(core, "doomed", "pw")
     conn = core.open_connection(0.0)
     body = orjson.dumps({"sessionName": "doomed", "password": "pw", "secretKey": secret})

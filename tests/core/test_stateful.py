@@ -253,7 +253,7 @@ class World:
         self.policy = policy
         self.server = ServerCore(server_config(policy))
         self.secrets = {
-            name: self.server.broker.create_session(name, password, T0, session_settings)
+            name: self.server.create_session(name, password, T0, session_settings)
             for name, (password, session_settings) in SESSIONS.items()
         }
         self.clients = {
@@ -552,9 +552,7 @@ class World:
         self.suspended[session] = suspend
         password = SESSIONS[session][0]
         self.server_call(
-            lambda: self.server.broker.suspend_session(
-                session, password, self.secrets[session], suspend, self.now
-            ),
+            lambda: self.server.suspend_session(session, password, self.secrets[session], suspend, self.now),
             "suspend",
             session=session,
         )
@@ -736,7 +734,7 @@ class World:
         unsent = [f"{d.publication.message_id} to {d.client}" for d in effects.sends if d not in seen]
         assert not unsent, f"{what} at {self.now}: the broker should have sent {unsent}"
         if what == "timeout":
-            stats = self.server.broker.stats()
+            stats = self.server.stats()
             for s in SESSIONS:
                 held = stats.per_session[s].detached_subscribers
                 ours = sorted((self.detached_at[c], c) for c in MEMBERS[s] if self.detached_at[c] is not None)
@@ -1116,7 +1114,7 @@ class World:
         """Cheap invariants, after every step."""
         metrics = self.server.metrics
         assert metrics.total("internal_errors") == 0
-        stats = self.server.broker.stats()
+        stats = self.server.stats()
         assert stats.connections <= LIMITS.max_connections
         for name, labels, _ in metrics.items():
             if name in SESSION_LABELLED:
@@ -1161,7 +1159,7 @@ class World:
             return False
         if any(c.state is not ClientState.READY or c.pending_publishes for c in self.clients.values()):
             return False
-        stats = self.server.broker.stats()
+        stats = self.server.stats()
         return stats.connections == len(self.clients) and all(
             s.inflight_deliveries == 0 and s.stored_messages == 0 and s.detached_subscribers == 0
             for s in stats.per_session.values()
@@ -1176,7 +1174,7 @@ class World:
             assert due is not None and due <= horizon, (
                 f"not quiet {HEAL_HORIZON} s after the faults stopped: "
                 f"{[(n, c.state.name, c.pending_publishes) for n, c in self.clients.items()]}, "
-                f"{self.server.broker.stats()}, queued {self.queues()}"
+                f"{self.server.stats()}, queued {self.queues()}"
             )
             self.now = max(self.now, due)
             self.run_timers()

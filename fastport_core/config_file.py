@@ -32,14 +32,14 @@ import os
 import tomllib
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
-from fastport_core.admin import AdminCredentials
-from fastport_core.config import Limits, ServerConfig, SessionSettings
-from fastport_core.errors import LocalProtocolError
+from .admin import AdminCredentials
+from .config import Limits, ServerConfig, SessionSettings
+from .errors import LocalProtocolError
 
 __all__ = [
     "ENVIRONMENT_VARIABLES",
@@ -120,6 +120,9 @@ class Overrides:
     admin_user: str | None = None
     admin_password: str | None = None
     shutdown_timeout: float | None = None
+    max_uninitialised_per_address: int | None = None
+    """The one core limit with a flag of its own: the first knob to turn when many clients share one address
+    (NAT, a proxy) and connect at once."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -391,10 +394,17 @@ def load_settings(
     shutdown_timeout = float(merged.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT))
     if shutdown_timeout < 0:
         raise ConfigError(f"{origin('shutdown_timeout')}: shutdown timeout must be >= 0")
+    config = file_values.config
+    if (per_address := merged.get("max_uninitialised_per_address")) is not None:
+        try:
+            limits = replace(config.limits, max_uninitialised_per_address=per_address)
+        except LocalProtocolError as exc:
+            raise ConfigError(f"{origin('max_uninitialised_per_address')}: {exc}") from None
+        config = replace(config, limits=limits)
     return ServerSettings(
         host=str(merged.get("host", DEFAULT_HOST)),
         port=_port(merged.get("port", DEFAULT_PORT), origin("port")),
-        config=file_values.config,
+        config=config,
         sessions=file_values.sessions,
         admin=admin,
         certfile=certfile,
