@@ -67,6 +67,8 @@ class Init:
     password: str
     client_id: str | None = None
     """Identifies a subscriber across reconnections so its un-ACKed deliveries can resume (optional)."""
+    persistent: bool = False
+    """Keep the subscriber after a clean close too (MQTT's persistent session); sent only when true."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,7 @@ CLIENT_FRAMES: Final[Mapping[str, FrameSpec]] = {
             _f("sessionName", "session_name", str, limit="max_session_name_length", nonempty=True),
             _f("password", "password", str, limit="max_password_length"),
             _f("clientId", "client_id", str, required=False, limit="max_message_id_length", nonempty=True),
+            _f("persistent", "persistent", bool, required=False),
         ), "Authenticate into a session. Answer: `init_response`."),
         FrameSpec("subscribe", Subscribe, (_TOPIC,), "Receive a topic. Answer: `subscribe_response`."),
         FrameSpec("unsubscribe", Unsubscribe, (_TOPIC,), "Stop a topic. Answer: `unsubscribe_response`."),
@@ -391,7 +394,12 @@ def _omitted(fs: FieldSpec, value: object) -> bool:
     """Optional fields at their default are left off the wire, as the original protocol does."""
     if fs.required:
         return False
-    return value is None or (fs.attr == "encoding" and value == "text") or (fs.attr == "retry" and value == 0)
+    return (
+        value is None
+        or (fs.attr == "encoding" and value == "text")
+        or (fs.attr == "retry" and value == 0)
+        or (fs.attr == "persistent" and value is False)
+    )
 
 
 def encode(frame: ClientFrame | ServerFrame) -> bytes:
