@@ -31,16 +31,13 @@ from typing import Any, Final, TypeVar
 import anyio
 import anyio.abc
 
-from fastport_core.client import IntegrityFailure
 from fastport_core.client_api import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_TIMEOUT,
-    ConnectionState,
     Message,
-    StateChange,
     describe_error,
 )
-from fastport_core.client_app import ClientApp, Consumer, Ended, Ticket
+from fastport_core.client_app import ClientApp, ClientViews, Consumer, Ended, Ticket
 from fastport_core.config import ClientConfig
 from fastport_core.crypto import SuiteName
 from fastport_core.errors import LocalProtocolError
@@ -131,7 +128,7 @@ def connect(
                   ssl_context=ssl_context, client_id=client_id)  # fmt: skip
 
 
-class Client:
+class Client(ClientViews):
     """A fastport client for one session, across reconnections. Create it with :func:`connect`.
 
     All methods must be called from the event loop that entered ``async with``.
@@ -168,50 +165,6 @@ class Client:
         self._closed: anyio.Event
         self._entered = False
         self._close_started = False
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._app.url} session={self.session!r} {self.state.value}>"
-
-    # -- views -------------------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> ConnectionState:
-        return self._app.state
-
-    @property
-    def session(self) -> str:
-        return self._app.core.session
-
-    @property
-    def client_id(self) -> str:
-        return self._app.core.client_id
-
-    @property
-    def integrity_failures(self) -> int:
-        """Received messages that failed verification or decryption (ACKed, never delivered)."""
-        return self._app.integrity_failures
-
-    @property
-    def server_errors(self) -> int:
-        """``error`` frames received (the server could not honour something this client sent)."""
-        return self._app.server_errors
-
-    @property
-    def pending_publishes(self) -> int:
-        """Publishes sent or queued and not yet confirmed by the server."""
-        return self._app.pending_publishes
-
-    def on_state_change(self, callback: Callable[[StateChange], object]) -> Callable[[], None]:
-        """Call ``callback(change)`` on every connection state change; returns a function that unregisters.
-
-        Callbacks run on the client's own tasks and must return quickly; an exception in one is logged.
-        """
-        return self._app.on_state_change(callback)
-
-    def on_integrity_failure(self, callback: Callable[[IntegrityFailure], object]) -> Callable[[], None]:
-        """Call ``callback(failure)`` for every received message that failed verification or decryption
-        (never delivered, ACKed so the server stops re-sending it). Same rules as :meth:`on_state_change`."""
-        return self._app.on_integrity_failure(callback)
 
     # -- life cycle --------------------------------------------------------------------------------------
 

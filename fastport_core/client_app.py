@@ -81,7 +81,7 @@ from .errors import (
 )
 from .timers import Deadlines
 
-__all__ = ["ClientApp", "Consumer", "Ended", "Ticket"]
+__all__ = ["ClientApp", "ClientViews", "Consumer", "Ended", "Ticket"]
 
 logger = logging.getLogger(__name__)
 
@@ -538,3 +538,57 @@ class ClientApp:
 def _discard(callbacks: list[Callable[[T], object]], callback: Callable[[T], object]) -> None:
     if callback in callbacks:
         callbacks.remove(callback)
+
+
+class ClientViews:
+    """What both adapters' ``Client`` show of their :class:`ClientApp` (one definition, one wording).
+
+    Reads of single attributes: safe from any thread without the blocking client's lock.
+    """
+
+    _app: ClientApp
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._app.url} session={self.session!r} {self.state.value}>"
+
+    @property
+    def state(self) -> ConnectionState:
+        """``CONNECTED``, ``RECONNECTING`` (publishes and subscriptions wait) or ``CLOSED``."""
+        return self._app.state
+
+    @property
+    def session(self) -> str:
+        return self._app.core.session
+
+    @property
+    def client_id(self) -> str:
+        """Sent in every ``init``; an explicit one (``connect(client_id=...)``) asks for persistence."""
+        return self._app.core.client_id
+
+    @property
+    def integrity_failures(self) -> int:
+        """Received messages that failed verification or decryption (ACKed, never delivered)."""
+        return self._app.integrity_failures
+
+    @property
+    def server_errors(self) -> int:
+        """``error`` frames received (the server could not honour something this client sent)."""
+        return self._app.server_errors
+
+    @property
+    def pending_publishes(self) -> int:
+        """Publishes sent or queued and not yet confirmed by the server."""
+        return self._app.pending_publishes
+
+    def on_state_change(self, callback: Callable[[StateChange], object]) -> Callable[[], None]:
+        """Call ``callback(change)`` on every connection state change; returns a function that unregisters.
+
+        Callbacks run on the client's own task or dispatcher thread and must return quickly; an exception
+        in one is logged and does not affect the client.
+        """
+        return self._app.on_state_change(callback)
+
+    def on_integrity_failure(self, callback: Callable[[IntegrityFailure], object]) -> Callable[[], None]:
+        """Call ``callback(failure)`` for every received message that failed verification or decryption
+        (never delivered; ACKed so the server stops re-sending it). Same rules as :meth:`on_state_change`."""
+        return self._app.on_integrity_failure(callback)

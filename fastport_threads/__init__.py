@@ -1,7 +1,6 @@
 """fastport's blocking, thread-safe client: ``with fastport_threads.connect(url, ...) as client:``.
 
-The same names, keywords and behaviour as the async client in :mod:`fastport_anyio` (docs/clients.md);
-see :mod:`fastport_threads.client` for the thread model.
+The same names, keywords and behaviour as the async client in :mod:`fastport_anyio` (docs/clients.md).
 """
 
 from fastport_core.client import IntegrityFailure
@@ -18,27 +17,13 @@ from fastport_core.errors import (
     PublishTimeoutError,
     SubscribeRefusedError,
     SubscribeTimeoutError,
-)
+)  # fmt: skip
 
 from .client import Client, MessageStream, connect
 
 __all__ = [
-    "AuthenticationError",
-    "Client",
-    "ClientClosedError",
-    "ClientConfig",
-    "ConnectError",
-    "ConnectionState",
-    "FastportError",
-    "IntegrityFailure",
-    "InvalidKeyError",
-    "LocalProtocolError",
-    "Message",
-    "MessageStream",
-    "PublishRefusedError",
-    "PublishTimeoutError",
-    "StateChange",
-    "SubscribeRefusedError",
-    "SubscribeTimeoutError",
-    "connect",
-]
+    "AuthenticationError", "Client", "ClientClosedError", "ClientConfig", "ConnectError", "ConnectionState",
+    "FastportError", "IntegrityFailure", "InvalidKeyError", "LocalProtocolError", "Message", "MessageStream",
+    "PublishRefusedError", "PublishTimeoutError", "StateChange", "SubscribeRefusedError",
+    "SubscribeTimeoutError", "connect",
+]  # fmt: skip

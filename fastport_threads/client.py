@@ -1,20 +1,10 @@
 """The blocking client: :class:`fastport_core.client_app.ClientApp` driven by two threads and one lock.
 
-Every decision (protocol, reconnection, timeouts, subscriptions, the refusal rule, flow control, the
-first-connect policy, error wording) is the core's (:mod:`fastport_core.client_app`); this module moves
-bytes and time, and maps tickets to blocking waits and consumers to iterators and callbacks.
-
-``fastport-io`` (the IO thread)
-    The only thread that touches the socket (:mod:`.transport`: non-blocking, TLS in memory). It runs the
-    documented loop on one ``selectors`` call: dial when the core wants, write ``data_to_send()``, retire a
-    finished transport, read (except while the core says ``paused``), and time out at ``next_deadline()``.
-    It never runs application code.
-``fastport-dispatch`` (the dispatcher thread)
-    Runs the application's callbacks one at a time: message callbacks (taking turns between topics,
-    each topic in order) and state-change / integrity-failure callbacks.
-
-One ``threading.Lock`` guards the core; every public method holds it only to call into the core, then
-wakes the IO thread through a socket pair. Nothing that can block runs under it.
+Every decision is the core's (:mod:`fastport_core.client_app`); this module moves bytes and time, and maps
+tickets to blocking waits and consumers to iterators and callbacks. ``fastport-io`` is the only thread
+that touches the socket (:mod:`.transport`) and runs the documented loop on one ``selectors`` call;
+``fastport-dispatch`` runs the application's callbacks one at a time (topics take turns, each in order).
+One lock guards the core, held only to call into it; nothing that can block runs under it.
 """
 
 from __future__ import annotations
@@ -30,19 +20,15 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from fastport_core.client import IntegrityFailure
 from fastport_core.client_api import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_TIMEOUT,
-    ConnectionState,
     Message,
-    StateChange,
     describe_error,
 )
-from fastport_core.client_app import ClientApp, Consumer, Ended, Job, Ticket
+from fastport_core.client_app import ClientApp, ClientViews, Consumer, Ended, Job, Ticket
 from fastport_core.config import ClientConfig
 from fastport_core.crypto import SuiteName
 
@@ -55,20 +41,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CLOSE_GRACE: Final = 10.0
-"""Default bound (seconds) on :meth:`Client.close` waiting for each thread (the core's close timeout, 5 s,
-normally ends the closing handshake first; the rest is for a callback that is still running)."""
+"""Default bound (seconds) on :meth:`Client.close` waiting for each thread (a callback may still run)."""
 
 
 class MessageStream:
-    """``for message in stream``: the messages of one subscription, each once, in order. Any thread.
-
-    Made by :meth:`Client.messages` and :meth:`Client.subscription`. With an idle ``timeout``, the
-    iteration ends (and the stream closes) when no message came for that long. It ends after
-    :meth:`close`, :meth:`Client.unsubscribe` or :meth:`Client.close`; it raises
-    :class:`~fastport_core.errors.SubscribeRefusedError` if the server withdrew the topic and
-    :class:`~fastport_core.errors.ClientClosedError` if the client gave up. A stream dropped without
-    :meth:`close` is withdrawn when it is garbage-collected.
-    """
+    """``for message in stream``: one subscription's messages, each once, in order, from any thread. The
+    same contract as :class:`fastport_anyio.MessageStream`; a stream dropped without :meth:`close` is
+    withdrawn when it is garbage-collected."""
 
     __slots__ = ("__weakref__", "_client", "_consumer", "_finalizer", "_ready", "_timeout")
 
@@ -110,34 +89,13 @@ class MessageStream:
         self.close()
 
 
-def connect(
-    url: str,
-    *,
-    session: str,
-    password: str,
-    key: str | bytes,
-    suite: SuiteName = "authenticated",
-    config: ClientConfig | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    client_id: str | None = None,
-) -> Client:
-    """Connect to ``url`` (``ws://host:port/path`` or ``wss://``) and return once the session is open.
+class Client(ClientViews):
+    """A blocking fastport client for one session, across reconnections; ``with connect(url, ...) as c:``.
 
-    Use the result as ``with connect(...) as client:``. The same keywords and behaviour as
-    :func:`fastport_anyio.connect` (docs/clients.md): configuration errors raise before any IO; a failed
-    first attempt raises :class:`~fastport_core.errors.ConnectError` or
-    :class:`~fastport_core.errors.AuthenticationError` at once (unless ``config.retry_first_connect``),
-    with no thread left behind. An explicit ``client_id`` makes the subscriber persistent.
-    """
-    return Client(url, session=session, password=password, key=key, suite=suite, config=config,
-                  ssl_context=ssl_context, client_id=client_id)  # fmt: skip
-
-
-class Client:
-    """A blocking fastport client for one session, across reconnections. Made by :func:`connect`.
-
-    Every public method and property may be called from any thread, callbacks included; the blocking ones
-    wait without holding the lock. Publishes from one thread are sent (and re-sent) in that thread's order.
+    Same keywords and behaviour as :func:`fastport_anyio.connect` (docs/clients.md): configuration errors
+    raise before any IO; the constructor returns once the session is open, or raises ``ConnectError`` /
+    ``AuthenticationError`` with no thread left behind (unless ``config.retry_first_connect``). Every
+    method may be called from any thread, callbacks included; blocking ones wait without the lock.
     """
 
     def __init__(
@@ -185,71 +143,20 @@ class Client:
             self.close()
             raise
 
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._app.url} session={self.session!r} {self.state.value}>"
-
-    # -- views -------------------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> ConnectionState:
-        return self._app.state
-
-    @property
-    def session(self) -> str:
-        return self._app.core.session
-
-    @property
-    def client_id(self) -> str:
-        return self._app.core.client_id
-
-    @property
-    def integrity_failures(self) -> int:
-        """Received messages that failed verification or decryption (ACKed, never delivered)."""
-        return self._app.integrity_failures
-
-    @property
-    def server_errors(self) -> int:
-        """``error`` frames received (the server could not honour something this client sent)."""
-        return self._app.server_errors
-
-    @property
-    def pending_publishes(self) -> int:
-        """Publishes sent or queued and not yet confirmed by the server."""
-        with self._lock:
-            return self._app.pending_publishes
-
-    def on_state_change(self, callback: Callable[[StateChange], object]) -> Callable[[], None]:
-        """Call ``callback(change)`` (on the dispatcher thread) on every connection state change; returns a
-        function that unregisters. An exception in one is logged."""
-        return self._call(self._app.on_state_change, callback)
-
-    def on_integrity_failure(self, callback: Callable[[IntegrityFailure], object]) -> Callable[[], None]:
-        """Call ``callback(failure)`` (on the dispatcher thread) for every received message that failed
-        verification or decryption (never delivered, ACKed so the server stops re-sending it)."""
-        return self._call(self._app.on_integrity_failure, callback)
-
     # -- publishing and subscribing ----------------------------------------------------------------------
 
     def publish(self, topic: str, payload: str | bytes, *, timeout: float | None = DEFAULT_TIMEOUT) -> str:
-        """Encrypt and publish ``payload``; return its message id once the server confirmed it.
-
-        The same contract as the async client: waits across reconnections, at most ``timeout`` seconds
-        (then :class:`~fastport_core.errors.PublishTimeoutError`, no longer retried).
-        """
+        """Encrypt and publish ``payload``; return its message id once the server confirmed it (the async
+        client's contract: waits across reconnections, at most ``timeout`` seconds)."""
         ticket = self._call(self._app.publish, topic, payload, now=time.monotonic(),
                             timestamp=time.time_ns() // 1_000_000, timeout=timeout)  # fmt: skip
         result = self._wait(ticket)
         assert result is not None
         return result
 
-    def subscribe(
-        self,
-        topic: str,
-        handler: Callable[[Message], object],
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_buffer: int = DEFAULT_MAX_BUFFER,
-    ) -> None:
+    def subscribe(self, topic: str, handler: Callable[[Message], object], *,
+                  timeout: float | None = DEFAULT_TIMEOUT,
+                  max_buffer: int = DEFAULT_MAX_BUFFER) -> None:  # fmt: skip
         """Call ``handler(message)`` on the dispatcher thread for every message on ``topic``; returns once
         the server confirmed the subscription (at most ``timeout`` seconds; otherwise it is withdrawn and
         the error raised). ``max_buffer`` messages wait for a busy handler before the client stops reading.
@@ -261,14 +168,9 @@ class Client:
             self._handlers.append(consumer)
         self._wait(consumer.confirm)
 
-    def messages(
-        self,
-        topic: str,
-        timeout: float | None = None,
-        *,
-        subscribe_timeout: float | None = DEFAULT_TIMEOUT,
-        max_buffer: int = DEFAULT_MAX_BUFFER,
-    ) -> MessageStream:
+    def messages(self, topic: str, timeout: float | None = None, *,
+                 subscribe_timeout: float | None = DEFAULT_TIMEOUT,
+                 max_buffer: int = DEFAULT_MAX_BUFFER) -> MessageStream:  # fmt: skip
         """Subscribe (confirmed, as :meth:`subscribe`) and return a :class:`MessageStream` whose iteration
         waits at most ``timeout`` seconds per message (``None``: no bound)."""
         consumer = self._call(self._app.subscribe, topic, now=time.monotonic(), timeout=subscribe_timeout,
@@ -316,9 +218,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- the application side's internals ----------------------------------------------------------------
@@ -518,3 +418,7 @@ class Client:
             if self._transport is transport:
                 self._app.connection_lost(time.monotonic(), reason)
                 self._collect_locked()
+
+
+connect = Client
+"""``connect(url, session=..., password=..., key=...)``: the blocking client is made connected."""

@@ -1,8 +1,5 @@
 """The blocking client's socket: one non-blocking connection attempt, TLS in memory, owned by the IO thread.
-
-It only moves bytes; what to send, when to dial and when to give up are decided by the core
-(:mod:`fastport_core.client_app`) through :mod:`fastport_threads.client`'s IO loop.
-"""
+It only moves bytes; the core (:mod:`fastport_core.client_app`) decides what, when and whether."""
 
 from __future__ import annotations
 
@@ -30,13 +27,9 @@ class Phase(Enum):
 
 
 class Transport:
-    """One connection attempt's socket. Owned by the IO thread alone: no lock protects it.
-
-    TLS runs in memory (an ``SSLObject`` over two ``MemoryBIO``\\ s): the socket only ever carries raw
-    bytes, so plain and TLS connections share one non-blocking read path and one write path, without the
-    want-read/want-write dance of a non-blocking ``SSLSocket``. Errors surface as ``OSError`` (which
-    ``ssl.SSLError`` is), for the IO loop to report to the core as a lost connection.
-    """
+    """One connection attempt's socket, owned by the IO thread alone. TLS runs in memory (an ``SSLObject``
+    over two ``MemoryBIO``\\ s), so plain and TLS share one non-blocking read path and one write path.
+    Errors surface as ``OSError`` (``ssl.SSLError`` is one), reported to the core as a lost connection."""
 
     def __init__(self, endpoint: Endpoint, ssl_context: ssl.SSLContext | None) -> None:
         self._endpoint = endpoint
