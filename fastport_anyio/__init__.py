@@ -1,33 +1,43 @@
 """fastport over anyio (asyncio or trio): the server, the async client and the ``fastport`` command.
 
 Public names (DESIGN §5): :func:`serve` / :class:`Server` run a broker; :func:`connect` / ``Client`` are
-the async client. Each group is imported on its own lines so the two can be edited independently.
+the async client, with the same names as :mod:`fastport_threads` (docs/clients.md). Each group is imported
+on its own lines so the two can be edited independently.
 """
 
+from fastport_core.client import IntegrityFailure
+from fastport_core.client_api import ConnectionState, Message, StateChange
+from fastport_core.config import ClientConfig
 from fastport_core.config_file import ServerSettings, SessionSpec
-
-from .client import (
-    Client,
+from fastport_core.errors import (
+    AuthenticationError,
     ClientClosedError,
     ConnectError,
-    ConnectionState,
-    Message,
+    FastportError,
+    InvalidKeyError,
+    LocalProtocolError,
     PublishRefusedError,
     PublishTimeoutError,
-    StateChange,
     SubscribeRefusedError,
     SubscribeTimeoutError,
-    Subscription,
-    connect,
 )
+
+from .client import Client, MessageStream, connect
 from .server import Server, serve
 
 __all__ = [
+    "AuthenticationError",
     "Client",
     "ClientClosedError",
+    "ClientConfig",
     "ConnectError",
     "ConnectionState",
+    "FastportError",
+    "IntegrityFailure",
+    "InvalidKeyError",
+    "LocalProtocolError",
     "Message",
+    "MessageStream",
     "PublishRefusedError",
     "PublishTimeoutError",
     "Server",
@@ -36,7 +46,6 @@ __all__ = [
     "StateChange",
     "SubscribeRefusedError",
     "SubscribeTimeoutError",
-    "Subscription",
     "connect",
     "serve",
 ]

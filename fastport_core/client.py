@@ -313,7 +313,9 @@ class ClientCore:
     ``key`` is the shared end-to-end key (base64 ``str`` or 32 raw bytes) and is required: payloads are
     always sealed by ``suite``. ``host`` and ``target`` are the upgrade request's ``Host`` header and path.
     ``client_id`` (default: a random one) is sent in every ``init`` so a server can resume this subscriber's
-    deliveries after a reconnection. ``rng`` only draws reconnect jitter (inject one for reproducible tests).
+    deliveries after a reconnection; an explicit one also asks for a persistent subscriber (``persistent``
+    in ``init``: kept after a clean close, like MQTT's persistent session). ``rng`` only draws reconnect
+    jitter (inject one for reproducible tests).
     Configuration errors (bad key, suite, host or target) raise here, not on the first connection.
     """
 
@@ -343,7 +345,9 @@ class ClientCore:
         self._config = config = config if config is not None else ClientConfig()
         self._session = session
         self._client_id = client_id if client_id is not None else uuid.uuid4().hex
-        self._init_frame = encode(Init(session, password, self._client_id))
+        # An explicit client id is a request for a persistent subscriber (DESIGN §3.10): the server keeps it
+        # after a clean close. A random one is a clean session, released when the client closes.
+        self._init_frame = encode(Init(session, password, self._client_id, persistent=client_id is not None))
         self._backoff = Backoff.from_config(config, rng)
         self.metrics = Metrics()
         """Counters of what this client dropped: integrity failures, invalid or binary server frames."""
@@ -625,7 +629,9 @@ class ClientCore:
             failing_since = self._backoff.failing_since
             assert failing_since is not None  # schedule() just recorded the failure
             reason = f"{reason}; giving up after {now - failing_since:g} s of failed connections"
-        logger.warning("giving up: %s", reason)
+        # INFO, not WARNING: the application layer (client_app) reports a give-up to the application as an
+        # exception or a state change, and logs it there when nobody is waiting for it.
+        logger.info("giving up: %s", reason)
         self._move(_I.GIVE_UP)
         self._events.append(GaveUp(reason))
 

@@ -2,53 +2,33 @@
 
 Both adapters hand the application the same :class:`Message`, report the same :class:`ConnectionState`
 changes and raise the same errors (:mod:`fastport_core.errors`), so code can move between the async and
-the blocking client, and a ``Message`` is one class however it was received. This module also holds what
-both adapters need to start a connection: the parsed :class:`Endpoint` of a ``ws://`` / ``wss://`` URL.
+the blocking client, and a ``Message`` is one class however it was received. This module also holds the
+parsed :class:`Endpoint` of a ``ws://`` / ``wss://`` URL and every error description the clients give
+(one wording, one place); :mod:`.client_app` makes the decisions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final
 from urllib.parse import urlsplit
 
-from .client import (
-    AuthRefused,
-    ClientCore,
-    ClientEvent,
-    PublishConfirmed,
-    PublishRefused,
-    SubscribeConfirmed,
-    SubscribeRefused,
-)
-from .config import ClientConfig
-from .crypto import SuiteName
-from .errors import (
-    AuthenticationError,
-    ErrorCode,
-    LocalProtocolError,
-    PublishRefusedError,
-    SubscribeRefusedError,
-)
+from .client import AuthRefused, SubscribeRefused
+from .errors import AuthenticationError, ErrorCode, LocalProtocolError, SubscribeRefusedError
 
 __all__ = [
     "DEFAULT_MAX_BUFFER",
     "DEFAULT_TIMEOUT",
-    "Answer",
     "ConnectionState",
     "Endpoint",
     "Message",
     "StateChange",
     "auth_error",
-    "make_client_core",
+    "describe_error",
     "parse_url",
-    "settle_answers",
     "subscribe_refused_error",
 ]
-
-T = TypeVar("T")
 
 DEFAULT_TIMEOUT: Final = 30.0
 """Default bound (seconds) on waiting for a server confirmation, connected or not."""
@@ -129,76 +109,40 @@ def parse_url(url: str) -> Endpoint:
     return Endpoint(host, port, tls, host_header, target)
 
 
-def make_client_core(
-    url: str,
-    *,
-    session: str,
-    password: str,
-    key: str | bytes,
-    suite: SuiteName,
-    config: ClientConfig,
-    client_id: str | None,
-    tls_context_given: bool,
-) -> tuple[Endpoint, ClientCore]:
-    """What both adapters do with ``connect``'s arguments before any IO: parse the URL, refuse a TLS
-    context for a plain ``ws://`` URL (it would be silently ignored), and build the :class:`ClientCore`
-    (which checks the key and suite). Raises :class:`LocalProtocolError` for any of them."""
-    endpoint = parse_url(url)
-    if tls_context_given and not endpoint.tls:
-        raise LocalProtocolError(f"ssl_context was given for a plain ws:// url ({url!r}): use wss://")
-    core = ClientCore(
-        session=session,
-        password=password,
-        key=key,
-        suite=suite,
-        host=endpoint.host_header,
-        target=endpoint.target,
-        config=config,
-        client_id=client_id,
-    )
-    return endpoint, core
-
-
 def auth_error(event: AuthRefused) -> AuthenticationError:
-    """The typed error a refused ``init`` becomes for the application."""
-    code = next((known for known in ErrorCode if known.value == event.code), ErrorCode.AUTH_FAILED)
-    return AuthenticationError(f"the server refused the session credentials: {event.error}", code=code)
+    """The typed error a refused ``init`` becomes for the application.
 
-
-class _Flag(Protocol):
-    """The adapter's own one-shot event (``anyio.Event``, ``threading.Event``): set once, then seen set."""
-
-    def set(self) -> None: ...
-    def is_set(self) -> bool: ...
-
-
-class Answer(Generic[T]):
-    """One caller waiting for the server's answer (a publish or subscribe confirmation): a flag and a slot.
-
-    Each adapter subclasses it with its own flag type and its own way to wait; resolving and failing,
-    and which core event settles which answer (:func:`settle_answers`), are the same for both.
+    The wording follows the code: a suspended session or a throttled client did nothing wrong with its
+    credentials, so only the other refusals blame them.
     """
+    code = next((known for known in ErrorCode if known.value == event.code), ErrorCode.AUTH_FAILED)
+    if code is ErrorCode.SESSION_SUSPENDED:
+        text = f"the session is suspended: {event.error}"
+    elif code is ErrorCode.AUTH_THROTTLED:
+        text = f"the server throttles this client's logins: {event.error}"
+    elif code is ErrorCode.TOO_MANY_CONNECTIONS:
+        text = f"the session has too many connections: {event.error}"
+    else:
+        text = f"the server refused the session credentials: {event.error}"
+    return AuthenticationError(text, code=code)
 
-    __slots__ = ("_flag", "error", "result")
 
-    def __init__(self, flag: _Flag) -> None:
-        self._flag = flag
-        self.result: T | None = None
-        self.error: BaseException | None = None
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for a failed dial, read or write, for logs and :class:`ConnectError` messages.
 
-    @property
-    def done(self) -> bool:
-        return self._flag.is_set()
-
-    def resolve(self, result: T) -> None:
-        if not self._flag.is_set():
-            self.result = result
-            self._flag.set()
-
-    def fail(self, error: BaseException) -> None:
-        if not self._flag.is_set():
-            self.error = error
-            self._flag.set()
+    ``OSError`` strings can be empty, SSL ones verbose, and anyio wraps the dial's real failure as the
+    cause: both adapters describe their transport failures here.
+    """
+    # Duck-typed so the core needs no ssl import: ssl.SSLCertVerificationError and ssl.SSLError.
+    if verify_message := getattr(exc, "verify_message", None):
+        return f"TLS certificate verification failed: {verify_message}"
+    if type(exc).__module__ == "ssl" and isinstance(exc, OSError):
+        return f"TLS error: {getattr(exc, 'reason', None) or exc}"
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} ({describe_error(cause)})"
+    return text
 
 
 def subscribe_refused_error(event: SubscribeRefused) -> SubscribeRefusedError:
@@ -208,38 +152,3 @@ def subscribe_refused_error(event: SubscribeRefused) -> SubscribeRefusedError:
         topic=event.topic,
         code=event.code,
     )
-
-
-def settle_answers(
-    event: ClientEvent,
-    publishes: Mapping[str, Answer[str]],
-    subscribes: Mapping[str, Sequence[Answer[None]]],
-) -> bool:
-    """Resolve or fail the answers a publish/subscribe outcome concerns; ``False`` for any other event.
-
-    A refused subscription only fails its answers here: what else it ends (iterators, callbacks) is the
-    adapter's business.
-    """
-    match event:
-        case PublishConfirmed():
-            if (answer := publishes.get(event.message_id)) is not None:
-                answer.resolve(event.message_id)
-        case PublishRefused():
-            if (answer := publishes.get(event.message_id)) is not None:
-                answer.fail(
-                    PublishRefusedError(
-                        f"the server refused publish {event.message_id}: {event.error}",
-                        message_id=event.message_id,
-                        code=event.code,
-                    )
-                )
-        case SubscribeConfirmed():
-            for waiter in subscribes.get(event.topic, ()):
-                waiter.resolve(None)
-        case SubscribeRefused():
-            error = subscribe_refused_error(event)
-            for waiter in subscribes.get(event.topic, ()):
-                waiter.fail(error)
-        case _:
-            return False
-    return True

@@ -199,6 +199,10 @@ class ClientConfig:
     publishes are refused at once (the server would close on every resend)."""
     max_pending_publishes: int = 10_000
     """Unconfirmed publishes held for resending; past it ``publish`` raises instead of growing."""
+    retry_first_connect: bool = False
+    """``False`` (the default): ``connect`` raises at once if the *first* connection fails (a wrong URL or
+    password shows at start-up instead of hiding behind retries). ``True``: the first connection is retried
+    like any reconnection, and ``connect`` waits (up to ``reconnect_give_up_after``) for it."""
 
     def __post_init__(self) -> None:
         _require_positive(

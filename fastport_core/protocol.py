@@ -395,13 +395,11 @@ def _omitted(fs: FieldSpec, value: object) -> bool:
     """Optional fields at their default are left off the wire, as the original protocol does."""
     if fs.required:
         return False
-    if value is None:
-        return True
-    attr = fs.attr
     return (
-        (attr == "encoding" and value == "text")
-        or (attr == "retry" and value == 0)
-        or (attr == "persistent" and value is False)
+        value is None
+        or (fs.attr == "encoding" and value == "text")
+        or (fs.attr == "retry" and value == 0)
+        or (fs.attr == "persistent" and value is False)
     )
 
 

@@ -1,34 +1,29 @@
 """fastport's blocking, thread-safe client: ``with fastport_threads.connect(url, ...) as client:``.
 
-See :mod:`fastport_threads.client` for the thread model and ``docs/clients.md`` for a guide.
+The same names, keywords and behaviour as the async client in :mod:`fastport_anyio` (docs/clients.md).
 """
 
-from .client import (
-    Client,
+from fastport_core.client import IntegrityFailure
+from fastport_core.client_api import ConnectionState, Message, StateChange
+from fastport_core.config import ClientConfig
+from fastport_core.errors import (
+    AuthenticationError,
     ClientClosedError,
     ConnectError,
-    ConnectionState,
-    Message,
-    MessageStream,
+    FastportError,
+    InvalidKeyError,
+    LocalProtocolError,
     PublishRefusedError,
     PublishTimeoutError,
-    StateChange,
     SubscribeRefusedError,
     SubscribeTimeoutError,
-    connect,
-)
+)  # fmt: skip
+
+from .client import Client, MessageStream, connect
 
 __all__ = [
-    "Client",
-    "ClientClosedError",
-    "ConnectError",
-    "ConnectionState",
-    "Message",
-    "MessageStream",
-    "PublishRefusedError",
-    "PublishTimeoutError",
-    "StateChange",
-    "SubscribeRefusedError",
-    "SubscribeTimeoutError",
-    "connect",
-]
+    "AuthenticationError", "Client", "ClientClosedError", "ClientConfig", "ConnectError", "ConnectionState",
+    "FastportError", "IntegrityFailure", "InvalidKeyError", "LocalProtocolError", "Message", "MessageStream",
+    "PublishRefusedError", "PublishTimeoutError", "StateChange", "SubscribeRefusedError",
+    "SubscribeTimeoutError", "connect",
+]  # fmt: skip

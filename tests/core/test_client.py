@@ -244,8 +244,14 @@ def test_handshake_request_then_init_with_session_password_and_client_id() -> No
     client.receive_data(answer, T0)
     assert client.state is ClientState.INITIALISING
     server.feed(client.data_to_send())
-    assert server.frames == [
-        {"type": "init", "sessionName": SESSION, "password": PASSWORD, "clientId": "client-1"}
+    assert server.frames == [  # an explicit client id asks for a persistent subscriber
+        {
+            "type": "init",
+            "sessionName": SESSION,
+            "password": PASSWORD,
+            "clientId": "client-1",
+            "persistent": True,
+        }
     ]
     assert client.events() == []
     client.receive_data(server.send(type="init_response", success=True, sessionName=SESSION), T0)
@@ -263,6 +269,7 @@ def test_default_client_id_is_random_and_stable_across_reconnections() -> None:
     client.connection_lost(T0, "reset")
     connect(client, second, wait_for_reconnect(client))
     assert first.frames[0]["clientId"] == second.frames[0]["clientId"] == client.client_id
+    assert "persistent" not in first.frames[0]  # a random client id is a clean session
 
 
 def test_configuration_errors_raise_at_construction() -> None:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from fastport_core.client import (
-    AuthRefused,
-    ClientState,
-    Connected,
-    PublishConfirmed,
-    PublishRefused,
-    SubscribeConfirmed,
-    SubscribeRefused,
-)
-from fastport_core.client_api import Answer, Endpoint, auth_error, make_client_core, parse_url, settle_answers
-from fastport_core.config import ClientConfig
-from fastport_core.crypto import generate_key
-from fastport_core.errors import ErrorCode, LocalProtocolError, PublishRefusedError, SubscribeRefusedError
+from fastport_core.client import AuthRefused
+from fastport_core.client_api import Endpoint, auth_error, describe_error, parse_url
+from fastport_core.errors import ErrorCode, LocalProtocolError
 
 
 @pytest.mark.parametrize(
@@ -51,39 +39,24 @@ def test_a_refused_init_becomes_a_typed_authentication_error() -> None:
     assert auth_error(AuthRefused("?", "from_the_future")).code is ErrorCode.AUTH_FAILED
 
 
-class _Flag:
-    def __init__(self) -> None:
-        self.flag = False
-
-    def set(self) -> None:
-        self.flag = True
-
-    def is_set(self) -> bool:
-        return self.flag
+def test_a_suspended_or_throttled_session_does_not_blame_the_credentials() -> None:
+    suspended = auth_error(AuthRefused("session suspended", "session_suspended"))
+    assert suspended.code is ErrorCode.SESSION_SUSPENDED
+    assert "suspended" in str(suspended) and "credentials" not in str(suspended)
+    assert "credentials" not in str(auth_error(AuthRefused("slow down", "auth_throttled")))
+    assert "credentials" in str(auth_error(AuthRefused("wrong password", "auth_failed")))
 
 
-def test_answers_are_settled_once_by_the_events_that_concern_them() -> None:
-    publish: Answer[str] = Answer(_Flag())
-    refused: Answer[str] = Answer(_Flag())
-    subscribe: Answer[None] = Answer(_Flag())
-    publishes = {"m1": publish, "m2": refused}
-    subscribes = {"t": [subscribe]}
-    assert settle_answers(PublishConfirmed("m1", 3), publishes, subscribes)
-    assert settle_answers(PublishRefused("m2", "no", "not_allowed"), publishes, subscribes)
-    assert settle_answers(SubscribeRefused("t", "too many", "too_many_subscriptions"), publishes, subscribes)
-    assert settle_answers(SubscribeConfirmed("t"), publishes, subscribes)  # too late: the first answer stands
-    assert settle_answers(PublishConfirmed("unknown", 1), publishes, subscribes)
-    assert not settle_answers(Connected("demo"), publishes, subscribes)
-    assert publish.done and publish.result == "m1" and publish.error is None
-    assert isinstance(refused.error, PublishRefusedError) and refused.error.code == "not_allowed"
-    assert isinstance(subscribe.error, SubscribeRefusedError) and subscribe.error.topic == "t"
-    assert subscribe.result is None
+class _SSLError(OSError):
+    reason = "WRONG_VERSION_NUMBER"
 
 
-def test_a_tls_context_for_a_plain_url_is_refused_before_any_io() -> None:
-    common: dict[str, Any] = {"session": "s", "password": "p", "key": generate_key(), "suite": "authenticated",
-                              "config": ClientConfig(), "client_id": None}  # fmt: skip
-    with pytest.raises(LocalProtocolError, match="wss://"):
-        make_client_core("ws://127.0.0.1:3000", tls_context_given=True, **common)
-    endpoint, core = make_client_core("wss://example.com/x", tls_context_given=True, **common)
-    assert endpoint.tls and core.state is ClientState.DISCONNECTED
+_SSLError.__module__ = "ssl"
+
+
+def test_error_descriptions_name_the_cause() -> None:
+    assert describe_error(OSError()) == "OSError"
+    wrapped = OSError("all connection attempts failed")
+    wrapped.__cause__ = ConnectionRefusedError("connection refused")
+    assert describe_error(wrapped) == "all connection attempts failed (connection refused)"
+    assert describe_error(_SSLError("long text")) == "TLS error: WRONG_VERSION_NUMBER"
