@@ -58,6 +58,7 @@ from .dedupe import DedupeWindow
 from .errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import encode_text_frame
 from .metrics import Metrics
+from .peers import throttle_key
 from .protocol import (
     Ack,
     ClientFrame,
@@ -663,7 +664,11 @@ class Broker:
         self._context = _Context(config, sink, self.metrics, self._disconnect)
         self._deadlines = self._context.deadlines
         self._throttle = AuthThrottle(
-            config.auth_throttle_base, config.auth_throttle_max, config.limits.max_throttled_peers
+            config.auth_throttle_base,
+            config.auth_throttle_max,
+            config.limits.max_throttled_peers,
+            budget=config.auth_failure_budget,
+            window=config.auth_throttle_window,
         )
         self._decoy: PasswordHash | None = None
         self._busy = False
@@ -671,13 +676,19 @@ class Broker:
         self._deferred_closes: list[int] = []
         """Connections the sink reported closed while busy; forgotten when the running call ends."""
 
+    @property
+    def throttle(self) -> AuthThrottle:
+        """The failed-login throttle, shared with the admin API (one mechanism, one set of deadlines)."""
+        return self._throttle
+
     # -- connection lifecycle ------------------------------------------------------------------------------
 
     def connection_opened(self, conn: int, now: float, peer: str = "") -> None:
         """A WebSocket connection is open; it has ``handshake_timeout`` seconds to ``init`` (else 4005).
 
-        ``peer`` is the address failed inits are throttled by (the empty string throttles nothing: the
-        per-connection limit and the init deadline still apply).
+        ``peer`` is the client's address failed inits are throttled by (with the session name; an IPv6
+        address by its /64, see :func:`~fastport_core.peers.throttle_key`). The empty string throttles
+        nothing: the per-connection limit and the init deadline still apply.
         """
         if conn in self._connections:
             raise LocalProtocolError(f"connection {conn} is already open")
@@ -793,14 +804,17 @@ class Broker:
 
     def _on_init(self, connection: _Connection, frame: Init, now: float) -> None:
         peer = connection.peer
-        if peer and (retry_at := self._throttle.retry_at(peer, now)) is not None:
+        # Failures count per address *and* session: a client mistyping one session's password must not
+        # lock anyone out of another (the address alone is shared behind a NAT).
+        key = ("init", frame.session_name, throttle_key(peer)) if peer else None
+        if key is not None and (retry_at := self._throttle.retry_at(key, now)) is not None:
             message = f"too many failed attempts: retry in {retry_at - now:.1f} s"
             self._refuse_auth(connection, ErrorCode.AUTH_THROTTLED, message, now)
             return
         session = self._sessions.get(frame.session_name)
         if not self._check_password(session, frame.password):
-            if peer:
-                self._throttle.record_failure(peer, now)
+            if key is not None:
+                self._throttle.record_failure(key, now)
             _log.info("connection %d from %r: failed init into %r", connection.conn, peer, frame.session_name)
             self._refuse_auth(connection, ErrorCode.AUTH_FAILED, "unknown session or wrong password", now)
             return
@@ -962,6 +976,10 @@ class Broker:
 
     def session_names(self) -> list[str]:
         return sorted(self._sessions)
+
+    def health(self) -> tuple[int, int]:
+        """``(sessions, connections)`` in O(1), for ``/healthz`` (:meth:`stats` walks every session)."""
+        return len(self._sessions), len(self._connections)
 
     def stats(self) -> BrokerStats:
         per_session = {name: session.stats() for name, session in self._sessions.items()}

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from .errors import LocalProtocolError
+from .peers import TrustedProxies
 
 __all__ = ["ClientConfig", "Limits", "ServerConfig", "SessionSettings", "SlowConsumerPolicy"]
 
@@ -122,6 +123,9 @@ class Limits:
     """Bytes of an admin API request body; larger ones are refused with 413 before they are read."""
     max_http_header: int = 16 * 1024
     """Bytes of an HTTP request head; larger ones are refused with 431."""
+    max_http_pipeline: int = 32
+    """HTTP requests answered from one read; a client that pipelined more gets those answers and then its
+    connection is closed (it reconnects for the rest), so one read cannot buy unbounded work."""
 
     def __post_init__(self) -> None:
         _require_positive(self, *(f.name for f in fields(self)))
@@ -143,10 +147,20 @@ class ServerConfig:
     """Seconds a new connection has to complete the HTTP upgrade and a successful ``init``."""
     auth_max_failures: int = 3
     """Failed ``init`` attempts on one connection before it is closed with 1008."""
+    auth_failure_budget: int = 5
+    """Failed logins (``init`` per address and session, admin API per address) allowed per
+    ``auth_throttle_window`` before any delay: throttling targets guessing, not a user who mistypes."""
+    auth_throttle_window: float = 60.0
+    """Seconds over which ``auth_failure_budget`` refills; an address without a failure for this long is
+    forgotten."""
     auth_throttle_base: float = 0.5
-    """First delay (seconds) a peer address must wait after a failed ``init``; doubles per failure."""
+    """First delay (seconds) an address must wait once past its failure budget; doubles per failure."""
     auth_throttle_max: float = 30.0
-    """Longest throttle delay; a peer's failure count is also forgotten after this long without failures."""
+    """Longest throttle delay (seconds)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or CIDR networks of reverse proxies (e.g. ``("10.0.0.0/8", "::1")``). Only a connection
+    from one of them may name the client's address in ``Forwarded`` / ``X-Forwarded-For``, which is then
+    what auth throttling counts by. Empty: the headers are ignored."""
     dedupe_ttl: float = 600.0
     """Seconds a published message id stays in the session's dedupe window (also bounded by count)."""
     password_hash_cost: int = 2**14
@@ -156,8 +170,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require_positive(
             self, "ping_interval", "ping_timeout", "handshake_timeout", "auth_max_failures",
-            "auth_throttle_base", "auth_throttle_max", "dedupe_ttl",
+            "auth_throttle_base", "auth_throttle_max", "auth_throttle_window", "dedupe_ttl",
         )  # fmt: skip
+        if self.auth_failure_budget < 0:
+            raise LocalProtocolError(f"auth_failure_budget must be >= 0, got {self.auth_failure_budget!r}")
+        TrustedProxies(self.trusted_proxies)  # refuses an entry that is not an address or network
         cost = self.password_hash_cost
         if cost < 2 or cost & (cost - 1):
             raise LocalProtocolError(f"password_hash_cost must be a power of two >= 2, got {cost!r}")

@@ -35,6 +35,7 @@ from .errors import CloseCode, ErrorCode, RemoteProtocolError
 from .frames import ABNORMAL_CLOSURE
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics
+from .peers import TrustedProxies, client_address
 from .protocol import CLIENT_FRAMES, FrameParser, encode_error
 from .timers import Deadlines
 from .websocket import TextMessage, WebSocket, WebSocketState
@@ -78,8 +79,12 @@ class ServerCore:
         self.metrics = Metrics()
         self.broker = Broker(config, self, metrics=self.metrics, random=random)
         self.admin = AdminApi(
-            self.broker, admin_credentials, session_defaults=config.default_session_settings
+            self.broker,
+            admin_credentials,
+            session_defaults=config.default_session_settings,
+            throttle=self.broker.throttle,
         )
+        self._proxies = TrustedProxies(config.trusted_proxies)
         self._parser = FrameParser(CLIENT_FRAMES, config.limits)
         self._connections: dict[int, _Connection] = {}
         self._next_id = 1
@@ -91,7 +96,8 @@ class ServerCore:
     # -- adapter API -------------------------------------------------------------------------------------
 
     def open_connection(self, now: float, peer: str = "") -> int:
-        """Register an accepted transport and return its id; ``peer`` (its address) keys auth throttling.
+        """Register an accepted transport and return its id; ``peer`` (its address) keys auth throttling,
+        unless it is a trusted proxy naming the client (``ServerConfig.trusted_proxies``, :mod:`.peers`).
 
         Past ``max_connections`` the connection is refused at once: :meth:`should_close` is already true.
         """
@@ -281,15 +287,27 @@ class ServerCore:
         assert http is not None
         answers = [connection.prefix] if connection.prefix else []
         queued = len(connection.prefix)
+        served = 0
+        pipeline = self.config.limits.max_http_pipeline
         events = http.receive_data(data)
         while events:
+            if served >= pipeline:
+                served += 1  # marks the overflow for the close below
+                # One read must not buy unbounded work: answer what we did, then close.
+                logger.info("connection %d: more than %d pipelined HTTP requests in one read", conn, pipeline)
+                self.metrics.inc("protocol_errors", "http_pipeline")
+                break
             for event in events:
                 if isinstance(event, WebSocketUpgrade):
                     connection.prefix = b"".join(answers)
                     self._upgrade(conn, connection, event, now)
                     return
                 if isinstance(event, HttpRequest):
-                    response = self.admin.handle(event.method, event.target, event.headers, event.body, now)
+                    served += 1
+                    peer = client_address(connection.peer, event.headers, self._proxies)
+                    response = self.admin.handle(
+                        event.method, event.target, event.headers, event.body, now, peer=peer
+                    )
                     answer = http.respond(
                         response.status,
                         response.body,
@@ -310,7 +328,7 @@ class ServerCore:
             # A client may pipeline requests: the next one may already be buffered behind the answered one.
             events = [] if http.should_close else http.next_events()
         connection.prefix = b"".join(answers)
-        if http.should_close or queued > self.config.limits.max_output_buffer:
+        if http.should_close or queued > self.config.limits.max_output_buffer or served > pipeline:
             self._finish_transport(conn, connection, "HTTP connection done")
         else:
             self._deadlines.arm(conn, now + self.config.handshake_timeout)
@@ -328,7 +346,9 @@ class ServerCore:
         )
         self._dirty.add(conn)
         self._arm(conn, ws)
-        self.broker.connection_opened(conn, now, connection.peer)
+        self.broker.connection_opened(
+            conn, now, client_address(connection.peer, upgrade.headers, self._proxies)
+        )
         if upgrade.leftover:
             self._receive_websocket(conn, connection, ws, upgrade.leftover, now)
 

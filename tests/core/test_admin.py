@@ -93,7 +93,11 @@ class FakeBroker:
         self._session(name, password, secret_key).suspended = suspend
 
     def stats(self) -> BrokerStats:
+        self.calls.append(("stats",))
         return BrokerStats(len(self.sessions), self.connections, 0, 0, 0, 0, 0, {})
+
+    def health(self) -> tuple[int, int]:
+        return len(self.sessions), self.connections
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -156,7 +160,9 @@ def test_create_session_returns_the_secret_key_once(api: AdminApi, broker: FakeB
     response = call(api, "POST", "/api/createSession", {"sessionName": "fleet", "password": "pw"})
     body = answer(response)
     assert response.status == 200
-    assert body == {"success": True, "sessionName": "fleet", "secretKey": broker.sessions["fleet"].secret_key}
+    secret_key = broker.sessions["fleet"].secret_key
+    # The original fastPort's answer fields, all of them (its clients read ``password`` back).
+    assert body == {"success": True, "sessionName": "fleet", "password": "pw", "secretKey": secret_key}
     assert ("Cache-Control", "no-store") in response.headers
     assert broker.calls == [("create", "fleet", "pw", NOW, None)]
 
@@ -285,6 +291,7 @@ def test_healthz_needs_no_auth_and_reveals_only_counts(
     response = call(AdminApi(broker, credentials), "GET", "/healthz?probe=lb", headers=())
     assert response.status == 200
     assert answer(response) == {"status": "ok", "sessions": 1, "connections": 5}
+    assert ("stats",) not in broker.calls  # O(1): it never walks the sessions and subscribers
 
 
 def test_metrics_are_prometheus_text_with_labels(api: AdminApi, broker: FakeBroker) -> None:

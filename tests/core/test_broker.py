@@ -255,38 +255,73 @@ def test_repeated_auth_failures_close_the_connection_with_1008(h: Harness) -> No
     assert h.closes() == {conn: CloseCode.POLICY_VIOLATION}
 
 
+def fail_budget(h: Harness, peer: str, session: str = "a") -> None:
+    """Spend ``peer``'s whole failure budget on ``session`` (one wrong password per connection)."""
+    for _ in range(h.config.auth_failure_budget):
+        assert h.init(h.open(peer), session, password="bad")["code"] == "auth_failed"
+
+
+def test_one_wrong_password_does_not_lock_out_the_next_client_of_the_address(h: Harness) -> None:
+    """The NAT / reverse-proxy case: one client mistypes, the next one from the same address gets in."""
+    assert h.init(h.open("127.0.0.1"), password="bad")["code"] == "auth_failed"
+    assert h.init(h.open("127.0.0.1"))["success"]
+
+
 def test_failed_auth_is_throttled_per_peer_without_running_scrypt(
     h: Harness, scrypt_calls: list[int]
 ) -> None:
     base = h.config.auth_throttle_base
-    assert h.init(h.open("10.0.0.1"), password="bad")["code"] == "auth_failed"
+    fail_budget(h, "10.0.0.1")
+    assert h.init(h.open("10.0.0.1"))["success"]  # within the budget: no delay at all
+    assert h.init(h.open("10.0.0.1"), password="bad")["code"] == "auth_failed"  # past it: delayed
     scrypt_calls.clear()
     throttled = h.init(h.open("10.0.0.1"))  # even the right password
     assert throttled["success"] is False and throttled["code"] == "auth_throttled"
     assert scrypt_calls == []
     assert h.init(h.open("10.0.0.2"))["success"]  # another peer is not affected
+    assert h.init(h.open("10.0.0.1"), "b")["success"]  # nor is another session from the same peer
     h.advance(base)
     assert h.init(h.open("10.0.0.1"))["success"]
     assert h.metrics.value("auth_failures", "auth_throttled") == 1
 
 
+def test_ipv6_peers_are_throttled_by_their_64_prefix(h: Harness) -> None:
+    fail_budget(h, "2001:db8::1")
+    h.init(h.open("2001:db8::2"), password="bad")  # same /64: this one is over the budget
+    assert h.init(h.open("2001:db8::ffff"))["code"] == "auth_throttled"
+    assert h.init(h.open("2001:db8:0:1::1"))["success"]  # the next /64 is someone else
+
+
+def test_the_budget_refills_over_the_window() -> None:
+    h = Harness(dataclasses.replace(make_config(), auth_failure_budget=2, auth_throttle_window=10.0))
+    for _ in range(10):  # 2 failures per 10 s, for ever: never a delay
+        h.init(h.open("p"), password="bad")
+        h.advance(5.0)
+    assert h.init(h.open("p"))["success"]
+    for _ in range(3):  # 3 in a row: over the budget of 2
+        h.init(h.open("p"), password="bad")
+    assert h.init(h.open("p"))["code"] == "auth_throttled"
+
+
 def test_throttle_doubles_and_is_forgotten_through_the_deadlines() -> None:
     h = Harness(dataclasses.replace(make_config(), handshake_timeout=1000.0))
-    base, maximum = h.config.auth_throttle_base, h.config.auth_throttle_max
-    h.init(h.open("p"), password="bad")
+    base, window = h.config.auth_throttle_base, h.config.auth_throttle_window
+    fail_budget(h, "p")
+    h.init(h.open("p"), password="bad")  # first failure over the budget: base
     h.advance(base)
-    h.init(h.open("p"), password="bad")  # second failure: 2 * base
+    h.init(h.open("p"), password="bad")  # second: 2 * base (the bucket drained a little meanwhile)
     h.advance(base)
     assert h.init(h.open("p"))["code"] == "auth_throttled"
     h.advance(base)
     assert h.init(h.open("p"))["success"]
     assert h.broker.stats().throttled_peers == 1
-    assert h.broker.next_deadline() == base + maximum  # the reset, maximum after the last failure
-    h.advance(maximum)
+    assert h.broker.next_deadline() == base + window  # forgotten a window after the last failure
+    h.advance(window)
     assert h.broker.stats().throttled_peers == 0
 
 
-def test_throttled_attempts_count_towards_the_connection_limit(h: Harness) -> None:
+def test_throttled_attempts_count_towards_the_connection_limit() -> None:
+    h = Harness(dataclasses.replace(make_config(), auth_failure_budget=0))
     conn = h.open("p")
     h.init(conn, password="bad")
     h.init(conn)
