@@ -185,6 +185,10 @@ def _coerce(where: _Where, table: str, key: str, value: object, kind: Any) -> An
         if value not in choices:
             raise where.error(table, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return kind(value)
+    if kind is bool:
+        if type(value) is not bool:
+            raise where.error(table, key, f"must be true or false, got {_type_name(value)}")
+        return value
     if kind is int:
         if type(value) is not int:
             raise where.error(table, key, f"must be an integer, got {_type_name(value)}")

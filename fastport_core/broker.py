@@ -61,6 +61,7 @@ from .metrics import Metrics
 from .peers import throttle_key
 from .protocol import (
     Ack,
+    AckReceived,
     ClientFrame,
     Init,
     InitResponse,
@@ -180,10 +181,12 @@ def _encode_publish_ok(message_id: str, delivered_to: int) -> bytes:
 class _Message:
     """A published message, stored once per session until no subscriber owes an ACK for it."""
 
-    __slots__ = ("delivered_to", "deliveries", "expires_at", "owed", "publish", "size")
+    __slots__ = ("delivered_to", "deliveries", "expires_at", "owed", "publish", "publisher", "size")
 
-    def __init__(self, publish: Publish, expires_at: float) -> None:
+    def __init__(self, publish: Publish, expires_at: float, publisher: _Connection | None) -> None:
         self.publish = publish
+        self.publisher = publisher
+        """Who gets ``ack_received`` once the message is settled (the latest connection that published it)."""
         self.size = len(publish.data)
         self.expires_at = expires_at
         self.deliveries: list[_Delivery] = []
@@ -237,7 +240,7 @@ class _Connection:
 class _Context:
     """What the broker shares with each of its sessions."""
 
-    __slots__ = ("config", "deadlines", "disconnect", "metrics", "sink")
+    __slots__ = ("config", "deadlines", "disconnect", "metrics", "settled", "sink")
 
     def __init__(
         self,
@@ -253,6 +256,9 @@ class _Context:
         """Keys: a session (its retry, expiry and idle timers) or a connection (its init deadline)."""
         self.disconnect = disconnect
         """Forget a connection, then close it (the broker owns the connection table)."""
+        self.settled: list[tuple[_Connection, str, str]] | None = [] if config.send_ack_received else None
+        """``ack_received`` frames owed to publishers: (publisher, message id, topic), sent at the end of
+        the running entry point (so always after the ``publish_response``); ``None``: turned off."""
 
 
 class _Session:
@@ -264,9 +270,9 @@ class _Session:
 
     __slots__ = (
         "_acks", "_acks_unknown", "_deadlines", "_deliveries", "_disconnect", "_limits", "_metrics",
-        "_policy", "_publish_duplicates", "_publishes", "_retries", "_sink", "clients", "connections",
-        "dedupe", "detached", "idle_since", "messages", "name", "password", "pending_bytes", "retry_queue",
-        "secret", "settings", "suspended", "topics",
+        "_policy", "_publish_duplicates", "_publishes", "_retries", "_settled", "_sink", "clients",
+        "connections", "dedupe", "detached", "idle_since", "messages", "name", "password", "pending_bytes",
+        "retry_queue", "secret", "settings", "suspended", "topics",
     )  # fmt: skip
 
     def __init__(
@@ -297,6 +303,7 @@ class _Session:
         self._acks_unknown = metrics.cell("acks_unknown", name)
         self._deadlines = context.deadlines
         self._disconnect = context.disconnect
+        self._settled = context.settled
         self.suspended = False
         self.connections: dict[_Connection, None] = {}
         self.topics: dict[str, dict[_Subscriber, None]] = {}
@@ -424,6 +431,8 @@ class _Session:
         if not message.owed:
             del self.messages[message.publish.message_id]
             self.pending_bytes -= message.size
+            if self._settled is not None and message.publisher is not None:
+                self._settled.append((message.publisher, message.publish.message_id, message.publish.topic))
             # Break the message <-> delivery cycles now, so reference counting frees them at once
             # instead of leaving ~5 objects per message to the cyclic garbage collector.
             message.deliveries.clear()
@@ -484,6 +493,10 @@ class _Session:
         delivered = stored.delivered_to if stored is not None else self.dedupe.get(message_id, now)
         if delivered is not None:
             self._publish_duplicates.value += 1
+            if stored is not None:
+                stored.publisher = publisher.connection  # a re-sent publish: it gets the ack_received
+            else:
+                self._settle_now(publisher, p)  # settled already: it may have missed the ack_received
             return delivered
         if self.suspended:
             raise RemoteProtocolError("the session is suspended", code=ErrorCode.SESSION_SUSPENDED)
@@ -491,6 +504,7 @@ class _Session:
         if subscribers is None or (len(subscribers) == 1 and publisher in subscribers):
             self.dedupe.add(message_id, 0, now)
             self._publishes.value += 1
+            self._settle_now(publisher, p)
             return 0
         limit = self._limits.max_pending_bytes_per_session
         if self.pending_bytes + len(p.data) > limit:
@@ -498,7 +512,7 @@ class _Session:
                 f"the session holds {self.pending_bytes} un-ACKed payload bytes (limit {limit})",
                 code=ErrorCode.SESSION_FULL,
             )
-        message = _Message(p, now + self.settings.message_expiry_time)
+        message = _Message(p, now + self.settings.message_expiry_time, publisher.connection)
         queue_was_empty = not self.retry_queue
         slow = self._fan_out(message, publisher, subscribers, now)
         delivered = message.owed = message.delivered_to = len(message.deliveries)
@@ -513,6 +527,11 @@ class _Session:
             for connection in slow:
                 self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
         return delivered
+
+    def _settle_now(self, publisher: _Subscriber, p: Publish) -> None:
+        """Owe ``ack_received`` for a message that has no delivery left to wait for."""
+        if self._settled is not None and publisher.connection is not None:
+            self._settled.append((publisher.connection, p.message_id, p.topic))
 
     def _fan_out(
         self, message: _Message, publisher: _Subscriber, subscribers: dict[_Subscriber, None], now: float
@@ -710,10 +729,23 @@ class Broker:
             return
         connection = self._connections.get(conn)
         if connection is not None:
-            self._forget(connection, now)
+            self._busy = True  # giving up its deliveries may settle messages (ack_received to send)
+            try:
+                self._forget(connection, now)
+            finally:
+                self._end_call(now)
 
     def _end_call(self, now: float) -> None:
-        """Leave a sink-calling entry point: apply the closes the sink reported meanwhile."""
+        """Leave a sink-calling entry point: send the ``ack_received`` frames the call settled, then apply
+        the closes the sink reported meanwhile."""
+        settled = self._context.settled
+        if settled:
+            connections = self._connections
+            for publisher, message_id, topic in settled:
+                # Only to a publisher still connected (it may have gone, or been replaced meanwhile).
+                if connections.get(publisher.conn) is publisher:
+                    self._sink.send_payload(publisher.conn, encode(AckReceived(message_id, topic)))
+            settled.clear()
         self._busy = False
         while self._deferred_closes:
             self.connection_closed(self._deferred_closes.pop(), now)

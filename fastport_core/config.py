@@ -161,6 +161,9 @@ class ServerConfig:
     """Addresses or CIDR networks of reverse proxies (e.g. ``("10.0.0.0/8", "::1")``). Only a connection
     from one of them may name the client's address in ``Forwarded`` / ``X-Forwarded-For``, which is then
     what auth throttling counts by. Empty: the headers are ignored."""
+    send_ack_received: bool = True
+    """Send the publisher ``ack_received`` once every delivery of its message is ACKed or given up (the
+    original fastPort Dart client re-sends a publish until then); ``False`` turns the frame off."""
     dedupe_ttl: float = 600.0
     """Seconds a published message id stays in the session's dedupe window (also bounded by count)."""
     password_hash_cost: int = 2**14

@@ -992,3 +992,78 @@ def test_a_detached_subscriber_due_at_an_inexact_float_time_is_forgotten_then() 
     h.broker.handle_timeout(deadline)
     assert given_up(h, "a", "detached") == 0  # it had nothing in flight
     assert h.broker.next_deadline() is None or h.broker.next_deadline() > deadline  # type: ignore[operator]
+
+
+# -- ack_received (compatibility with the original's clients) --------------------------------------------
+
+
+def acks_received(h: Harness, conn: int) -> list[str]:
+    return [f["messageId"] for c, f in h.sink.frames if c == conn and f["type"] == "ack_received"]
+
+
+def test_ack_received_follows_the_publish_response_at_once_when_no_one_subscribes(h: Harness) -> None:
+    publisher = h.client("a")
+    frames = h.send(publisher, Publish("nobody", "d", "h", 1, "m1"))
+    assert [f["type"] for f in frames] == ["publish_response", "ack_received"]
+    assert frames[1] == {"type": "ack_received", "messageId": "m1", "topic": "nobody"}
+
+
+def test_ack_received_waits_for_every_subscriber_and_only_the_publisher_gets_it(h: Harness) -> None:
+    publisher, one, two = h.client("a", "t"), h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    assert acks_received(h, publisher) == []
+    h.ack(one, "t", "m1")
+    h.ack(one, "t", "m1")  # a duplicate ACK settles nothing more
+    assert acks_received(h, publisher) == []
+    h.ack(two, "t", "m1")
+    assert acks_received(h, publisher) == ["m1"]
+    assert acks_received(h, one) == acks_received(h, two) == []
+
+
+def test_given_up_deliveries_count_as_settled(h: Harness) -> None:
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.advance(SETTINGS.retry_interval * (SETTINGS.max_retry_limit + 1))
+    assert given_up(h, "a", "retries") == 1
+    assert acks_received(h, publisher) == ["m1"]
+    assert subscriber
+
+
+def test_a_departed_publisher_gets_nothing(h: Harness) -> None:
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.broker.connection_closed(publisher, h.now)
+    h.ack(subscriber, "t", "m1")
+    assert acks_received(h, publisher) == []
+
+
+def test_a_resent_publish_gets_the_ack_received(h: Harness) -> None:
+    first, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(first, "t", "m1")
+    h.broker.connection_closed(first, h.now)
+    second = h.client("a")  # the publisher reconnected and sends the publish again: deduplicated
+    assert h.publish(second, "t", "m1")["deliveredTo"] == 1
+    h.ack(subscriber, "t", "m1")
+    assert acks_received(h, second) == ["m1"]
+    third = h.client("a")  # and once more, after the message was settled: answered at once
+    assert h.send(third, Publish("t", "d", "h", 1, "m1"))[-1]["type"] == "ack_received"
+
+
+def test_a_slow_consumer_closed_by_the_publish_settles_after_the_publish_response() -> None:
+    h = Harness(make_config(max_inflight_per_subscriber=1))
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.ack(subscriber, "t", "m1")
+    h.publish(publisher, "t", "m2")
+    frames = h.send(publisher, Publish("t", "d", "h", 1, "m3"))  # the subscriber is over its bound: closed
+    assert h.closes() == {subscriber: CloseCode.SLOW_CONSUMER}
+    assert [f["type"] for f in frames] == ["publish_response", "ack_received", "ack_received"]
+
+
+def test_ack_received_can_be_turned_off() -> None:
+    h = Harness(dataclasses.replace(make_config(), send_ack_received=False))
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.ack(subscriber, "t", "m1")
+    assert [f["type"] for f in h.send(publisher, Publish("x", "d", "h", 1, "m2"))] == ["publish_response"]
+    assert acks_received(h, publisher) == []

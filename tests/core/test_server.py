@@ -243,6 +243,18 @@ def test_pipelined_http_requests_are_all_answered() -> None:
     assert not core.should_close(conn)
 
 
+def test_pipelined_http_requests_answered_per_read_are_capped() -> None:
+    core = make_core(limits=Limits(max_http_pipeline=4))
+    conn = core.open_connection(0.0)
+    core.receive_data(conn, http_request("GET", "/healthz") * 4, 0.0)
+    assert core.data_to_send(conn).count(b"HTTP/1.1 200") == 4
+    assert not core.should_close(conn)  # at the cap, not past it
+    core.receive_data(conn, http_request("GET", "/healthz") * 1000, 0.0)
+    assert core.data_to_send(conn).count(b"HTTP/1.1 200") == 4
+    assert core.should_close(conn)
+    assert core.metrics.value("protocol_errors", "http_pipeline") == 1
+
+
 # -- the "only documented errors" invariant ------------------------------------------------------------
 
 

@@ -1047,6 +1047,11 @@ class World:
             if not inits:
                 assert frame.get("code") in RETRYABLE_INIT_REFUSALS, frame
                 self.notes[f"init refused {frame.get('code')}"] += 1
+        elif kind == "ack_received":
+            # The broker is done with a message this very client published (every delivery settled).
+            publisher, topic, _ = self.registry[session, frame["messageId"]]
+            assert publisher == name and frame["topic"] == topic, frame
+            self.notes["ack_received"] += 1
         else:
             raise AssertionError(f"unexpected frame to {name}: {frame}")
 
