@@ -87,6 +87,9 @@ class Limits:
 
     max_message_size: int = 1024 * 1024
     """Bytes of one WebSocket message (after reassembly); larger ones close the connection with 1009."""
+    max_fragments_per_message: int = 1024
+    """WebSocket frames one message may be cut into; the frame past it closes the connection with 1009 (a
+    stream of empty continuation frames would otherwise cost work and memory without bound)."""
     max_topic_length: int = 256
     """Characters of a topic; longer ones are refused with ``too_long``."""
     max_message_id_length: int = 128

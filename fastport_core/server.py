@@ -340,6 +340,7 @@ class ServerCore:
         ws = connection.ws = WebSocket(
             client=False,
             max_message_size=config.limits.max_message_size,
+            max_fragments=config.limits.max_fragments_per_message,
             now=now,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,

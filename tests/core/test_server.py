@@ -15,6 +15,7 @@ from fastport_core.errors import CloseCode
 from fastport_core.frames import Opcode, encode_frame
 from fastport_core.server import ServerCore
 
+from .test_frames import raw_frame
 from .wire import RawPeer, basic_auth, http_request
 
 ADMIN = AdminCredentials("admin", "secret")
@@ -111,6 +112,18 @@ def test_oversized_message_is_refused_from_its_header_with_1009() -> None:
     peer = ready(core)
     header_only = encode_frame(Opcode.TEXT, b"x" * 5000, mask=True)[:14]
     peer.send_raw(header_only)
+    peer.pump()
+    assert peer.ws.close_code == CloseCode.MESSAGE_TOO_BIG
+    assert core.should_close(peer.conn)
+
+
+def test_a_message_in_too_many_fragments_closes_with_1009() -> None:
+    core = make_core(limits=Limits(max_fragments_per_message=8))
+    peer = ready(core)
+    peer.send_raw(raw_frame(Opcode.TEXT, b"{", fin=False))
+    peer.send_raw(raw_frame(Opcode.CONTINUATION, b"", fin=False) * 7)
+    assert core.data_to_send(peer.conn) == b""  # 8 fragments: still waiting for the rest
+    peer.send_raw(raw_frame(Opcode.CONTINUATION, b"", fin=False))
     peer.pump()
     assert peer.ws.close_code == CloseCode.MESSAGE_TOO_BIG
     assert core.should_close(peer.conn)
