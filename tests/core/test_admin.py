@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastport_core.admin import ROUTES, AdminApi, AdminCredentials, AdminErrorCode, HttpResponse
+from fastport_core.admin import ROUTES, AdminApi, AdminCredentials, AdminErrorCode, HttpResponse, LoginOutcome
+from fastport_core.auth import AuthThrottle
 from fastport_core.broker import (
     AccessDeniedError,
     Broker,
@@ -375,6 +376,28 @@ def test_both_credentials_are_always_compared(api: AdminApi, monkeypatch: pytest
     monkeypatch.setattr(hmac, "compare_digest", spy)
     call(api, "GET", "/metrics", headers=(basic("wrong-user", "wrong-password"),))
     assert len(compared) == 2
+
+
+def test_failed_logins_are_throttled_per_address_after_the_budget(broker: FakeBroker) -> None:
+    throttle = AuthThrottle(base=2.0, maximum=30.0, capacity=10, budget=1, window=60.0)
+    api = AdminApi(broker, CREDENTIALS, throttle=throttle)
+    wrong = (basic(CREDENTIALS.user, "wrong"),)
+
+    def get(headers: tuple[tuple[str, str], ...], peer: str, now: float) -> HttpResponse:
+        return api.handle("GET", "/metrics", headers, b"", now, peer=peer)
+
+    assert get((), "192.0.2.1", NOW).status == 401  # no header: the start of a Basic exchange, not a failure
+    assert len(throttle) == 0
+    assert get(wrong, "192.0.2.1", NOW).status == 401  # within the budget
+    assert get((("Authorization", "Basic !!"),), "192.0.2.1", NOW).status == 401  # malformed counts too
+    throttled = get((AUTH,), "192.0.2.1", NOW + 1)
+    assert_error(throttled, AdminErrorCode.AUTH_THROTTLED, 429)
+    assert ("Retry-After", "1") in throttled.headers
+    assert get((AUTH,), "192.0.2.2", NOW + 1).status == 200  # another address
+    assert get((AUTH,), "192.0.2.1", NOW + 2).status == 200
+    assert get(wrong, "", NOW + 2).status == 401 and get((AUTH,), "", NOW + 2).status == 200  # no address
+    assert api.check_login(CREDENTIALS.user, "\ud800", "192.0.2.3", NOW) is LoginOutcome.DENIED
+    assert AdminApi(broker, None).check_login("a", "b", "192.0.2.3", NOW) is LoginOutcome.DISABLED
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED)
