@@ -34,7 +34,7 @@ from .config import ServerConfig
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
 from .frames import ABNORMAL_CLOSURE
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
-from .metrics import Metrics
+from .metrics import Metrics, close_code_label
 from .peers import TrustedProxies, client_address
 from .protocol import CLIENT_FRAMES, FrameParser, encode_error
 from .timers import Deadlines
@@ -178,7 +178,7 @@ class ServerCore:
         ws = connection.ws
         if ws is not None:
             code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
-            self.metrics.inc("connections_closed", str(code))
+            self.metrics.inc("connections_closed", close_code_label(code))
             self.broker.connection_closed(conn, now)
         else:
             self.metrics.inc("connections_closed", "http")

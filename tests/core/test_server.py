@@ -372,3 +372,14 @@ def test_pipelined_requests_from_a_peer_that_never_reads_are_bounded() -> None:
     assert core.should_close(conn)
     assert core.metrics.value("output_overflows") == 1
     assert len(core.data_to_send(conn)) < 2000 + 500
+
+
+def test_close_codes_chosen_by_the_peer_do_not_grow_the_metrics() -> None:
+    core = make_core()
+    for code in (1000, *range(3000, 3050), 4321):
+        peer = ready(core)
+        peer.send_frame(Opcode.CLOSE, code.to_bytes(2, "big"))
+        peer.pump()
+        core.connection_lost(peer.conn, 0.0)
+    closed = {labels: value for name, labels, value in core.metrics.items() if name == "connections_closed"}
+    assert closed == {("1000",): 1, ("other",): 51}
