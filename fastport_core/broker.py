@@ -52,6 +52,7 @@ from typing import Final, Protocol
 
 import orjson
 
+from .accounting import message_size
 from .auth import AuthThrottle, PasswordHash
 from .config import ServerConfig, SessionSettings, SlowConsumerPolicy
 from .dedupe import DedupeWindow
@@ -187,7 +188,8 @@ class _Message:
         self.publish = publish
         self.publisher = publisher
         """Who gets ``ack_received`` once the message is settled (the latest connection that published it)."""
-        self.size = len(publish.data)
+        self.size = message_size(publish)
+        """What the message is charged against ``max_pending_bytes_per_session`` (:mod:`.accounting`)."""
         self.expires_at = expires_at
         self.deliveries: list[_Delivery] = []
         """Every delivery made (ACKed ones included); expiry walks it to find those still owed."""
@@ -507,12 +509,12 @@ class _Session:
             self._settle_now(publisher, p)
             return 0
         limit = self._limits.max_pending_bytes_per_session
-        if self.pending_bytes + len(p.data) > limit:
+        message = _Message(p, now + self.settings.message_expiry_time, publisher.connection)
+        if self.pending_bytes + message.size > limit:
             raise RemoteProtocolError(
-                f"the session holds {self.pending_bytes} un-ACKed payload bytes (limit {limit})",
+                f"the session holds {self.pending_bytes} bytes of un-ACKed messages (limit {limit})",
                 code=ErrorCode.SESSION_FULL,
             )
-        message = _Message(p, now + self.settings.message_expiry_time, publisher.connection)
         queue_was_empty = not self.retry_queue
         slow = self._fan_out(message, publisher, subscribers, now)
         delivered = message.owed = message.delivered_to = len(message.deliveries)

@@ -107,7 +107,9 @@ class Limits:
     max_inflight_per_subscriber: int = 1000
     """Un-ACKed deliveries one subscriber may hold before the slow-consumer policy applies."""
     max_pending_bytes_per_session: int = 64 * 1024 * 1024
-    """Payload bytes a session may hold un-ACKed; a publish past it is refused with ``session_full``."""
+    """Bytes of un-ACKed messages a session may hold: each message's topic, id, hash and data in UTF-8 plus
+    a fixed 512 bytes of bookkeeping (``accounting.MESSAGE_OVERHEAD``); a publish past it is refused with
+    ``session_full``."""
     max_output_buffer: int = 16 * 1024 * 1024
     """Bytes queued for one connection and not yet taken by the adapter; past it: close with 4002."""
     max_sessions: int = 10_000

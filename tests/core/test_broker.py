@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastport_core.accounting import MESSAGE_OVERHEAD, message_size
 from fastport_core.broker import (
     AccessDeniedError,
     Broker,
@@ -491,8 +492,22 @@ def test_dedupe_window_is_bounded_by_its_ttl() -> None:
     assert len(h.messages(sub)) == 2  # forgotten: a new message
 
 
+def size(message_id: str, data: str, topic: str = "t") -> int:
+    """What the Harness's publish of ``data`` is charged (hash "h")."""
+    return message_size(Publish(topic, data, "h", 1, message_id))
+
+
+def test_pending_bytes_count_every_string_in_utf8_and_the_overhead() -> None:
+    h = Harness()
+    sub = h.client("a", "topic")
+    h.publish(h.client("a"), "topic", "id-1", "é€😀")  # 3 characters, 2 + 3 + 4 bytes
+    assert h.broker.stats().pending_bytes == MESSAGE_OVERHEAD + 5 + 4 + 1 + 9
+    h.ack(sub, "topic", "id-1")
+    assert h.broker.stats().pending_bytes == 0
+
+
 def test_pending_bytes_per_session_are_limited() -> None:
-    h = Harness(make_config(max_pending_bytes_per_session=10))
+    h = Harness(make_config(max_pending_bytes_per_session=size("m1", "x" * 6) + 4))
     sub = h.client("a", "t")
     publisher = h.client("a")
     assert h.publish(publisher, "t", "m1", "x" * 6)["success"]
@@ -502,8 +517,9 @@ def test_pending_bytes_per_session_are_limited() -> None:
     assert h.publish(publisher, "nobody", "m3", "x" * 50)["success"]  # nothing to store
     assert h.publish(h.client("b"), "t", "m2", "x" * 10)["success"]  # another session's budget
     h.ack(sub, "t", "m1")
-    assert h.publish(publisher, "t", "m2", "x" * 10)["success"]
-    assert h.broker.stats().per_session["a"].pending_bytes == 10
+    assert h.publish(publisher, "t", "m2", "x" * 8)["success"]
+    assert not h.publish(publisher, "t", "m4", "")["success"]  # an empty message is not free
+    assert h.broker.stats().per_session["a"].pending_bytes == size("m2", "x" * 8)
 
 
 # -- connections that go away --------------------------------------------------------------------------------
@@ -813,15 +829,21 @@ def test_stats_count_everything_per_session(h: Harness) -> None:
     stats = h.broker.stats()
     a = stats.per_session["a"]
     assert (a.connections, a.subscribers, a.detached_subscribers) == (3, 4, 1)
-    assert (a.stored_messages, a.inflight_deliveries, a.pending_bytes, a.suspended) == (1, 2, 5, False)
-    assert (stats.sessions, stats.connections, stats.stored_messages, stats.pending_bytes) == (2, 3, 1, 5)
+    stored = size("m1", "12345")
+    assert (a.stored_messages, a.inflight_deliveries, a.pending_bytes, a.suspended) == (1, 2, stored, False)
+    assert (stats.sessions, stats.connections, stats.stored_messages, stats.pending_bytes) == (
+        2,
+        3,
+        1,
+        stored,
+    )
 
 
 # -- the property: isolation and bounds under any sequence of operations -----------------------------------
 
 PROPERTY_LIMITS = {
     "max_inflight_per_subscriber": 2,
-    "max_pending_bytes_per_session": 60,
+    "max_pending_bytes_per_session": 2 * MESSAGE_OVERHEAD + 60,
     "max_subscriptions_per_connection": 2,
     "max_connections_per_session": 3,
     "max_detached_per_session": 2,
