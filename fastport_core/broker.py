@@ -382,6 +382,10 @@ class _Session:
     def _retry_due(self, now: float) -> None:
         queue = self.retry_queue
         limit = self.settings.max_retry_limit
+        # One encoding per (message, retry count) for the whole round: the subscribers a message went to
+        # together are re-sent together, and share one frame (as the first send does) instead of holding
+        # a copy each in their output buffers.
+        frames: dict[tuple[str, int], bytes] = {}
         while queue:
             delivery = next(iter(queue))
             if delivery.due > now:
@@ -397,16 +401,28 @@ class _Session:
                     self.name, delivery.message.publish.message_id, connection.conn, delivery.retries,
                 )  # fmt: skip
                 continue
-            self._resend(delivery, connection.conn, now)
+            self._resend(delivery, connection.conn, now, frames)
 
-    def _resend(self, delivery: _Delivery, conn: int, now: float) -> None:
-        """Send ``delivery`` again, with its ``retry`` count, and queue it for the next retry."""
+    def _resend(
+        self, delivery: _Delivery, conn: int, now: float, frames: dict[tuple[str, int], bytes] | None = None
+    ) -> None:
+        """Send ``delivery`` again, with its ``retry`` count, and queue it for the next retry.
+
+        ``frames`` caches the encoded frames of the running retry round, shared by its subscribers.
+        """
         delivery.retries += 1
         p = delivery.message.publish
-        payload = encode_message(
-            p.topic, p.data, p.hash, p.timestamp, p.message_id, p.encoding, delivery.retries
-        )
-        self._sink.send_payload(conn, payload)
+        key = (p.message_id, delivery.retries)
+        frame = frames.get(key) if frames is not None else None
+        if frame is None:
+            frame = encode_text_frame(
+                encode_message(
+                    p.topic, p.data, p.hash, p.timestamp, p.message_id, p.encoding, delivery.retries
+                )
+            )
+            if frames is not None:
+                frames[key] = frame
+        self._sink.send_frame(conn, frame)
         delivery.due = now + self.settings.retry_interval
         self.retry_queue[delivery] = None
         self._retries.value += 1

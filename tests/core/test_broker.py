@@ -1089,3 +1089,14 @@ def test_ack_received_can_be_turned_off() -> None:
     h.ack(subscriber, "t", "m1")
     assert [f["type"] for f in h.send(publisher, Publish("x", "d", "h", 1, "m2"))] == ["publish_response"]
     assert acks_received(h, publisher) == []
+
+
+def test_a_retry_round_shares_one_encoding_between_subscribers(h: Harness) -> None:
+    subscribers = [h.client("a", "t") for _ in range(3)]
+    h.publish(h.client("a"), "t", "m1")
+    mark = len(h.sink.raw_frames)
+    h.advance(SETTINGS.retry_interval)
+    retried = [frame for conn, frame in h.sink.raw_frames[mark:] if conn in subscribers]
+    assert len(retried) == 3
+    assert retried[0] is retried[1] is retried[2]  # one bytes object, not a copy per subscriber
+    assert orjson.loads(unframe(retried[0]))["retry"] == 1
