@@ -112,6 +112,10 @@ class Limits:
     ``session_full``."""
     max_output_buffer: int = 16 * 1024 * 1024
     """Bytes queued for one connection and not yet taken by the adapter; past it: close with 4002."""
+    max_total_output_buffer: int = 256 * 1024 * 1024
+    """Bytes queued on all connections together and not yet taken by the adapter; past it the connection
+    with the largest buffer is closed with 4002 (again, until the total fits), rather than refusing
+    publishes: the peer that does not read pays, not the publishers."""
     max_sessions: int = 10_000
     """Sessions the server holds; ``createSession`` past it is refused."""
     max_connections: int = 10_000

@@ -53,7 +53,7 @@ _BINARY_REFUSED = RemoteProtocolError(
 class _Connection:
     """One transport connection: the HTTP stage until upgraded, then its WebSocket."""
 
-    __slots__ = ("http", "peer", "prefix", "transport_done", "ws")
+    __slots__ = ("accounted", "http", "peer", "prefix", "transport_done", "ws")
 
     def __init__(self, http: HttpServerConnection, peer: str) -> None:
         self.http: HttpServerConnection | None = http
@@ -63,6 +63,8 @@ class _Connection:
         """HTTP bytes (a response, the 101) to send before anything the WebSocket queues."""
         self.transport_done = False
         """Nothing more will be sent or received: the adapter closes the socket once ``prefix`` is out."""
+        self.accounted = 0
+        """The WebSocket's queued bytes as last added to the server's total (``ServerCore._output_total``)."""
 
 
 class ServerCore:
@@ -92,6 +94,8 @@ class ServerCore:
         self._deadlines: Deadlines[int] = Deadlines()
         self._now = 0.0
         """The ``now`` of the call in progress, for sink calls that start a closing handshake."""
+        self._output_total = 0
+        """Bytes queued on every WebSocket and not yet taken by the adapter (``max_total_output_buffer``)."""
 
     # -- adapter API -------------------------------------------------------------------------------------
 
@@ -145,6 +149,7 @@ class ServerCore:
         connection.prefix = b""
         if connection.ws is not None:
             data += connection.ws.data_to_send()
+            self._account(connection, connection.ws)
         return data
 
     def should_close(self, conn: int) -> bool:
@@ -175,6 +180,7 @@ class ServerCore:
         self._now = now
         self._deadlines.cancel(conn)
         self._dirty.discard(conn)
+        self._output_total -= connection.accounted
         ws = connection.ws
         if ws is not None:
             code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
@@ -230,14 +236,14 @@ class ServerCore:
         connection = self._connections.get(conn)
         if connection is not None and connection.ws is not None:
             connection.ws.send_text(payload)
-            self._queued(conn, connection.ws)
+            self._queued(conn, connection, connection.ws)
 
     def send_frame(self, conn: int, frame: bytes) -> None:
         """Queue an already-encoded WebSocket frame for ``conn`` (fan-out: one encoding for all)."""
         connection = self._connections.get(conn)
         if connection is not None and connection.ws is not None:
             connection.ws.append_frame(frame)
-            self._queued(conn, connection.ws)
+            self._queued(conn, connection, connection.ws)
 
     def close(self, conn: int, code: CloseCode, reason: str) -> None:
         """Start closing ``conn`` (the broker's decision: auth, dropped session, slow consumer)."""
@@ -250,14 +256,49 @@ class ServerCore:
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _queued(self, conn: int, ws: WebSocket) -> None:
+    def _account(self, connection: _Connection, ws: WebSocket) -> None:
+        """Bring ``_output_total`` up to date with what ``ws`` holds now."""
+        pending = ws.pending_bytes
+        self._output_total += pending - connection.accounted
+        connection.accounted = pending
+
+    def _shed_output(self) -> None:
+        """Past ``max_total_output_buffer``: drop the largest buffers (4002) until the total fits.
+
+        Closing the biggest reader-behind-its-traffic, rather than refusing publishes, keeps the cost on
+        the peer that does not read instead of on every publisher. A scan per shed connection is fine: it
+        only runs past the bound, and each run frees a connection's whole buffer.
+        """
+        limit = self.config.limits.max_total_output_buffer
+        while self._output_total > limit:
+            open_ones = [(c, x) for c, x in self._connections.items() if x.ws is not None and x.ws.is_open]
+            if not open_ones:
+                return
+            conn, connection = max(open_ones, key=lambda item: item[1].accounted)
+            ws = connection.ws
+            assert ws is not None
+            logger.info(
+                "connection %d: total output over %d bytes, dropping the largest buffer (%d bytes)",
+                conn, limit, ws.pending_bytes,
+            )  # fmt: skip
+            ws.abort(CloseCode.SLOW_CONSUMER, "server output memory limit exceeded", notify=True)
+            self._account(connection, ws)
+            self._dirty.add(conn)
+            self.metrics.inc("output_overflows")
+            self.broker.connection_closed(conn, self._now)
+
+    def _queued(self, conn: int, connection: _Connection, ws: WebSocket) -> None:
         self._dirty.add(conn)
-        if ws.pending_bytes > self.config.limits.max_output_buffer:
+        self._account(connection, ws)
+        if self._output_total > self.config.limits.max_total_output_buffer:
+            self._shed_output()
+        if ws.is_open and ws.pending_bytes > self.config.limits.max_output_buffer:
             # The adapter has not taken this connection's output for a while: its peer does not read.
             # Dropping the bytes (not queueing a close behind them) is what bounds memory; the peer still
             # gets a close frame saying why, in case it ever reads again.
             logger.info("connection %d: output buffer over %d bytes, dropping it", conn, ws.pending_bytes)
             ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded", notify=True)
+            self._account(connection, ws)
             self.metrics.inc("output_overflows")
             self.broker.connection_closed(conn, self._now)
 
@@ -382,6 +423,9 @@ class ServerCore:
 
     def _after_websocket_io(self, conn: int, ws: WebSocket, now: float) -> None:
         """Reflect what the WebSocket did: output to send, a new deadline, or the end of the connection."""
+        connection = self._connections.get(conn)
+        if connection is not None:
+            self._account(connection, ws)
         if ws.pending_bytes or ws.state is not WebSocketState.OPEN:
             self._dirty.add(conn)
         if ws.state is WebSocketState.OPEN:

@@ -383,3 +383,28 @@ def test_close_codes_chosen_by_the_peer_do_not_grow_the_metrics() -> None:
         core.connection_lost(peer.conn, 0.0)
     closed = {labels: value for name, labels, value in core.metrics.items() if name == "connections_closed"}
     assert closed == {("1000",): 1, ("other",): 51}
+
+
+def test_total_output_is_bounded_by_closing_the_largest_buffer() -> None:
+    core = make_core(limits=Limits(max_total_output_buffer=4000))
+    publisher, reader = ready(core), ready(core)
+    laggard, other = ready(core), ready(core)  # neither reads; the laggard gets twice the traffic
+    for peer, topics in ((reader, ["t"]), (laggard, ["t", "u"]), (other, ["t"])):
+        for topic in topics:
+            peer.send({"type": "subscribe", "topic": topic})
+            peer.pump()
+    for i in range(20):
+        for topic in ("t", "u"):
+            publisher.publish(topic, f"{topic}{i}", data="x" * 100)
+            publisher.pump()
+            reader.pump()
+            assert core._output_total <= 4000
+    assert core.metrics.value("output_overflows") >= 1
+    closes = {}
+    for name, peer in (("laggard", laggard), ("other", other)):
+        peer.pump()
+        closes[name] = peer.ws.close_code
+    assert closes["laggard"] == CloseCode.SLOW_CONSUMER
+    assert reader.ws.is_open and len([f for f in reader.received if f["type"] == "message"]) == 20
+    live = [c.ws.pending_bytes for c in core._connections.values() if c.ws is not None]
+    assert core._output_total == sum(live)  # the running total never drifts from the buffers
