@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import errno
 import getpass
 import http.client
@@ -123,6 +124,13 @@ def add_serve_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="connections one address may hold before a successful init (default 64; [limits] in the file)",
     )
+    parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDR",
+        help="a reverse proxy's address or CIDR network whose X-Forwarded-For/Forwarded header names the "
+        "client (repeatable; replaces the config file's trusted_proxies)",
+    )
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop")
     parser.add_argument(
         "--uvloop", action="store_true", help="use uvloop (asyncio backend; must be installed)"
@@ -143,9 +151,17 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         max_uninitialised_per_address=args.max_uninitialised_per_address,
     )
     try:
-        return load_settings(args.config, environ=environ, overrides=overrides)
+        settings = load_settings(args.config, environ=environ, overrides=overrides)
     except ConfigError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
+    proxies = getattr(args, "trusted_proxy", None)
+    if proxies:
+        try:
+            config = dataclasses.replace(settings.config, trusted_proxies=tuple(proxies))
+        except LocalProtocolError as exc:
+            raise CommandError(f"--trusted-proxy: {exc}", EXIT_USAGE) from None
+        settings = dataclasses.replace(settings, config=config)
+    return settings
 
 
 def make_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:

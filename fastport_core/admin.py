@@ -10,9 +10,12 @@ Theory of operation, in the order ``handle`` decides:
 2. A route accepts one method; another → 405 with ``Allow``.
 3. Protected routes (``/api/*`` and ``/metrics``) need the admin credentials. Without configured
    credentials the admin API is *off* and they answer 403 ``admin_disabled`` (there is no default
-   password); otherwise HTTP Basic credentials are checked in constant time, and anything else (missing,
-   wrong, malformed header) answers 401 with ``WWW-Authenticate``. ``/healthz`` is open, for load
-   balancers, and reveals only counts.
+   password); otherwise HTTP Basic credentials are checked in constant time (:meth:`AdminApi.check_login`,
+   which the web console's login calls too), and anything else (missing, wrong, malformed header)
+   answers 401 with ``WWW-Authenticate``. Wrong or malformed credentials count as failed logins of the
+   client's address in the same :class:`~fastport_core.auth.AuthThrottle` as failed ``init`` frames (under
+   their own scope): past the failure budget the address gets 429 ``auth_throttled`` without a check.
+   ``/healthz`` is open, for load balancers, reveals only counts and costs O(1).
 4. ``/api/*`` bodies must be a JSON object with the original fastPort's camelCase fields; durations are
    milliseconds and become seconds through :meth:`SessionSettings.from_wire`. Unknown fields are ignored
    and ``Content-Type`` is not checked, as the original server did not.
@@ -36,6 +39,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -47,11 +51,13 @@ import orjson
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from .auth import AuthThrottle
 from .broker import AccessDeniedError, BrokerStats, SessionExistsError, UnknownSessionError
-from .config import SessionSettings
+from .config import ServerConfig, SessionSettings
 from .errors import LocalProtocolError
 from .exposition import CoreCollector
 from .metrics import Metrics
+from .peers import throttle_key
 
 __all__ = [
     "ROUTES",
@@ -60,6 +66,7 @@ __all__ = [
     "AdminErrorCode",
     "BrokerLike",
     "HttpResponse",
+    "LoginOutcome",
     "Route",
 ]
 
@@ -85,6 +92,10 @@ class BrokerLike(Protocol):
     ) -> None: ...
 
     def stats(self) -> BrokerStats: ...
+
+    def health(self) -> tuple[int, int]:
+        """``(sessions, connections)``, in O(1): ``/healthz`` is open and may be polled hard."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +164,23 @@ class AdminErrorCode(StrEnum):
         "The endpoint exists but takes another method (named in ``Allow``).",
     )
     SESSION_EXISTS = "session_exists", HTTPStatus.CONFLICT, "A session of that name already exists."
+    AUTH_THROTTLED = (
+        "auth_throttled",
+        HTTPStatus.TOO_MANY_REQUESTS,
+        "Too many failed logins from this address: wait (``Retry-After`` seconds) before trying again.",
+    )
+
+
+class LoginOutcome(StrEnum):
+    """What :meth:`AdminApi.check_login` decided."""
+
+    OK = "ok"
+    DENIED = "denied"
+    """Wrong user or password (counted as a failed login of the address)."""
+    THROTTLED = "throttled"
+    """The address is past its failure budget: refused without comparing anything."""
+    DISABLED = "disabled"
+    """The server has no admin credentials: nobody can log in."""
 
 
 #: Broker refusals with a code of their own; any other LocalProtocolError is INVALID_REQUEST.
@@ -256,7 +284,9 @@ class AdminApi:
     more than the core's series; by default it is prometheus-client's rendering of a private registry
     holding a :class:`~fastport_core.exposition.CoreCollector` over the broker. ``session_defaults`` is the
     server's default :class:`SessionSettings`, the base that ``createSession``'s given fields override (so
-    a request that sets only ``retryInterval`` keeps the operator's other defaults).
+    a request that sets only ``retryInterval`` keeps the operator's other defaults). ``throttle`` counts
+    failed logins; the server core passes the broker's (:attr:`Broker.throttle`), so that one mechanism,
+    with one set of deadlines, throttles every login; by default the API keeps its own.
     """
 
     __slots__ = (
@@ -265,6 +295,7 @@ class AdminApi:
         "_metrics_text",
         "_password_digest",
         "_session_defaults",
+        "_throttle",
         "_user_digest",
     )
 
@@ -275,8 +306,19 @@ class AdminApi:
         *,
         metrics_text: Callable[[], bytes] | None = None,
         session_defaults: SessionSettings | None = None,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         self._broker = broker
+        if throttle is None:
+            defaults = ServerConfig()
+            throttle = AuthThrottle(
+                defaults.auth_throttle_base,
+                defaults.auth_throttle_max,
+                defaults.limits.max_throttled_peers,
+                budget=defaults.auth_failure_budget,
+                window=defaults.auth_throttle_window,
+            )
+        self._throttle = throttle
         self._credentials = credentials
         self._session_defaults = session_defaults
         # Digests, compared instead of the secrets themselves, make every comparison the same length, so
@@ -295,9 +337,17 @@ class AdminApi:
         self._metrics_text = metrics_text
 
     def handle(
-        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes, now: float
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        now: float,
+        *,
+        peer: str = "",
     ) -> HttpResponse:
-        """Answer one request (``body`` complete; ``now`` in monotonic seconds, for the broker)."""
+        """Answer one request (``body`` complete; ``now`` in monotonic seconds, for the broker; ``peer``
+        the client's address, which failed logins are throttled by: ``""`` throttles nothing)."""
         path = target.partition("?")[0]
         route = ROUTES.get(path)
         try:
@@ -307,7 +357,7 @@ class AdminApi:
                 message = f"this endpoint takes {route.method} only"
                 raise _Refused(AdminErrorCode.METHOD_NOT_ALLOWED, message, (("Allow", route.method),))
             if route.protected:
-                self._authorize(headers)
+                self._authorize(headers, peer, now)
             response = route.handler(self, body, now)
         except _Refused as refused:
             response = refused.response()
@@ -316,17 +366,47 @@ class AdminApi:
         self._broker.metrics.inc("http_requests", path if route else "other", str(response.status))
         return response
 
-    def _authorize(self, headers: Sequence[tuple[str, str]]) -> None:
+    def check_login(self, user: bytes | str, password: bytes | str, peer: str, now: float) -> LoginOutcome:
+        """The one admin credential check (Basic auth here, the web console's login form elsewhere).
+
+        Compares in constant time; a wrong pair counts as a failed login of ``peer`` (the client's
+        address; ``""`` throttles nothing), and an address past its failure budget is refused without a
+        comparison until its delay has passed.
+        """
+        if self._credentials is None:
+            return LoginOutcome.DISABLED
+        key = ("admin", throttle_key(peer)) if peer else None
+        if key is not None and self._throttle.retry_at(key, now) is not None:
+            return LoginOutcome.THROTTLED
+        if self._matches(_raw(user), _raw(password)):
+            return LoginOutcome.OK
+        if key is not None:
+            self._throttle.record_failure(key, now)
+        return LoginOutcome.DENIED
+
+    def _authorize(self, headers: Sequence[tuple[str, str]], peer: str, now: float) -> None:
         if self._credentials is None:
             message = "admin API disabled: start the server with admin credentials"
             raise _Refused(AdminErrorCode.ADMIN_DISABLED, message)
         given = _basic_credentials(headers)
-        if given is None or not self._matches(*given):
+        # A missing header is the first step of a Basic exchange (a browser asks after the challenge),
+        # not a failed login; a malformed one counts as a wrong pair.
+        outcome = LoginOutcome.DENIED
+        if given is not None or any(name.lower() == "authorization" for name, _ in headers):
+            outcome = self.check_login(*(given or (b"", b"")), peer, now)
+        if outcome is LoginOutcome.OK:
+            return
+        if outcome is LoginOutcome.THROTTLED:
+            retry_at = self._throttle.retry_at(("admin", throttle_key(peer)), now)
+            wait = max(1, math.ceil((retry_at or now) - now))
             raise _Refused(
-                AdminErrorCode.UNAUTHORIZED,
-                "admin credentials required",
-                (("WWW-Authenticate", _CHALLENGE),),
+                AdminErrorCode.AUTH_THROTTLED,
+                f"too many failed logins: retry in {wait} s",
+                (("Retry-After", str(wait)),),
             )
+        raise _Refused(
+            AdminErrorCode.UNAUTHORIZED, "admin credentials required", (("WWW-Authenticate", _CHALLENGE),)
+        )
 
     def _matches(self, user: bytes, password: bytes) -> bool:
         # Both comparisons always run (``&``, not ``and``), so the time taken does not tell whether the
@@ -342,8 +422,9 @@ class AdminApi:
         if any(fields.get(wire) is not None for wire in SessionSettings.WIRE_FIELDS):
             settings = SessionSettings.from_wire(fields, base=self._session_defaults)
         secret_key = self._broker.create_session(name, password, now, settings)
-        # The secret key is shown this once; no-store keeps it out of any cache on the way.
-        answer = {"success": True, "sessionName": name, "secretKey": secret_key}
+        # The original's fields (its clients read ``password`` back). The secret key is shown this once;
+        # no-store keeps it, and the password, out of any cache on the way.
+        answer = {"success": True, "sessionName": name, "password": password, "secretKey": secret_key}
         return _json(HTTPStatus.OK, answer, (("Cache-Control", "no-store"),))
 
     def _drop_session(self, body: bytes, now: float) -> HttpResponse:
@@ -360,10 +441,8 @@ class AdminApi:
         return _json(HTTPStatus.OK, {"success": True, "sessionName": name, "suspended": suspend})
 
     def _healthz(self, body: bytes, now: float) -> HttpResponse:
-        stats = self._broker.stats()
-        return _json(
-            HTTPStatus.OK, {"status": "ok", "sessions": stats.sessions, "connections": stats.connections}
-        )
+        sessions, connections = self._broker.health()
+        return _json(HTTPStatus.OK, {"status": "ok", "sessions": sessions, "connections": connections})
 
     def _metrics(self, body: bytes, now: float) -> HttpResponse:
         return HttpResponse(int(HTTPStatus.OK), self._metrics_text(), CONTENT_TYPE_PLAIN_0_0_4)
@@ -371,6 +450,16 @@ class AdminApi:
 
 def _digest(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
+
+
+def _raw(credential: bytes | str) -> bytes:
+    """A credential as bytes: text from a form as UTF-8 (surrogateescape, like the configured ones)."""
+    if isinstance(credential, bytes):
+        return credential
+    try:
+        return credential.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate outside surrogateescape's range: never a credential
+        return credential.encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,17 +5,19 @@ Two pieces, both sans-IO:
 * :class:`PasswordHash` stores a session password or secret key as an scrypt hash and verifies a candidate
   in constant time, with a verified-password cache that makes reconnect storms cheap (see its docstring
   for the trade-off).
-* :class:`AuthThrottle` slows down password guessing from one peer address with an exponential delay,
-  expressed as deadlines so the broker can fold it into its own ``next_deadline`` / ``handle_timeout``.
+* :class:`AuthThrottle` slows down password guessing from one address (per session, and for the admin
+  API) with a failure budget and then an exponential delay, expressed as deadlines so the broker can fold
+  it into its own ``next_deadline`` / ``handle_timeout``. :mod:`.peers` says which address that is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Final
 
 __all__ = ["SCRYPT_N", "AuthThrottle", "PasswordCheck", "PasswordHash"]
@@ -137,79 +139,95 @@ class PasswordCheck:
 
 
 class _Failures:
-    """A peer's run of failed attempts: how many, and when the last one happened."""
+    """A key's failures: the bucket level right after its last failure, and when that failure happened."""
 
-    __slots__ = ("count", "last")
+    __slots__ = ("last", "level")
 
     def __init__(self, last: float) -> None:
-        self.count = 1
+        self.level = 1.0
         self.last = last
 
 
 class AuthThrottle:
-    """Exponential delays per peer address after failed ``init`` attempts.
+    """Delays per key (an address, with a scope such as the session name) after failed attempts.
 
-    After a peer's ``k``-th consecutive failure, every attempt from it is refused (without running scrypt,
-    so guessing cannot burn the server's CPU either) until ``min(base * 2**(k-1), maximum)`` seconds have
-    passed since that failure. A peer with no failure for ``maximum`` seconds is forgotten, which resets
-    its count. With the defaults (0.5 s, 30 s) that holds a guesser to about 7 guesses per minute per
-    address. A success does not reset the count: otherwise one valid login to any session would buy
-    free guesses at another.
+    Throttling must slow down guessing, not users, so each key has a **budget**: ``budget`` failures per
+    ``window`` seconds cost nothing. Failures fill a leaky bucket that drains at ``budget / window`` per
+    second; while its level is above ``budget``, every attempt under the key is refused (without running
+    scrypt, so guessing cannot burn the server's CPU either) until ``min(base * 2**(k-1), maximum)``
+    seconds after the last failure, ``k`` being how far the level is above the budget (rounded up). A
+    client that mistypes once, or a few clients behind one NAT that mistype now and then, never wait; a
+    guesser gets ``budget`` free guesses per window and then exponentially fewer. A success does not
+    empty the bucket: otherwise one valid login would buy free guesses.
 
-    Peers are kept in order of their last failure, so the next one to be forgotten is always the first
-    (O(1) deadline, no heap) and, past ``capacity`` peers, the first is also the one evicted.
-    Addresses shared by many clients (NAT) share a throttle: that is the price of throttling by address.
+    A key without a failure for ``window`` seconds is forgotten (its bucket is then at most ``budget``
+    lower, so it restarts with its budget). Keys are kept in order of their last failure, so the next one
+    to be forgotten is always the first (O(1) deadline, no heap) and, past ``capacity`` keys, the first is
+    also the one evicted: the table's memory is bounded whatever the peers send.
+
+    ``budget=0`` (and ``window=None``, meaning ``maximum``) gives the plain exponential throttle: every
+    failure counts, and a key is forgotten ``maximum`` seconds after its last failure.
     """
 
-    __slots__ = ("_base", "_capacity", "_maximum", "_peers")
+    __slots__ = ("_base", "_budget", "_capacity", "_drain", "_maximum", "_peers", "_window")
 
-    def __init__(self, base: float, maximum: float, capacity: int) -> None:
+    def __init__(
+        self, base: float, maximum: float, capacity: int, *, budget: int = 0, window: float | None = None
+    ) -> None:
         self._base = base
         self._maximum = maximum
         self._capacity = capacity
-        self._peers: OrderedDict[str, _Failures] = OrderedDict()
+        self._budget = budget
+        self._window = maximum if window is None else window
+        self._drain = budget / self._window
+        self._peers: OrderedDict[Hashable, _Failures] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._peers)
 
-    def retry_at(self, peer: str, now: float) -> float | None:
-        """When ``peer`` may next try, if it is throttled at ``now``; ``None`` if it may try now."""
-        failures = self._peers.get(peer)
-        if failures is None:
+    def retry_at(self, key: Hashable, now: float) -> float | None:
+        """When ``key`` may next try, if it is throttled at ``now``; ``None`` if it may try now."""
+        failures = self._peers.get(key)
+        if failures is None or failures.level <= self._budget:
             return None
-        until = failures.last + self._delay(failures.count)
+        until = failures.last + self._delay(failures.level)
         return until if now < until else None
 
-    def record_failure(self, peer: str, now: float) -> float:
-        """Count a failed attempt from ``peer``; returns until when it is throttled."""
+    def record_failure(self, key: Hashable, now: float) -> float:
+        """Count a failed attempt under ``key``; returns until when it is throttled (``now``: not at all)."""
         peers = self._peers
-        failures = peers.pop(peer, None)
-        if failures is None or now - failures.last >= self._maximum:
+        failures = peers.pop(key, None)
+        if failures is None or failures.last + self._window <= now:
             failures = _Failures(now)
         else:
-            failures.count += 1
+            # A clock that went backwards drains nothing (and cannot make the level infinite).
+            drained = max(now - failures.last, 0.0) * self._drain
+            failures.level = max(failures.level - drained, 0.0) + 1.0
             failures.last = now
-        peers[peer] = failures
+        peers[key] = failures
         if len(peers) > self._capacity:
             peers.popitem(last=False)
-        return now + self._delay(failures.count)
+        if failures.level <= self._budget:
+            return now
+        return now + self._delay(failures.level)
 
     def next_deadline(self) -> float | None:
-        """When the peer with the oldest last failure is to be forgotten."""
+        """When the key with the oldest last failure is to be forgotten."""
         for failures in self._peers.values():
-            return failures.last + self._maximum
+            return failures.last + self._window
         return None
 
     def handle_timeout(self, now: float) -> None:
-        """Forget every peer without a failure for ``maximum`` seconds."""
+        """Forget every key without a failure for ``window`` seconds."""
         peers = self._peers
         while peers:
             failures = next(iter(peers.values()))
             # The same sum as next_deadline's, so that a deadline reported as due is always handled.
-            if failures.last + self._maximum > now:
+            if failures.last + self._window > now:
                 return
             peers.popitem(last=False)
 
-    def _delay(self, count: int) -> float:
+    def _delay(self, level: float) -> float:
         # The exponent is capped so that a long run of failures cannot overflow the float.
-        return min(self._base * 2.0 ** min(count - 1, 64), self._maximum)
+        excess = math.ceil(level - self._budget - 1e-9)
+        return min(self._base * 2.0 ** min(excess - 1, 64), self._maximum)

@@ -55,14 +55,17 @@ from typing import Final
 
 import orjson
 
+from .accounting import message_size
 from .auth import AuthThrottle, PasswordCheck, PasswordHash
 from .config import ServerConfig, SessionSettings, SlowConsumerPolicy
 from .dedupe import DedupeWindow
 from .errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import encode_text_frame
 from .metrics import Metrics
+from .peers import throttle_key
 from .protocol import (
     Ack,
+    AckReceived,
     ClientFrame,
     Init,
     InitResponse,
@@ -198,11 +201,14 @@ def _encode_publish_ok(message_id: str, delivered_to: int) -> bytes:
 class _Message:
     """A published message, stored once per session until no subscriber owes an ACK for it."""
 
-    __slots__ = ("delivered_to", "deliveries", "expires_at", "owed", "publish", "size")
+    __slots__ = ("delivered_to", "deliveries", "expires_at", "owed", "publish", "publisher", "size")
 
-    def __init__(self, publish: Publish, expires_at: float) -> None:
+    def __init__(self, publish: Publish, expires_at: float, publisher: _Connection | None) -> None:
         self.publish = publish
-        self.size = len(publish.data)
+        self.publisher = publisher
+        """Who gets ``ack_received`` once the message is settled (the latest connection that published it)."""
+        self.size = message_size(publish)
+        """What the message is charged against ``max_pending_bytes_per_session`` (:mod:`.accounting`)."""
         self.expires_at = expires_at
         self.deliveries: list[_Delivery] = []
         """Every delivery made (ACKed ones included); expiry walks it to find those still owed."""
@@ -259,7 +265,7 @@ class _Connection:
 class _Context:
     """What the broker shares with each of its sessions."""
 
-    __slots__ = ("config", "deadlines", "disconnect", "metrics", "output")
+    __slots__ = ("config", "deadlines", "disconnect", "metrics", "output", "settled")
 
     def __init__(
         self,
@@ -275,6 +281,9 @@ class _Context:
         """One key per session: its retry, expiry and idle timers."""
         self.disconnect = disconnect
         """Forget a connection, then close it (the broker owns the connection table)."""
+        self.settled: list[tuple[_Connection, str, str]] | None = [] if config.send_ack_received else None
+        """``ack_received`` frames owed to publishers: (publisher, message id, topic), queued at the end of
+        the running entry point (so always after the ``publish_response``); ``None``: turned off."""
 
 
 class _Session:
@@ -298,6 +307,7 @@ class _Session:
         "_publish_duplicates",
         "_publishes",
         "_retries",
+        "_settled",
         "clients",
         "connections",
         "dedupe",
@@ -342,6 +352,7 @@ class _Session:
         self._acks_unknown = metrics.cell("acks_unknown", name)
         self._deadlines = context.deadlines
         self._disconnect = context.disconnect
+        self._settled = context.settled
         self.suspended = False
         self.connections: dict[_Connection, None] = {}
         self.topics: dict[str, dict[_Subscriber, None]] = {}
@@ -418,6 +429,10 @@ class _Session:
     def _retry_due(self, now: float) -> None:
         queue = self.retry_queue
         limit = self.settings.max_retry_limit
+        # One encoding per (message, retry count) for the whole round: the subscribers a message went to
+        # together are re-sent together, and share one frame (as the first send does) instead of holding
+        # a copy each in their output buffers.
+        frames: dict[tuple[str, int], bytes] = {}
         while queue:
             delivery = next(iter(queue))
             if delivery.due > now:
@@ -433,16 +448,28 @@ class _Session:
                     self.name, delivery.message.publish.message_id, connection.conn, delivery.retries,
                 )  # fmt: skip
                 continue
-            self._resend(delivery, connection.conn, now)
+            self._resend(delivery, connection.conn, now, frames)
 
-    def _resend(self, delivery: _Delivery, conn: int, now: float) -> None:
-        """Send ``delivery`` again, with its ``retry`` count, and queue it for the next retry."""
+    def _resend(
+        self, delivery: _Delivery, conn: int, now: float, frames: dict[tuple[str, int], bytes] | None = None
+    ) -> None:
+        """Send ``delivery`` again, with its ``retry`` count, and queue it for the next retry.
+
+        ``frames`` caches the encoded frames of the running retry round, shared by its subscribers.
+        """
         delivery.retries += 1
         p = delivery.message.publish
-        payload = encode_message(
-            p.topic, p.data, p.hash, p.timestamp, p.message_id, p.encoding, delivery.retries
-        )
-        self._frames.append((conn, encode_text_frame(payload)))
+        key = (p.message_id, delivery.retries)
+        frame = frames.get(key) if frames is not None else None
+        if frame is None:
+            frame = encode_text_frame(
+                encode_message(
+                    p.topic, p.data, p.hash, p.timestamp, p.message_id, p.encoding, delivery.retries
+                )
+            )
+            if frames is not None:
+                frames[key] = frame
+        self._frames.append((conn, frame))
         delivery.due = now + self.settings.retry_interval
         self.retry_queue[delivery] = None
         self._retries.value += 1
@@ -469,6 +496,8 @@ class _Session:
         if not message.owed:
             del self.messages[message.publish.message_id]
             self.pending_bytes -= message.size
+            if self._settled is not None and message.publisher is not None:
+                self._settled.append((message.publisher, message.publish.message_id, message.publish.topic))
             # Break the message <-> delivery cycles now, so reference counting frees them at once
             # instead of leaving ~5 objects per message to the cyclic garbage collector.
             message.deliveries.clear()
@@ -529,6 +558,10 @@ class _Session:
         delivered = stored.delivered_to if stored is not None else self.dedupe.get(message_id, now)
         if delivered is not None:
             self._publish_duplicates.value += 1
+            if stored is not None:
+                stored.publisher = publisher.connection  # a re-sent publish: it gets the ack_received
+            else:
+                self._settle_now(publisher, p)  # settled already: it may have missed the ack_received
             return delivered
         if self.suspended:
             raise RemoteProtocolError("the session is suspended", code=ErrorCode.SESSION_SUSPENDED)
@@ -536,14 +569,15 @@ class _Session:
         if subscribers is None or (len(subscribers) == 1 and publisher in subscribers):
             self.dedupe.add(message_id, 0, now)
             self._publishes.value += 1
+            self._settle_now(publisher, p)
             return 0
         limit = self._limits.max_pending_bytes_per_session
-        if self.pending_bytes + len(p.data) > limit:
+        message = _Message(p, now + self.settings.message_expiry_time, publisher.connection)
+        if self.pending_bytes + message.size > limit:
             raise RemoteProtocolError(
-                f"the session holds {self.pending_bytes} un-ACKed payload bytes (limit {limit})",
+                f"the session holds {self.pending_bytes} bytes of un-ACKed messages (limit {limit})",
                 code=ErrorCode.SESSION_FULL,
             )
-        message = _Message(p, now + self.settings.message_expiry_time)
         if not self.retry_queue or not self.messages:  # a queue head may move earlier: one arm covers both
             self._arm(min(now + self.settings.retry_interval, message.expires_at))
         slow: list[_Connection] = []
@@ -557,6 +591,8 @@ class _Session:
             if delivered:
                 self.messages[message_id] = message
                 self.pending_bytes += message.size
+            else:
+                self._settle_now(publisher, p)
             self.dedupe.add(message_id, delivered, now)
             self._publishes.value += 1
             if slow:
@@ -564,6 +600,11 @@ class _Session:
                 for connection in slow:
                     self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
         return delivered
+
+    def _settle_now(self, publisher: _Subscriber, p: Publish) -> None:
+        """Owe ``ack_received`` for a message that has no delivery left to wait for."""
+        if self._settled is not None and publisher.connection is not None:
+            self._settled.append((publisher.connection, p.message_id, p.topic))
 
     def _fan_out(
         self,
@@ -737,19 +778,29 @@ class Broker:
         self._context = _Context(config, self.output, self.metrics, self._disconnect)
         self._deadlines = self._context.deadlines
         self._throttle = AuthThrottle(
-            config.auth_throttle_base, config.auth_throttle_max, config.limits.max_throttled_peers
+            config.auth_throttle_base,
+            config.auth_throttle_max,
+            config.limits.max_throttled_peers,
+            budget=config.auth_failure_budget,
+            window=config.auth_throttle_window,
         )
         self._decoy: PasswordHash | None = None
+
+    @property
+    def throttle(self) -> AuthThrottle:
+        """The failed-login throttle, shared with the admin API (one mechanism, one set of deadlines)."""
+        return self._throttle
 
     # -- connection lifecycle ------------------------------------------------------------------------------
 
     def connection_opened(self, conn: int, now: float, peer: str = "") -> None:
         """A WebSocket connection is open and may ``init``.
 
-        ``peer`` is the address failed inits are throttled by (the empty string throttles nothing: the
-        per-connection limit still applies). The deadline for a successful ``init`` is the server core's
-        (it runs from the accept, so it covers TLS and the HTTP upgrade too); the broker reports each
-        success in :attr:`BrokerOutput.initialised`.
+        ``peer`` is the client's address failed inits are throttled by (with the session name; an IPv6
+        address by its /64, see :func:`~fastport_core.peers.throttle_key`). The empty string throttles
+        nothing: the per-connection limit still applies. The deadline for a successful ``init`` is the
+        server core's (it runs from the accept, so it covers TLS and the HTTP upgrade too); the broker
+        reports each success in :attr:`BrokerOutput.initialised`.
         """
         if conn in self._connections:
             raise LocalProtocolError(f"connection {conn} is already open")
@@ -769,7 +820,19 @@ class Broker:
         """
         connection = self._connections.get(conn)
         if connection is not None:
-            self._forget(connection, now, clean)
+            self._forget(connection, now, clean)  # giving up its deliveries may settle messages
+            self._queue_settled()
+
+    def _queue_settled(self) -> None:
+        """End of an entry point: queue the ``ack_received`` frames it settled, after its other answers."""
+        settled = self._context.settled
+        if settled:
+            connections = self._connections
+            for publisher, message_id, topic in settled:
+                # Only to a publisher still connected (it may have gone, or been replaced meanwhile).
+                if connections.get(publisher.conn) is publisher:
+                    self._send(publisher.conn, encode(AckReceived(message_id, topic)))
+            settled.clear()
 
     def _forget(self, connection: _Connection, now: float, clean: bool = False) -> None:
         del self._connections[connection.conn]
@@ -821,6 +884,7 @@ class Broker:
             self._send(conn, encode(UnsubscribeResponse(True, frame.topic)))
         else:  # a second Init: a connection belongs to one session for its whole life
             self._error(connection, ErrorCode.ALREADY_INITIALISED, f"already in session {session.name!r}")
+        self._queue_settled()
 
     def _send(self, conn: int, payload: bytes) -> None:
         """Queue one JSON payload for ``conn``, as a text frame."""
@@ -860,8 +924,10 @@ class Broker:
     # -- init and authentication ---------------------------------------------------------------------------
 
     def _on_init(self, connection: _Connection, frame: Init, now: float) -> None:
-        peer = connection.peer
-        if peer and (retry_at := self._throttle.retry_at(peer, now)) is not None:
+        # Failures count per address *and* session: a client mistyping one session's password must not
+        # lock anyone out of another (the address alone is shared behind a NAT).
+        key = self._throttle_key(connection, frame)
+        if key is not None and (retry_at := self._throttle.retry_at(key, now)) is not None:
             message = f"too many failed attempts: retry in {retry_at - now:.1f} s"
             self._refuse_auth(connection, ErrorCode.AUTH_THROTTLED, message, now)
             return
@@ -881,6 +947,11 @@ class Broker:
             self._verifying += 1
             connection.verifying = (check, frame)
             self.output.verifications.append(check)
+
+    @staticmethod
+    def _throttle_key(connection: _Connection, frame: Init) -> tuple[str, str, str] | None:
+        peer = connection.peer
+        return ("init", frame.session_name, throttle_key(peer)) if peer else None
 
     def is_verifying(self, conn: int) -> bool:
         """Whether ``conn``'s ``init`` waits for its password check (:meth:`verification_done`)."""
@@ -909,8 +980,9 @@ class Broker:
         session = self._sessions.get(frame.session_name)
         if not ok or session is None:
             peer = connection.peer
-            if peer:
-                self._throttle.record_failure(peer, now)
+            key = self._throttle_key(connection, frame)
+            if key is not None:
+                self._throttle.record_failure(key, now)
             _log.info("connection %d from %r: failed init into %r", connection.conn, peer, frame.session_name)
             self._refuse_auth(connection, ErrorCode.AUTH_FAILED, "unknown session or wrong password", now)
             return
@@ -982,6 +1054,7 @@ class Broker:
                 _log.exception("session %r: internal error in its timers; retrying them later", session.name)
                 self.metrics.inc("internal_errors")
                 self._deadlines.arm_earlier(session, now + session.settings.retry_interval)
+        self._queue_settled()
 
     def _on_session_due(self, session: _Session, now: float) -> None:
         if session.idle_expired(now):
@@ -1067,11 +1140,16 @@ class Broker:
     def suspend_session(self, name: str, password: str, secret_key: str, suspend: bool, now: float) -> None:
         """Suspend a session (no new inits, no delivery, publishes refused) or resume it."""
         session = self._authorised(name, password, secret_key)
-        session.set_suspended(suspend, now)
+        session.set_suspended(suspend, now)  # resuming may close slow consumers, settling messages
+        self._queue_settled()
         _log.info("session %r %s", name, "suspended" if suspend else "resumed")
 
     def session_names(self) -> list[str]:
         return sorted(self._sessions)
+
+    def health(self) -> tuple[int, int]:
+        """``(sessions, connections)`` in O(1), for ``/healthz`` (:meth:`stats` walks every session)."""
+        return len(self._sessions), len(self._connections)
 
     def stats(self) -> BrokerStats:
         per_session = {name: session.stats() for name, session in self._sessions.items()}

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from .errors import LocalProtocolError
+from .peers import TrustedProxies
 
 __all__ = ["ClientConfig", "Limits", "ServerConfig", "SessionSettings", "SlowConsumerPolicy"]
 
@@ -86,6 +87,9 @@ class Limits:
 
     max_message_size: int = 1024 * 1024
     """Bytes of one WebSocket message (after reassembly); larger ones close the connection with 1009."""
+    max_fragments_per_message: int = 1024
+    """WebSocket frames one message may be cut into; the frame past it closes the connection with 1009 (a
+    stream of empty continuation frames would otherwise cost work and memory without bound)."""
     max_topic_length: int = 256
     """Characters of a topic; longer ones are refused with ``too_long``."""
     max_message_id_length: int = 128
@@ -103,9 +107,15 @@ class Limits:
     max_inflight_per_subscriber: int = 1000
     """Un-ACKed deliveries one subscriber may hold before the slow-consumer policy applies."""
     max_pending_bytes_per_session: int = 64 * 1024 * 1024
-    """Payload bytes a session may hold un-ACKed; a publish past it is refused with ``session_full``."""
+    """Bytes of un-ACKed messages a session may hold: each message's topic, id, hash and data in UTF-8 plus
+    a fixed 512 bytes of bookkeeping (``accounting.MESSAGE_OVERHEAD``); a publish past it is refused with
+    ``session_full``."""
     max_output_buffer: int = 16 * 1024 * 1024
     """Bytes queued for one connection and not yet taken by the adapter; past it: close with 4002."""
+    max_total_output_buffer: int = 256 * 1024 * 1024
+    """Bytes queued on all connections together and not yet taken by the adapter; past it the connection
+    with the largest buffer is closed with 4002 (again, until the total fits), rather than refusing
+    publishes: the peer that does not read pays, not the publishers."""
     max_sessions: int = 10_000
     """Sessions the server holds; ``createSession`` past it is refused."""
     max_connections: int = 10_000
@@ -128,6 +138,9 @@ class Limits:
     """Bytes of an admin API request body; larger ones are refused with 413 before they are read."""
     max_http_header: int = 16 * 1024
     """Bytes of an HTTP request head; larger ones are refused with 431."""
+    max_http_pipeline: int = 32
+    """HTTP requests answered from one read; a client that pipelined more gets those answers and then its
+    connection is closed (it reconnects for the rest), so one read cannot buy unbounded work."""
 
     def __post_init__(self) -> None:
         _require_positive(self, *(f.name for f in fields(self)))
@@ -154,10 +167,23 @@ class ServerConfig:
     dropped (4002)."""
     auth_max_failures: int = 3
     """Failed ``init`` attempts on one connection before it is closed with 1008."""
+    auth_failure_budget: int = 5
+    """Failed logins (``init`` per address and session, admin API per address) allowed per
+    ``auth_throttle_window`` before any delay: throttling targets guessing, not a user who mistypes."""
+    auth_throttle_window: float = 60.0
+    """Seconds over which ``auth_failure_budget`` refills; an address without a failure for this long is
+    forgotten."""
     auth_throttle_base: float = 0.5
-    """First delay (seconds) a peer address must wait after a failed ``init``; doubles per failure."""
+    """First delay (seconds) an address must wait once past its failure budget; doubles per failure."""
     auth_throttle_max: float = 30.0
-    """Longest throttle delay; a peer's failure count is also forgotten after this long without failures."""
+    """Longest throttle delay (seconds)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or CIDR networks of reverse proxies (e.g. ``("10.0.0.0/8", "::1")``). Only a connection
+    from one of them may name the client's address in ``Forwarded`` / ``X-Forwarded-For``, which is then
+    what auth throttling counts by. Empty: the headers are ignored."""
+    send_ack_received: bool = True
+    """Send the publisher ``ack_received`` once every delivery of its message is ACKed or given up (the
+    original fastPort Dart client re-sends a publish until then); ``False`` turns the frame off."""
     dedupe_ttl: float = 600.0
     """Seconds a published message id stays in the session's dedupe window (also bounded by count)."""
     password_hash_cost: int = 2**14
@@ -167,8 +193,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require_positive(
             self, "ping_interval", "ping_timeout", "handshake_timeout", "write_timeout", "auth_max_failures",
-            "auth_throttle_base", "auth_throttle_max", "dedupe_ttl",
+            "auth_throttle_base", "auth_throttle_max", "auth_throttle_window", "dedupe_ttl",
         )  # fmt: skip
+        if self.auth_failure_budget < 0:
+            raise LocalProtocolError(f"auth_failure_budget must be >= 0, got {self.auth_failure_budget!r}")
+        TrustedProxies(self.trusted_proxies)  # refuses an entry that is not an address or network
         cost = self.password_hash_cost
         if cost < 2 or cost & (cost - 1):
             raise LocalProtocolError(f"password_hash_cost must be a power of two >= 2, got {cost!r}")

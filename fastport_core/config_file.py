@@ -188,6 +188,10 @@ def _coerce(where: _Where, table: str, key: str, value: object, kind: Any) -> An
         if value not in choices:
             raise where.error(table, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return kind(value)
+    if kind is bool:
+        if type(value) is not bool:
+            raise where.error(table, key, f"must be true or false, got {_type_name(value)}")
+        return value
     if kind is int:
         if type(value) is not int:
             raise where.error(table, key, f"must be an integer, got {_type_name(value)}")
@@ -200,6 +204,10 @@ def _coerce(where: _Where, table: str, key: str, value: object, kind: Any) -> An
         if type(value) is not str or not value:
             raise where.error(table, key, f"must be a non-empty string, got {_type_name(value)}")
         return value
+    if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a TOML array of strings
+        if not isinstance(value, list) or not all(type(item) is str and item for item in value):
+            raise where.error(table, key, f"must be an array of non-empty strings, got {_type_name(value)}")
+        return tuple(value)
     raise AssertionError(f"no coercion for field type {kind!r}")  # a new kind of field in the core
 
 

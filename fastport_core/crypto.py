@@ -110,6 +110,10 @@ def parse_key(key: str | bytes) -> bytes:
     keys are pasted from terminals and environment variables, and being strict about those details would
     only produce confusing failures. ``bytes`` are taken as the raw key. Either way the result must be
     exactly 32 bytes; the error says what was wrong (length, alphabet, type) and never repeats the key.
+
+    32 bytes that are printable text (``b"my-shared-aes-key-of-32-bytes!!!"``) are refused: that is a
+    password-strength key in disguise, not 256 random bits. The original fastPort Dart client never used
+    such a key either: it base64-decodes its ``aesKey`` and requires 32 bytes, exactly as a ``str`` here.
     """
     if isinstance(key, str):
         return _parse_text_key(key)
@@ -122,6 +126,11 @@ def parse_key(key: str | bytes) -> bytes:
             raise InvalidKeyError(
                 f"raw key is {len(raw)} bytes; AES-256 needs {KEY_SIZE}{hint} — {_KEYGEN_HINT}"
             )
+        if _is_text(raw):
+            raise InvalidKeyError(
+                f"raw key is {KEY_SIZE} bytes of printable text, not random bytes: a text is a password, not "
+                f"an AES-256 key (original fastPort clients base64-decode their aesKey too) — {_KEYGEN_HINT}"
+            )
         return raw
     raise InvalidKeyError(
         f"key must be a base64 str or {KEY_SIZE} raw bytes, not {type(key).__name__} — {_KEYGEN_HINT}"
@@ -132,10 +141,11 @@ def _parse_text_key(key: str) -> bytes:
     text = key.strip()
     if not text:
         raise InvalidKeyError(f"key is empty — {_KEYGEN_HINT}")
-    # A 32-character text key is most likely the raw key of an original fastPort client
-    # (`aesKey: 'shared-aes-key-32-bytes...'`); say how to use it instead of only "wrong length".
+    # A 32-character text is most likely copied from the original guide's `aesKey: 'shared-aes-key-32-...'`
+    # example; the original Dart client base64-decodes aesKey as we do, so such a text was never a key.
     raw_hint = (
-        f" (a {KEY_SIZE}-character key from an original fastPort client is raw bytes: pass key.encode())"
+        f" (a {KEY_SIZE}-character text is not a key: the key is the base64 of {KEY_SIZE} random bytes, "
+        "as the original fastPort clients' aesKey is)"
         if len(text.encode("utf-8", "surrogatepass")) == KEY_SIZE
         else ""
     )
@@ -156,6 +166,14 @@ def _parse_text_key(key: str) -> bytes:
             f"key decodes to {len(raw)} bytes; AES-256 needs {KEY_SIZE}{raw_hint} — {_KEYGEN_HINT}"
         )
     return raw
+
+
+def _is_text(raw: bytes) -> bool:
+    """Whether ``raw`` is printable UTF-8 text (for 32 random bytes that has odds of about 1 in 10**13)."""
+    try:
+        return raw.decode("utf-8").isprintable()
+    except UnicodeDecodeError:
+        return False
 
 
 def _decodes_to_key(raw: bytes) -> bool:

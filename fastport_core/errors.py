@@ -103,7 +103,11 @@ class CloseCode(IntEnum):
     )
     INVALID_PAYLOAD = 1007, "A text frame that is not valid UTF-8."
     POLICY_VIOLATION = 1008, "Repeated authentication failures."
-    MESSAGE_TOO_BIG = 1009, "A message over the configured maximum size (refused before it is buffered)."
+    MESSAGE_TOO_BIG = (
+        1009,
+        "A message over the configured maximum size, or in more frames than ``max_fragments_per_message`` "
+        "(refused from the frame header, before it is buffered).",
+    )
     INTERNAL_ERROR = 1011, "A bug in the server: it closed rather than guess (logged)."
     SESSION_DROPPED = 4001, "The session was dropped by its owner."
     SLOW_CONSUMER = 4002, "The subscriber fell behind past its in-flight or output-buffer bound."

@@ -41,6 +41,7 @@ from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ABNORMAL_CLOSURE",
+    "DEFAULT_MAX_FRAGMENTS",
     "MAX_CONTROL_PAYLOAD",
     "NO_STATUS_RECEIVED",
     "BinaryMessage",
@@ -69,6 +70,9 @@ class Opcode(IntEnum):
     PONG = 0xA
 
 
+DEFAULT_MAX_FRAGMENTS: Final = 1024
+"""Frames one message may be cut into (``Limits.max_fragments_per_message``): a bound on the work and the
+list entries a stream of empty continuation frames can cost, far above what real clients send."""
 MAX_CONTROL_PAYLOAD: Final = 125
 """RFC 6455 §5.5: control frames carry at most 125 bytes and are never fragmented."""
 NO_STATUS_RECEIVED: Final = 1005
@@ -207,27 +211,37 @@ class FrameDecoder:
     frame to be masked and a client-side one requires them unmasked (RFC 6455 §5.1). ``max_message_size``
     bounds one message after reassembly, in payload bytes; it is checked against each header (for a
     fragmented message, against the running total) so an oversize message is refused before its bytes
-    arrive. Use: :meth:`feed` the received bytes, then call :meth:`next_event` until it returns ``None``.
+    arrive. ``max_fragments`` bounds the frames of one message: without it a peer could open a message and
+    send empty continuation frames for ever, each costing a list entry and a parse; the frame past it is
+    refused from its header with 1009 (wsproto has no such bound: the one deliberate difference).
+    Use: :meth:`feed` the received bytes, then call :meth:`next_event` until it returns ``None``.
     """
 
     __slots__ = (
         "_buffer",
         "_error",
         "_finished",
+        "_fragment_count",
         "_fragment_opcode",
         "_fragment_size",
         "_fragments",
         "_key_size",
         "_mask_bit",
+        "_max_fragments",
         "_max_message_size",
         "_position",
         "_text_fragments",
         "_utf8",
     )
 
-    def __init__(self, *, client: bool, max_message_size: int) -> None:
+    def __init__(
+        self, *, client: bool, max_message_size: int, max_fragments: int = DEFAULT_MAX_FRAGMENTS
+    ) -> None:
         if max_message_size < 0:
             raise LocalProtocolError("max_message_size must not be negative")
+        if max_fragments < 1:
+            raise LocalProtocolError("max_fragments must be at least 1")
+        self._max_fragments = max_fragments
         # A server-side decoder expects the mask bit and a 4-byte key in every header, a client-side none.
         self._mask_bit = 0 if client else _MASK_BIT
         self._key_size = 0 if client else 4
@@ -240,6 +254,7 @@ class FrameDecoder:
         # bytes so far, and its pieces: bytes for binary, str for text (decoded fragment by fragment).
         self._fragment_opcode = 0
         self._fragment_size = 0
+        self._fragment_count = 0
         self._fragments: list[bytes] = []
         self._text_fragments: list[str] = []
         self._utf8: codecs.IncrementalDecoder | None = None
@@ -299,6 +314,10 @@ class FrameDecoder:
             elif opcode == _CONTINUATION:
                 if not self._fragment_opcode:
                     raise self._fail("continuation frame without a message to continue")
+                if self._fragment_count >= self._max_fragments:
+                    raise self._fail(
+                        f"message in more than {self._max_fragments} fragments", CloseCode.MESSAGE_TOO_BIG
+                    )
             elif self._fragment_opcode:
                 raise self._fail("new data frame while a fragmented message is still open")
             if second & _MASK_BIT != self._mask_bit:
@@ -376,6 +395,7 @@ class FrameDecoder:
             self._fragment_opcode = opcode
             self._utf8 = _Utf8Decoder() if opcode == _TEXT else None
         self._fragment_size += len(payload)
+        self._fragment_count += 1
         utf8 = self._utf8
         if utf8 is None:
             self._fragments.append(payload)
@@ -388,6 +408,7 @@ class FrameDecoder:
             return None
         self._fragment_opcode = 0
         self._fragment_size = 0
+        self._fragment_count = 0
         self._utf8 = None
         if utf8 is None:
             data = b"".join(self._fragments)

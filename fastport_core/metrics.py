@@ -2,7 +2,10 @@
 
 The core only counts; exposition (Prometheus text) is the admin API's business. Counters are keyed by
 name and a small tuple of label values, with the session name as the first label wherever a session is
-known, so one tenant's numbers never mix with another's. The set of names is fixed and documented here, so
+known, so one tenant's numbers never mix with another's. Every label value comes from a bounded set
+(error codes, routes, sessions, which are forgotten when dropped); a value the peer chooses freely, such
+as its close code, is mapped to a known one or to ``other`` (:func:`close_code_label`), so no peer can grow
+the number of series. The set of names is fixed and documented here, so
 ``docs/operations.md`` and the Prometheus collector can list them without reading the code that bumps them.
 """
 
@@ -11,12 +14,31 @@ from __future__ import annotations
 from collections import Counter
 from typing import Final
 
-__all__ = ["COUNTERS", "CounterCell", "Metrics"]
+from .errors import CloseCode
+
+__all__ = ["COUNTERS", "OTHER", "CounterCell", "Metrics", "close_code_label"]
+
+OTHER: Final = "other"
+"""The label value of anything outside a label's known set."""
+
+_CLOSE_CODE_LABELS: Final = frozenset({str(int(code)) for code in CloseCode} | {"1005", "1006"})
+"""Close codes worth their own series: the ones the core sends, "no status" and "abnormal closure"."""
+
+
+def close_code_label(code: int) -> str:
+    """The ``code`` label of ``connections_closed``: a code the peer chose (any of 1000-4999 is valid on
+    the wire) would grow a series per value, so anything but the known codes counts as ``other``."""
+    label = str(code)
+    return label if label in _CLOSE_CODE_LABELS else OTHER
+
 
 #: name → (help text, label names). Every counter the core bumps must be declared here.
 COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "connections_opened": ("Transport connections accepted.", ()),
-    "connections_closed": ("Transport connections closed, by close code.", ("code",)),
+    "connections_closed": (
+        "Transport connections closed, by close code (codes the core does not know: other).",
+        ("code",),
+    ),
     "connections_refused": ("Connections closed at accept, by the limit they hit.", ("reason",)),
     "protocol_errors": ("Frames answered with an error frame or close, by error code.", ("code",)),
     "binary_frames": ("WebSocket binary frames received (not part of protocol v1).", ()),

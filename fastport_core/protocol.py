@@ -27,6 +27,7 @@ __all__ = [
     "CLIENT_FRAMES",
     "SERVER_FRAMES",
     "Ack",
+    "AckReceived",
     "ClientFrame",
     "Encoding",
     "ErrorFrame",
@@ -169,7 +170,26 @@ class ErrorFrame:
     code: str
 
 
-ServerFrame = InitResponse | SubscribeResponse | UnsubscribeResponse | PublishResponse | Message | ErrorFrame
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    """To the publisher: the server is done with ``message_id`` (every delivery ACKed or given up).
+
+    The original fastPort Dart client re-sends a publish until it gets this frame.
+    """
+
+    message_id: str
+    topic: str
+
+
+ServerFrame = (
+    InitResponse
+    | SubscribeResponse
+    | UnsubscribeResponse
+    | PublishResponse
+    | Message
+    | ErrorFrame
+    | AckReceived
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -228,6 +248,8 @@ CLIENT_FRAMES: Final[Mapping[str, FrameSpec]] = {
     )
 }  # fmt: skip
 
+_MESSAGE_ID_OUT = _f("messageId", "message_id", str)
+
 SERVER_FRAMES: Final[Mapping[str, FrameSpec]] = {
     spec.name: spec
     for spec in (
@@ -257,6 +279,9 @@ SERVER_FRAMES: Final[Mapping[str, FrameSpec]] = {
         ), "A delivery to a subscriber; answer with `ack`. `retry` counts re-sends."),
         FrameSpec("error", ErrorFrame, (_f("error", "error", str), _f("code", "code", str)),
                   "A frame could not be honoured."),
+        FrameSpec("ack_received", AckReceived, (_MESSAGE_ID_OUT, _f("topic", "topic", str)),
+                  "To the publisher, once every delivery of its message is settled (ACKed or given up; "
+                  "at once if it went to no one). `ServerConfig.send_ack_received` turns it off."),
     )
 }  # fmt: skip
 

@@ -45,7 +45,8 @@ from .config import ServerConfig, SessionSettings
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
 from .frames import ABNORMAL_CLOSURE, encode_text_frame
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
-from .metrics import Metrics
+from .metrics import Metrics, close_code_label
+from .peers import TrustedProxies, client_address, throttle_key
 from .protocol import CLIENT_FRAMES, FrameParser, Init, encode_error
 from .timers import Deadlines
 from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
@@ -67,7 +68,10 @@ _BINARY_REFUSED = RemoteProtocolError(
 class _Connection:
     """One transport connection: the HTTP stage until upgraded, then its WebSocket."""
 
-    __slots__ = ("abort", "held", "held_bytes", "http", "peer", "pre_init", "prefix", "transport_done", "ws")
+    __slots__ = (
+        "abort", "accounted", "held", "held_bytes", "http", "peer", "pre_init", "prefix", "transport_done",
+        "ws",
+    )  # fmt: skip
 
     def __init__(self, http: HttpServerConnection, peer: str) -> None:
         self.http: HttpServerConnection | None = http
@@ -84,6 +88,8 @@ class _Connection:
         self.held: list[TextMessage | BinaryMessage] | None = None
         """Messages received while its ``init`` waits for a password check, handled in order after it."""
         self.held_bytes = 0
+        self.accounted = 0
+        """The WebSocket's queued bytes as last added to the server's total (``ServerCore._output_total``)."""
 
 
 class ServerCore:
@@ -106,8 +112,12 @@ class ServerCore:
         self._verifications: list[PasswordCheck] = []
         self._output: BrokerOutput = self.broker.output
         self.admin = AdminApi(
-            self.broker, admin_credentials, session_defaults=config.default_session_settings
+            self.broker,
+            admin_credentials,
+            session_defaults=config.default_session_settings,
+            throttle=self.broker.throttle,
         )
+        self._proxies = TrustedProxies(config.trusted_proxies)
         self._parser = FrameParser(CLIENT_FRAMES, config.limits)
         self._connections: dict[int, _Connection] = {}
         self._next_id = 1
@@ -123,13 +133,17 @@ class ServerCore:
         self._shutting_down = False
         self._shutdown_at: float | None = None
         """When the shutdown grace period ends (every connection left is then aborted)."""
+        self._output_total = 0
+        """Bytes queued on every WebSocket and not yet taken by the adapter (``max_total_output_buffer``)."""
 
     # -- adapter API -------------------------------------------------------------------------------------
 
     def open_connection(self, now: float, peer: str = "") -> int:
         """Register an accepted transport (before its TLS handshake) and return its id.
 
-        ``peer`` (its address) keys auth throttling and ``max_uninitialised_per_address``. The connection has
+        ``peer`` (its address) keys auth throttling (unless it is a trusted proxy naming the client:
+        ``ServerConfig.trusted_proxies``, :mod:`.peers`) and ``max_uninitialised_per_address`` (IPv6 by its
+        /64; a trusted proxy, which carries many clients, is exempt). The connection has
         ``handshake_timeout`` seconds from now, TLS included, to complete a successful ``init``. A refused
         connection (``max_connections``, the per-address bound, a shutdown) is closed at once:
         :meth:`should_close` is already true.
@@ -151,7 +165,9 @@ class ServerCore:
             )
             self.metrics.inc("connections_refused", "max_connections")
             self._finish_transport(conn, connection, "refused: too many connections", now)
-        elif peer and self._uninitialised.get(peer, 0) >= limits.max_uninitialised_per_address:
+        elif (key := self._address_key(peer)) and self._uninitialised.get(
+            key, 0
+        ) >= limits.max_uninitialised_per_address:
             logger.warning(
                 "refusing connection from %s: it holds %d connections without a successful init",
                 peer, limits.max_uninitialised_per_address,
@@ -159,8 +175,9 @@ class ServerCore:
             self.metrics.inc("connections_refused", "max_uninitialised_per_address")
             self._finish_transport(conn, connection, "refused: too many uninitialised connections", now)
         else:
-            connection.pre_init = True
-            self._uninitialised[peer] = self._uninitialised.get(peer, 0) + 1
+            if key:
+                connection.pre_init = True
+                self._uninitialised[key] = self._uninitialised.get(key, 0) + 1
             self._handshake.arm(conn, now + self.config.handshake_timeout)
         return conn
 
@@ -189,6 +206,7 @@ class ServerCore:
         connection.prefix = b""
         if connection.ws is not None:
             data += connection.ws.data_to_send()
+            self._account(connection, connection.ws)
         return data
 
     def should_close(self, conn: int) -> bool:
@@ -270,12 +288,13 @@ class ServerCore:
         for deadlines in (self._deadlines, self._handshake, self._writes):
             deadlines.cancel(conn)
         self._dirty.discard(conn)
+        self._output_total -= connection.accounted
         self._leave_uninitialised(connection)
         ws = connection.ws
         try:
             if ws is not None:
                 code = ws.close_code if ws.close_code is not None else ABNORMAL_CLOSURE
-                self.metrics.inc("connections_closed", str(code))
+                self.metrics.inc("connections_closed", close_code_label(code))
                 self.broker.connection_closed(conn, now, clean=ws.closed_by_peer)
             else:
                 self.metrics.inc("connections_closed", "http")
@@ -386,12 +405,16 @@ class ServerCore:
         dirty = self._dirty
         limit = self.config.limits.max_output_buffer
         overflowed: list[int] | None = None
+        total = self._output_total
         for conn, frame in frames:
             connection = connections.get(conn)
             if connection is not None and (ws := connection.ws) is not None:
                 ws.append_frame(frame)
                 dirty.add(conn)
-                if ws.pending_bytes > limit:
+                pending = ws.pending_bytes
+                total += pending - connection.accounted
+                connection.accounted = pending
+                if pending > limit:
                     # The adapter has not taken this connection's output for a while: its peer does not
                     # read. Dropping the bytes (not queueing a close behind them) is what bounds memory;
                     # the peer still gets a close frame saying why, in case it ever reads again. Later
@@ -400,12 +423,52 @@ class ServerCore:
                         "connection %d: output buffer over %d bytes, dropping it", conn, ws.pending_bytes
                     )
                     ws.abort(CloseCode.SLOW_CONSUMER, "output buffer limit exceeded", notify=True)
+                    total += ws.pending_bytes - connection.accounted
+                    connection.accounted = ws.pending_bytes
                     self.metrics.inc("output_overflows")
                     if overflowed is None:
                         overflowed = []
                     overflowed.append(conn)
         frames.clear()
+        self._output_total = total
+        if total > self.config.limits.max_total_output_buffer:
+            shed = self._shed_output()
+            overflowed = shed if overflowed is None else overflowed + shed
         return overflowed
+
+    def _shed_output(self) -> list[int]:
+        """Past ``max_total_output_buffer``: drop the largest buffers (4002) until the total fits; returns
+        the connections dropped.
+
+        Closing the biggest reader-behind-its-traffic, rather than refusing publishes, keeps the cost on
+        the peer that does not read instead of on every publisher. A scan per shed connection is fine: it
+        only runs past the bound, and each run frees a connection's whole buffer.
+        """
+        limit = self.config.limits.max_total_output_buffer
+        shed: list[int] = []
+        while self._output_total > limit:
+            open_ones = [(c, x) for c, x in self._connections.items() if x.ws is not None and x.ws.is_open]
+            if not open_ones:
+                break
+            conn, connection = max(open_ones, key=lambda item: item[1].accounted)
+            ws = connection.ws
+            assert ws is not None
+            logger.info(
+                "connection %d: total output over %d bytes, dropping the largest buffer (%d bytes)",
+                conn, limit, ws.pending_bytes,
+            )  # fmt: skip
+            ws.abort(CloseCode.SLOW_CONSUMER, "server output memory limit exceeded", notify=True)
+            self._account(connection, ws)
+            self._dirty.add(conn)
+            self.metrics.inc("output_overflows")
+            shed.append(conn)
+        return shed
+
+    def _account(self, connection: _Connection, ws: WebSocket) -> None:
+        """Bring ``_output_total`` up to date with what ``ws`` holds now."""
+        pending = ws.pending_bytes
+        self._output_total += pending - connection.accounted
+        connection.accounted = pending
 
     def _apply_rest(self, output: BrokerOutput, overflowed: list[int] | None, now: float) -> None:
         connections = self._connections
@@ -466,14 +529,21 @@ class ServerCore:
             )
             self._output.clear()
 
+    def _address_key(self, peer: str) -> str:
+        """What ``max_uninitialised_per_address`` counts by (``""``: not counted)."""
+        if not peer or peer in self._proxies:
+            return ""
+        return throttle_key(peer)
+
     def _leave_uninitialised(self, connection: _Connection) -> None:
         if connection.pre_init:
             connection.pre_init = False
-            left = self._uninitialised[connection.peer] - 1
+            key = self._address_key(connection.peer)
+            left = self._uninitialised[key] - 1
             if left:
-                self._uninitialised[connection.peer] = left
+                self._uninitialised[key] = left
             else:
-                del self._uninitialised[connection.peer]
+                del self._uninitialised[key]
 
     def _arm(self, conn: int, ws: WebSocket) -> None:
         deadline = ws.next_deadline()
@@ -543,15 +613,27 @@ class ServerCore:
         answers = [connection.prefix] if connection.prefix else []
         queued = len(connection.prefix)
         answered = False
+        served = 0
+        pipeline = self.config.limits.max_http_pipeline
         events = http.receive_data(data)
         while events:
+            if served >= pipeline:
+                served += 1  # marks the overflow for the close below
+                # One read must not buy unbounded work: answer what we did, then close.
+                logger.info("connection %d: more than %d pipelined HTTP requests in one read", conn, pipeline)
+                self.metrics.inc("protocol_errors", "http_pipeline")
+                break
             for event in events:
                 if isinstance(event, WebSocketUpgrade):
                     connection.prefix = b"".join(answers)
                     self._upgrade(conn, connection, event, now)
                     return
                 if isinstance(event, HttpRequest):
-                    response = self.admin.handle(event.method, event.target, event.headers, event.body, now)
+                    served += 1
+                    peer = client_address(connection.peer, event.headers, self._proxies)
+                    response = self.admin.handle(
+                        event.method, event.target, event.headers, event.body, now, peer=peer
+                    )
                     answer = http.respond(
                         response.status,
                         response.body,
@@ -573,7 +655,7 @@ class ServerCore:
             # A client may pipeline requests: the next one may already be buffered behind the answered one.
             events = [] if http.should_close else http.next_events()
         connection.prefix = b"".join(answers)
-        if http.should_close or queued > self.config.limits.max_output_buffer:
+        if http.should_close or queued > self.config.limits.max_output_buffer or served > pipeline:
             self._finish_transport(conn, connection, "HTTP connection done", now)
         elif answered:
             # An idle keep-alive admin connection gets a fresh window after each answered request; bytes
@@ -587,13 +669,16 @@ class ServerCore:
         ws = connection.ws = WebSocket(
             client=False,
             max_message_size=config.limits.max_message_size,
+            max_fragments=config.limits.max_fragments_per_message,
             now=now,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
         )
         self._dirty.add(conn)
         self._arm(conn, ws)
-        self.broker.connection_opened(conn, now, connection.peer)
+        self.broker.connection_opened(
+            conn, now, client_address(connection.peer, upgrade.headers, self._proxies)
+        )
         if self._output:
             self._apply(now)  # the broker may refuse it at once (its connection limit)
         if upgrade.leftover:
@@ -662,6 +747,9 @@ class ServerCore:
 
     def _after_websocket_io(self, conn: int, ws: WebSocket, now: float) -> None:
         """Reflect what the WebSocket did: output to send, a new deadline, or the end of the connection."""
+        connection = self._connections.get(conn)
+        if connection is not None:
+            self._account(connection, ws)
         if ws.pending_bytes or ws.state is not WebSocketState.OPEN:
             self._dirty.add(conn)
         if ws.state is WebSocketState.OPEN:

@@ -41,6 +41,7 @@ from enum import Enum
 from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     ABNORMAL_CLOSURE,
+    DEFAULT_MAX_FRAGMENTS,
     NO_STATUS_RECEIVED,
     BinaryMessage,
     Close,
@@ -73,7 +74,8 @@ _CLOSED = WebSocketState.CLOSED
 class WebSocket:
     """One end of an open WebSocket connection (``client`` says which end: clients mask their frames).
 
-    ``max_message_size`` bounds one received message (close 1009 beyond it); ``now`` is the time the
+    ``max_message_size`` bounds one received message and ``max_fragments`` its frames (close 1009 beyond
+    either); ``now`` is the time the
     connection opened, the start of the first keepalive interval. ``ping_interval=None`` disables
     keepalive pings (and so the keepalive timeout); ``close_timeout`` bounds the wait for the peer's
     answer to our Close frame.
@@ -106,12 +108,15 @@ class WebSocket:
         ping_interval: float | None = 20.0,
         ping_timeout: float = 20.0,
         close_timeout: float = 5.0,
+        max_fragments: int = DEFAULT_MAX_FRAGMENTS,
     ) -> None:
         if ping_interval is not None and ping_interval <= 0:
             raise LocalProtocolError("ping_interval must be positive (or None to disable keepalive)")
         if ping_timeout <= 0 or close_timeout <= 0:
             raise LocalProtocolError("ping_timeout and close_timeout must be positive")
-        self._decoder = FrameDecoder(client=client, max_message_size=max_message_size)
+        self._decoder = FrameDecoder(
+            client=client, max_message_size=max_message_size, max_fragments=max_fragments
+        )
         self._mask = client
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout

@@ -150,8 +150,12 @@ class RawClient:
                 return closed
 
     async def request(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Send ``obj`` and return its answer: the next frame that is not an ``ack_received`` (those come
+        whenever an earlier publish of this client settles; read them with :meth:`receive`)."""
         await self.send_json(obj)
-        return await self.receive()
+        while (answer := await self.receive())["type"] == "ack_received":
+            pass
+        return answer
 
     async def init(self, session: str, password: str) -> dict[str, Any]:
         return await self.request({"type": "init", "sessionName": session, "password": password})

@@ -122,6 +122,13 @@ def test_serve_with_only_half_the_admin_credentials_exits_2(capsys: pytest.Captu
     assert "admin password missing" in one_line_error(capsys.readouterr().err, "serve")
 
 
+def test_trusted_proxy_flags_replace_the_config_files(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["serve", "--trusted-proxy", "10.0.0.1", "--trusted-proxy", "fd00::/8"])
+    assert serve_settings(args, environ={}).config.trusted_proxies == ("10.0.0.1", "fd00::/8")
+    assert main(["serve", "--trusted-proxy", "proxy.local"]) == EXIT_USAGE
+    assert "--trusted-proxy" in one_line_error(capsys.readouterr().err, "serve")
+
+
 def test_uvloop_flag_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--uvloop", "--backend", "trio"]) == EXIT_USAGE
     assert "--uvloop needs --backend asyncio" in one_line_error(capsys.readouterr().err, "serve")

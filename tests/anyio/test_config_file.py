@@ -108,6 +108,15 @@ def test_a_full_file(tmp_path: Path) -> None:
     )
 
 
+def test_trusted_proxies_are_a_list_of_addresses_or_networks(tmp_path: Path) -> None:
+    text = "[server]\ntrusted_proxies = ['10.0.0.0/8', '::1']\nauth_failure_budget = 0\n"
+    text += "send_ack_received = false\n"
+    settings = load_settings(write(tmp_path, text), environ={})
+    assert settings.config.trusted_proxies == ("10.0.0.0/8", "::1")
+    assert settings.config.auth_failure_budget == 0
+    assert settings.config.send_ack_received is False
+
+
 def test_ping_interval_false_disables_keepalive(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "[server]\nping_interval = false\n"), environ={})
     assert settings.config.ping_interval is None
@@ -150,6 +159,9 @@ def test_unknown_keys_name_the_key_and_the_file(tmp_path: Path, text: str, messa
         ("[server]\nping_timeout = 'soon'\n", "[server] ping_timeout: must be a number"),
         ("[server]\nlog_level = 'loud'\n", "log level must be one of"),
         ("[server]\npassword_hash_cost = 1000\n", "power of two"),
+        ("[server]\ntrusted_proxies = '10.0.0.1'\n", "must be an array of non-empty strings"),
+        ("[server]\nsend_ack_received = 1\n", "must be true or false"),
+        ("[server]\ntrusted_proxies = ['proxy.local']\n", "'proxy.local' is not an IP address or network"),
         ("[defaults]\nretryInterval = 'fast'\n", "retryInterval must be a number"),
         ("[[sessions]]\nname = 'a'\n", "[sessions #1]: missing key 'password'"),
         ("[[sessions]]\nname = 'a'\npassword = ''\n", "password: must be a non-empty string"),

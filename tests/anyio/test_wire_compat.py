@@ -85,8 +85,19 @@ async def test_publisher_does_not_receive_its_own_message(server: Server) -> Non
         await client.subscribe("t")
         answer = await client.request(publish_frame("t", "x", "own"))
         assert answer["deliveredTo"] == 0
+        # Delivered to no one: settled at once (the original Dart client waits for this frame).
+        assert await client.receive() == {"type": "ack_received", "messageId": "own", "topic": "t"}
         # The next frame is the answer to this request, not an echo of the publish.
         assert (await client.subscribe("barrier"))["type"] == "subscribe_response"
+
+
+async def test_the_publisher_gets_ack_received_once_the_subscriber_acked(server: Server) -> None:
+    async with await connected(server) as publisher, await connected(server) as subscriber:
+        await subscriber.subscribe("t")
+        assert (await publisher.request(publish_frame("t", "x", "m-1")))["deliveredTo"] == 1
+        assert (await subscriber.receive())["messageId"] == "m-1"
+        await subscriber.send_json({"type": "ack", "topic": "t", "messageId": "m-1"})
+        assert await publisher.receive() == {"type": "ack_received", "messageId": "m-1", "topic": "t"}
 
 
 async def test_binary_encoding_is_relayed_verbatim(server: Server) -> None:

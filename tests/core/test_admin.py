@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastport_core.admin import ROUTES, AdminApi, AdminCredentials, AdminErrorCode, HttpResponse
+from fastport_core.admin import ROUTES, AdminApi, AdminCredentials, AdminErrorCode, HttpResponse, LoginOutcome
+from fastport_core.auth import AuthThrottle
 from fastport_core.broker import (
     AccessDeniedError,
     Broker,
@@ -93,7 +94,11 @@ class FakeBroker:
         self._session(name, password, secret_key).suspended = suspend
 
     def stats(self) -> BrokerStats:
+        self.calls.append(("stats",))
         return BrokerStats(len(self.sessions), self.connections, 0, 0, 0, 0, 0, {})
+
+    def health(self) -> tuple[int, int]:
+        return len(self.sessions), self.connections
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -156,7 +161,9 @@ def test_create_session_returns_the_secret_key_once(api: AdminApi, broker: FakeB
     response = call(api, "POST", "/api/createSession", {"sessionName": "fleet", "password": "pw"})
     body = answer(response)
     assert response.status == 200
-    assert body == {"success": True, "sessionName": "fleet", "secretKey": broker.sessions["fleet"].secret_key}
+    secret_key = broker.sessions["fleet"].secret_key
+    # The original fastPort's answer fields, all of them (its clients read ``password`` back).
+    assert body == {"success": True, "sessionName": "fleet", "password": "pw", "secretKey": secret_key}
     assert ("Cache-Control", "no-store") in response.headers
     assert broker.calls == [("create", "fleet", "pw", NOW, None)]
 
@@ -285,6 +292,7 @@ def test_healthz_needs_no_auth_and_reveals_only_counts(
     response = call(AdminApi(broker, credentials), "GET", "/healthz?probe=lb", headers=())
     assert response.status == 200
     assert answer(response) == {"status": "ok", "sessions": 1, "connections": 5}
+    assert ("stats",) not in broker.calls  # O(1): it never walks the sessions and subscribers
 
 
 def test_metrics_are_prometheus_text_with_labels(api: AdminApi, broker: FakeBroker) -> None:
@@ -368,6 +376,28 @@ def test_both_credentials_are_always_compared(api: AdminApi, monkeypatch: pytest
     monkeypatch.setattr(hmac, "compare_digest", spy)
     call(api, "GET", "/metrics", headers=(basic("wrong-user", "wrong-password"),))
     assert len(compared) == 2
+
+
+def test_failed_logins_are_throttled_per_address_after_the_budget(broker: FakeBroker) -> None:
+    throttle = AuthThrottle(base=2.0, maximum=30.0, capacity=10, budget=1, window=60.0)
+    api = AdminApi(broker, CREDENTIALS, throttle=throttle)
+    wrong = (basic(CREDENTIALS.user, "wrong"),)
+
+    def get(headers: tuple[tuple[str, str], ...], peer: str, now: float) -> HttpResponse:
+        return api.handle("GET", "/metrics", headers, b"", now, peer=peer)
+
+    assert get((), "192.0.2.1", NOW).status == 401  # no header: the start of a Basic exchange, not a failure
+    assert len(throttle) == 0
+    assert get(wrong, "192.0.2.1", NOW).status == 401  # within the budget
+    assert get((("Authorization", "Basic !!"),), "192.0.2.1", NOW).status == 401  # malformed counts too
+    throttled = get((AUTH,), "192.0.2.1", NOW + 1)
+    assert_error(throttled, AdminErrorCode.AUTH_THROTTLED, 429)
+    assert ("Retry-After", "1") in throttled.headers
+    assert get((AUTH,), "192.0.2.2", NOW + 1).status == 200  # another address
+    assert get((AUTH,), "192.0.2.1", NOW + 2).status == 200
+    assert get(wrong, "", NOW + 2).status == 401 and get((AUTH,), "", NOW + 2).status == 200  # no address
+    assert api.check_login(CREDENTIALS.user, "\ud800", "192.0.2.3", NOW) is LoginOutcome.DENIED
+    assert AdminApi(broker, None).check_login("a", "b", "192.0.2.3", NOW) is LoginOutcome.DISABLED
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED)

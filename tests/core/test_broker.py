@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastport_core.accounting import MESSAGE_OVERHEAD, message_size
 from fastport_core.broker import (
     AccessDeniedError,
     Broker,
@@ -283,38 +284,73 @@ def test_repeated_auth_failures_close_the_connection_with_1008(h: Harness) -> No
     assert h.closes() == {conn: CloseCode.POLICY_VIOLATION}
 
 
+def fail_budget(h: Harness, peer: str, session: str = "a") -> None:
+    """Spend ``peer``'s whole failure budget on ``session`` (one wrong password per connection)."""
+    for _ in range(h.config.auth_failure_budget):
+        assert h.init(h.open(peer), session, password="bad")["code"] == "auth_failed"
+
+
+def test_one_wrong_password_does_not_lock_out_the_next_client_of_the_address(h: Harness) -> None:
+    """The NAT / reverse-proxy case: one client mistypes, the next one from the same address gets in."""
+    assert h.init(h.open("127.0.0.1"), password="bad")["code"] == "auth_failed"
+    assert h.init(h.open("127.0.0.1"))["success"]
+
+
 def test_failed_auth_is_throttled_per_peer_without_running_scrypt(
     h: Harness, scrypt_calls: list[int]
 ) -> None:
     base = h.config.auth_throttle_base
-    assert h.init(h.open("10.0.0.1"), password="bad")["code"] == "auth_failed"
+    fail_budget(h, "10.0.0.1")
+    assert h.init(h.open("10.0.0.1"))["success"]  # within the budget: no delay at all
+    assert h.init(h.open("10.0.0.1"), password="bad")["code"] == "auth_failed"  # past it: delayed
     scrypt_calls.clear()
     throttled = h.init(h.open("10.0.0.1"))  # even the right password
     assert throttled["success"] is False and throttled["code"] == "auth_throttled"
     assert scrypt_calls == []
     assert h.init(h.open("10.0.0.2"))["success"]  # another peer is not affected
+    assert h.init(h.open("10.0.0.1"), "b")["success"]  # nor is another session from the same peer
     h.advance(base)
     assert h.init(h.open("10.0.0.1"))["success"]
     assert h.metrics.value("auth_failures", "auth_throttled") == 1
 
 
+def test_ipv6_peers_are_throttled_by_their_64_prefix(h: Harness) -> None:
+    fail_budget(h, "2001:db8::1")
+    h.init(h.open("2001:db8::2"), password="bad")  # same /64: this one is over the budget
+    assert h.init(h.open("2001:db8::ffff"))["code"] == "auth_throttled"
+    assert h.init(h.open("2001:db8:0:1::1"))["success"]  # the next /64 is someone else
+
+
+def test_the_budget_refills_over_the_window() -> None:
+    h = Harness(dataclasses.replace(make_config(), auth_failure_budget=2, auth_throttle_window=10.0))
+    for _ in range(10):  # 2 failures per 10 s, for ever: never a delay
+        h.init(h.open("p"), password="bad")
+        h.advance(5.0)
+    assert h.init(h.open("p"))["success"]
+    for _ in range(3):  # 3 in a row: over the budget of 2
+        h.init(h.open("p"), password="bad")
+    assert h.init(h.open("p"))["code"] == "auth_throttled"
+
+
 def test_throttle_doubles_and_is_forgotten_through_the_deadlines() -> None:
     h = Harness(dataclasses.replace(make_config(), handshake_timeout=1000.0))
-    base, maximum = h.config.auth_throttle_base, h.config.auth_throttle_max
-    h.init(h.open("p"), password="bad")
+    base, window = h.config.auth_throttle_base, h.config.auth_throttle_window
+    fail_budget(h, "p")
+    h.init(h.open("p"), password="bad")  # first failure over the budget: base
     h.advance(base)
-    h.init(h.open("p"), password="bad")  # second failure: 2 * base
+    h.init(h.open("p"), password="bad")  # second: 2 * base (the bucket drained a little meanwhile)
     h.advance(base)
     assert h.init(h.open("p"))["code"] == "auth_throttled"
     h.advance(base)
     assert h.init(h.open("p"))["success"]
     assert h.broker.stats().throttled_peers == 1
-    assert h.broker.next_deadline() == base + maximum  # the reset, maximum after the last failure
-    h.advance(maximum)
+    assert h.broker.next_deadline() == base + window  # forgotten a window after the last failure
+    h.advance(window)
     assert h.broker.stats().throttled_peers == 0
 
 
-def test_throttled_attempts_count_towards_the_connection_limit(h: Harness) -> None:
+def test_throttled_attempts_count_towards_the_connection_limit() -> None:
+    h = Harness(dataclasses.replace(make_config(), auth_failure_budget=0))
     conn = h.open("p")
     h.init(conn, password="bad")
     h.init(conn)
@@ -485,8 +521,22 @@ def test_dedupe_window_is_bounded_by_its_ttl() -> None:
     assert len(h.messages(sub)) == 2  # forgotten: a new message
 
 
+def size(message_id: str, data: str, topic: str = "t") -> int:
+    """What the Harness's publish of ``data`` is charged (hash "h")."""
+    return message_size(Publish(topic, data, "h", 1, message_id))
+
+
+def test_pending_bytes_count_every_string_in_utf8_and_the_overhead() -> None:
+    h = Harness()
+    sub = h.client("a", "topic")
+    h.publish(h.client("a"), "topic", "id-1", "é€😀")  # 3 characters, 2 + 3 + 4 bytes
+    assert h.broker.stats().pending_bytes == MESSAGE_OVERHEAD + 5 + 4 + 1 + 9
+    h.ack(sub, "topic", "id-1")
+    assert h.broker.stats().pending_bytes == 0
+
+
 def test_pending_bytes_per_session_are_limited() -> None:
-    h = Harness(make_config(max_pending_bytes_per_session=10))
+    h = Harness(make_config(max_pending_bytes_per_session=size("m1", "x" * 6) + 4))
     sub = h.client("a", "t")
     publisher = h.client("a")
     assert h.publish(publisher, "t", "m1", "x" * 6)["success"]
@@ -496,8 +546,9 @@ def test_pending_bytes_per_session_are_limited() -> None:
     assert h.publish(publisher, "nobody", "m3", "x" * 50)["success"]  # nothing to store
     assert h.publish(h.client("b"), "t", "m2", "x" * 10)["success"]  # another session's budget
     h.ack(sub, "t", "m1")
-    assert h.publish(publisher, "t", "m2", "x" * 10)["success"]
-    assert h.broker.stats().per_session["a"].pending_bytes == 10
+    assert h.publish(publisher, "t", "m2", "x" * 8)["success"]
+    assert not h.publish(publisher, "t", "m4", "")["success"]  # an empty message is not free
+    assert h.broker.stats().per_session["a"].pending_bytes == size("m2", "x" * 8)
 
 
 # -- connections that go away --------------------------------------------------------------------------------
@@ -784,15 +835,21 @@ def test_stats_count_everything_per_session(h: Harness) -> None:
     stats = h.broker.stats()
     a = stats.per_session["a"]
     assert (a.connections, a.subscribers, a.detached_subscribers) == (3, 4, 1)
-    assert (a.stored_messages, a.inflight_deliveries, a.pending_bytes, a.suspended) == (1, 2, 5, False)
-    assert (stats.sessions, stats.connections, stats.stored_messages, stats.pending_bytes) == (2, 3, 1, 5)
+    stored = size("m1", "12345")
+    assert (a.stored_messages, a.inflight_deliveries, a.pending_bytes, a.suspended) == (1, 2, stored, False)
+    assert (stats.sessions, stats.connections, stats.stored_messages, stats.pending_bytes) == (
+        2,
+        3,
+        1,
+        stored,
+    )
 
 
 # -- the property: isolation and bounds under any sequence of operations -----------------------------------
 
 PROPERTY_LIMITS = {
     "max_inflight_per_subscriber": 2,
-    "max_pending_bytes_per_session": 60,
+    "max_pending_bytes_per_session": 2 * MESSAGE_OVERHEAD + 60,
     "max_subscriptions_per_connection": 2,
     "max_connections_per_session": 3,
     "max_detached_per_session": 2,
@@ -1011,3 +1068,89 @@ def test_a_clean_close_of_an_anonymous_subscriber_is_unchanged(h: Harness) -> No
     h.publish(h.client("a"), "t", "m1")
     h.broker.connection_closed(sub, h.now, clean=True)
     assert given_up(h, "a", "disconnected") == 1 and given_up(h, "a", "released") == 0
+
+
+# -- ack_received (compatibility with the original's clients) --------------------------------------------
+
+
+def acks_received(h: Harness, conn: int) -> list[str]:
+    return [f["messageId"] for c, f in h.sink.frames if c == conn and f["type"] == "ack_received"]
+
+
+def test_ack_received_follows_the_publish_response_at_once_when_no_one_subscribes(h: Harness) -> None:
+    publisher = h.client("a")
+    frames = h.send(publisher, Publish("nobody", "d", "h", 1, "m1"))
+    assert [f["type"] for f in frames] == ["publish_response", "ack_received"]
+    assert frames[1] == {"type": "ack_received", "messageId": "m1", "topic": "nobody"}
+
+
+def test_ack_received_waits_for_every_subscriber_and_only_the_publisher_gets_it(h: Harness) -> None:
+    publisher, one, two = h.client("a", "t"), h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    assert acks_received(h, publisher) == []
+    h.ack(one, "t", "m1")
+    h.ack(one, "t", "m1")  # a duplicate ACK settles nothing more
+    assert acks_received(h, publisher) == []
+    h.ack(two, "t", "m1")
+    assert acks_received(h, publisher) == ["m1"]
+    assert acks_received(h, one) == acks_received(h, two) == []
+
+
+def test_given_up_deliveries_count_as_settled(h: Harness) -> None:
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.advance(SETTINGS.retry_interval * (SETTINGS.max_retry_limit + 1))
+    assert given_up(h, "a", "retries") == 1
+    assert acks_received(h, publisher) == ["m1"]
+    assert subscriber
+
+
+def test_a_departed_publisher_gets_nothing(h: Harness) -> None:
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.broker.connection_closed(publisher, h.now)
+    h.ack(subscriber, "t", "m1")
+    assert acks_received(h, publisher) == []
+
+
+def test_a_resent_publish_gets_the_ack_received(h: Harness) -> None:
+    first, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(first, "t", "m1")
+    h.broker.connection_closed(first, h.now)
+    second = h.client("a")  # the publisher reconnected and sends the publish again: deduplicated
+    assert h.publish(second, "t", "m1")["deliveredTo"] == 1
+    h.ack(subscriber, "t", "m1")
+    assert acks_received(h, second) == ["m1"]
+    third = h.client("a")  # and once more, after the message was settled: answered at once
+    assert h.send(third, Publish("t", "d", "h", 1, "m1"))[-1]["type"] == "ack_received"
+
+
+def test_a_slow_consumer_closed_by_the_publish_settles_after_the_publish_response() -> None:
+    h = Harness(make_config(max_inflight_per_subscriber=1))
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.ack(subscriber, "t", "m1")
+    h.publish(publisher, "t", "m2")
+    frames = h.send(publisher, Publish("t", "d", "h", 1, "m3"))  # the subscriber is over its bound: closed
+    assert h.closes() == {subscriber: CloseCode.SLOW_CONSUMER}
+    assert [f["type"] for f in frames] == ["publish_response", "ack_received", "ack_received"]
+
+
+def test_ack_received_can_be_turned_off() -> None:
+    h = Harness(dataclasses.replace(make_config(), send_ack_received=False))
+    publisher, subscriber = h.client("a", "t"), h.client("a", "t")
+    h.publish(publisher, "t", "m1")
+    h.ack(subscriber, "t", "m1")
+    assert [f["type"] for f in h.send(publisher, Publish("x", "d", "h", 1, "m2"))] == ["publish_response"]
+    assert acks_received(h, publisher) == []
+
+
+def test_a_retry_round_shares_one_encoding_between_subscribers(h: Harness) -> None:
+    subscribers = [h.client("a", "t") for _ in range(3)]
+    h.publish(h.client("a"), "t", "m1")
+    mark = len(h.sink.raw_frames)
+    h.advance(SETTINGS.retry_interval)
+    retried = [frame for conn, frame in h.sink.raw_frames[mark:] if conn in subscribers]
+    assert len(retried) == 3
+    assert retried[0] is retried[1] is retried[2]  # one bytes object, not a copy per subscriber
+    assert orjson.loads(unframe(retried[0]))["retry"] == 1

@@ -531,6 +531,17 @@ def test_error_frames_are_events_not_fatal() -> None:
     assert client.state is ClientState.READY
 
 
+def test_ack_received_from_the_server_is_ignored_quietly() -> None:
+    """The server tells publishers ``ack_received`` for the original's clients; ours need nothing from it."""
+    client, server = ready()
+    message_id = client.publish("t", "x", now=T0, timestamp=5)
+    pump(client, server, T0)
+    client.events()
+    client.receive_data(server.send(type="ack_received", messageId=message_id, topic="t"), T0)
+    assert client.events() == [] and client.state is ClientState.READY
+    assert client.metrics.total("protocol_errors") == 0
+
+
 def test_invalid_and_binary_server_frames_are_counted_and_ignored() -> None:
     client, server = ready()
     client.receive_data(server.send(type="message", topic="t"), T0)  # missing fields

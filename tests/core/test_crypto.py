@@ -651,12 +651,20 @@ def test_parse_key_refuses_bad_keys_clearly(key: Any, expected: str) -> None:
     assert isinstance(error, LocalProtocolError) and isinstance(error, ValueError)
 
 
-def test_parse_key_hints_at_raw_keys_of_original_clients() -> None:
-    """The original Dart example configured `aesKey: 'shared-aes-key-32-bytes...'`: 32 characters."""
+def test_a_32_character_text_is_not_a_key_in_any_form() -> None:
+    """The original guide shows `aesKey: 'shared-aes-key-32-bytes...'` (32 characters), but its Dart client
+    base64-decodes aesKey and requires 32 bytes: the UTF-8 bytes of such a text were never its key, and
+    as a key they would be a password in disguise. Neither spelling is accepted."""
     original = "my-shared-aes-key-of-32-bytes!!!"
     assert len(original) == 32
-    assert "pass key.encode()" in str(_key_error(original))
-    assert parse_key(original.encode()) == original.encode()
+    message = str(_key_error(original))
+    assert "is not a key" in message and "encode()" not in message
+    for text in (original, "clé-partagée-de-32-octets!!", " " * 32):
+        raw = text.encode()
+        if len(raw) == 32:
+            assert "printable text" in str(_key_error(raw))
+    random_bytes = bytes(range(256))[::8]  # 32 bytes, mostly not printable
+    assert parse_key(random_bytes) == random_bytes
 
 
 @pytest.mark.parametrize("suite_class", [LegacySuite, AuthenticatedSuite])

@@ -18,6 +18,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 
 from fastport_core.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 from fastport_core.frames import (
+    DEFAULT_MAX_FRAGMENTS,
     NO_STATUS_RECEIVED,
     BinaryMessage,
     Close,
@@ -254,6 +255,48 @@ def test_fragmented_message_exactly_at_the_limit() -> None:
     assert decode_all(data, limit=100) == [BinaryMessage(b"x" * 60 + b"y" * 40)]
     # The running total starts again with the next message.
     assert decode_all(data + data, limit=100) == [BinaryMessage(b"x" * 60 + b"y" * 40)] * 2
+
+
+def fragmented(count: int, opcode: Opcode = Opcode.TEXT) -> bytes:
+    """One message in ``count`` frames: "a", then empty continuations, then "b" (``count`` >= 2)."""
+    middle = raw_frame(Opcode.CONTINUATION, b"", fin=False) * (count - 2)
+    return raw_frame(opcode, b"a", fin=False) + middle + raw_frame(Opcode.CONTINUATION, b"b")
+
+
+def test_fragments_up_to_the_limit_are_accepted_and_the_next_is_refused_from_its_header() -> None:
+    decoder = FrameDecoder(client=False, max_message_size=BIG, max_fragments=3)
+    decoder.feed(fragmented(3) + fragmented(3, Opcode.BINARY))  # the count starts again per message
+    assert [decoder.next_event(), decoder.next_event()] == [TextMessage("ab"), BinaryMessage(b"ab")]
+    decoder.feed(raw_frame(Opcode.TEXT, b"", fin=False) + raw_frame(Opcode.CONTINUATION, b"", fin=False) * 2)
+    decoder.feed(raw_frame(Opcode.CONTINUATION, b"x")[:2])  # the 4th frame's header, no key or payload
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.close_code is CloseCode.MESSAGE_TOO_BIG
+    with pytest.raises(LocalProtocolError):
+        FrameDecoder(client=False, max_message_size=BIG, max_fragments=0)
+
+
+def test_a_flood_of_empty_continuation_frames_is_cut_at_the_default_limit() -> None:
+    flood = raw_frame(Opcode.TEXT, b"{", fin=False) + raw_frame(Opcode.CONTINUATION, b"", fin=False) * 100_000
+    decoder = FrameDecoder(client=False, max_message_size=BIG)
+    decoder.feed(flood)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.close_code is CloseCode.MESSAGE_TOO_BIG
+    assert "1024 fragments" in info.value.message
+
+
+def test_the_fragment_limit_is_the_one_difference_from_wsproto() -> None:
+    """wsproto bounds neither size nor fragments; at the limit both agree, one frame past it only we refuse.
+
+    The generated differential streams cut a message into at most 5 frames, far below the limit, so the
+    differential tests above compare everything else exactly."""
+    assert DEFAULT_MAX_FRAGMENTS > 5
+    at_limit = [fragmented(DEFAULT_MAX_FRAGMENTS)]
+    assert outcome_of_ours(at_limit) == outcome_of_wsproto(at_limit) == [("text", "ab")]
+    past_limit = [fragmented(DEFAULT_MAX_FRAGMENTS + 1)]
+    assert outcome_of_wsproto(past_limit) == [("text", "ab")]
+    assert outcome_of_ours(past_limit) == [("rejected", CloseCode.MESSAGE_TOO_BIG)]
 
 
 # -- encoding ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastport_core.metrics import Metrics
+from fastport_core.errors import CloseCode
+from fastport_core.metrics import Metrics, close_code_label
 
 SESSIONS = st.sampled_from(["a", "b"])
 NAMES = st.sampled_from(["acks", "publishes", "publishes_refused"])
@@ -49,3 +50,12 @@ def test_forget_session_drops_its_cells_and_keeps_the_others() -> None:
     metrics.forget_session("a")
     assert sorted(metrics.items()) == [("acks", ("b",), 2), ("sessions_dropped", ("a",), 1)]
     assert metrics.cell("acks", "a").value == 0  # a new session of the same name starts afresh
+
+
+def test_close_code_labels_are_bounded() -> None:
+    assert {close_code_label(code) for code in range(65536)} == {
+        *(str(int(code)) for code in CloseCode),
+        "1005",
+        "1006",
+        "other",
+    }

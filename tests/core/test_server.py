@@ -15,6 +15,7 @@ from fastport_core.errors import CloseCode
 from fastport_core.frames import Opcode, encode_frame
 from fastport_core.server import ServerCore
 
+from .test_frames import raw_frame
 from .wire import RawPeer, basic_auth, http_request
 
 ADMIN = AdminCredentials("admin", "secret")
@@ -111,6 +112,18 @@ def test_oversized_message_is_refused_from_its_header_with_1009() -> None:
     peer = ready(core)
     header_only = encode_frame(Opcode.TEXT, b"x" * 5000, mask=True)[:14]
     peer.send_raw(header_only)
+    peer.pump()
+    assert peer.ws.close_code == CloseCode.MESSAGE_TOO_BIG
+    assert core.should_close(peer.conn)
+
+
+def test_a_message_in_too_many_fragments_closes_with_1009() -> None:
+    core = make_core(limits=Limits(max_fragments_per_message=8))
+    peer = ready(core)
+    peer.send_raw(raw_frame(Opcode.TEXT, b"{", fin=False))
+    peer.send_raw(raw_frame(Opcode.CONTINUATION, b"", fin=False) * 7)
+    assert core.data_to_send(peer.conn) == b""  # 8 fragments: still waiting for the rest
+    peer.send_raw(raw_frame(Opcode.CONTINUATION, b"", fin=False))
     peer.pump()
     assert peer.ws.close_code == CloseCode.MESSAGE_TOO_BIG
     assert core.should_close(peer.conn)
@@ -243,6 +256,18 @@ def test_pipelined_http_requests_are_all_answered() -> None:
     assert not core.should_close(conn)
 
 
+def test_pipelined_http_requests_answered_per_read_are_capped() -> None:
+    core = make_core(limits=Limits(max_http_pipeline=4))
+    conn = core.open_connection(0.0)
+    core.receive_data(conn, http_request("GET", "/healthz") * 4, 0.0)
+    assert core.data_to_send(conn).count(b"HTTP/1.1 200") == 4
+    assert not core.should_close(conn)  # at the cap, not past it
+    core.receive_data(conn, http_request("GET", "/healthz") * 1000, 0.0)
+    assert core.data_to_send(conn).count(b"HTTP/1.1 200") == 4
+    assert core.should_close(conn)
+    assert core.metrics.value("protocol_errors", "http_pipeline") == 1
+
+
 # -- the "only documented errors" invariant ------------------------------------------------------------
 
 
@@ -347,3 +372,39 @@ def test_pipelined_requests_from_a_peer_that_never_reads_are_bounded() -> None:
     assert core.should_close(conn)
     assert core.metrics.value("output_overflows") == 1
     assert len(core.data_to_send(conn)) < 2000 + 500
+
+
+def test_close_codes_chosen_by_the_peer_do_not_grow_the_metrics() -> None:
+    core = make_core()
+    for code in (1000, *range(3000, 3050), 4321):
+        peer = ready(core)
+        peer.send_frame(Opcode.CLOSE, code.to_bytes(2, "big"))
+        peer.pump()
+        core.connection_lost(peer.conn, 0.0)
+    closed = {labels: value for name, labels, value in core.metrics.items() if name == "connections_closed"}
+    assert closed == {("1000",): 1, ("other",): 51}
+
+
+def test_total_output_is_bounded_by_closing_the_largest_buffer() -> None:
+    core = make_core(limits=Limits(max_total_output_buffer=4000))
+    publisher, reader = ready(core), ready(core)
+    laggard, other = ready(core), ready(core)  # neither reads; the laggard gets twice the traffic
+    for peer, topics in ((reader, ["t"]), (laggard, ["t", "u"]), (other, ["t"])):
+        for topic in topics:
+            peer.send({"type": "subscribe", "topic": topic})
+            peer.pump()
+    for i in range(20):
+        for topic in ("t", "u"):
+            publisher.publish(topic, f"{topic}{i}", data="x" * 100)
+            publisher.pump()
+            reader.pump()
+            assert core._output_total <= 4000
+    assert core.metrics.value("output_overflows") >= 1
+    closes = {}
+    for name, peer in (("laggard", laggard), ("other", other)):
+        peer.pump()
+        closes[name] = peer.ws.close_code
+    assert closes["laggard"] == CloseCode.SLOW_CONSUMER
+    assert reader.ws.is_open and len([f for f in reader.received if f["type"] == "message"]) == 20
+    live = [c.ws.pending_bytes for c in core._connections.values() if c.ws is not None]
+    assert core._output_total == sum(live)  # the running total never drifts from the buffers

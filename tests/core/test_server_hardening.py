@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 
 import fastport_core.broker as broker_module
+from fastport_core.accounting import message_size
 from fastport_core.config import Limits, ServerConfig, SessionSettings
 from fastport_core.errors import CloseCode
 from fastport_core.frames import Opcode, encode_close_payload, encode_frame
 from fastport_core.handshake import ClientHandshake
+from fastport_core.protocol import Publish
 from fastport_core.server import LAST_WRITE_TIMEOUT, ServerCore
 from fastport_core.websocket import WebSocket
 
@@ -117,6 +119,16 @@ def test_the_per_address_bound_refuses_the_next_uninitialised_connection() -> No
     core.connection_lost(held[0], 0.0)  # a slot comes free when one goes away ...
     assert not core.should_close(core.open_connection(0.0, "10.0.0.1"))
     assert core.should_close(core.open_connection(0.0, "10.0.0.1"))
+
+
+def test_ipv6_counts_per_64_and_a_trusted_proxy_is_exempt() -> None:
+    core = make_core(limits=Limits(max_uninitialised_per_address=2), trusted_proxies=("10.0.0.99",))
+    assert not core.should_close(core.open_connection(0.0, "2001:db8::1"))
+    assert not core.should_close(core.open_connection(0.0, "2001:db8::2"))
+    assert core.should_close(core.open_connection(0.0, "2001:db8::ffff"))  # the same /64
+    assert not core.should_close(core.open_connection(0.0, "2001:db8:0:1::1"))  # the next /64
+    # A proxy carries many clients: its connections are never refused by the per-address bound.
+    assert not any(core.should_close(core.open_connection(0.0, "10.0.0.99")) for _ in range(5))
 
 
 def test_a_successful_init_frees_its_slot_and_an_upgrade_alone_does_not() -> None:
@@ -303,7 +315,8 @@ def test_a_fan_out_that_fails_half_way_leaves_consistent_state(monkeypatch: pyte
     received = [[m["messageId"] for m in sub.pump() if m["type"] == "message"] for sub in subs]
     assert received == [["m1"], [], []]  # what was recorded was sent; nothing else
     stats = core.stats().per_session["demo"]
-    assert (stats.stored_messages, stats.inflight_deliveries, stats.pending_bytes) == (1, 1, len("payload"))
+    charged = message_size(Publish("t", "payload", "h", 1, "m1"))
+    assert (stats.stored_messages, stats.inflight_deliveries, stats.pending_bytes) == (1, 1, charged)
     subs[0].send({"type": "ack", "topic": "t", "messageId": "m1"})
     stats = core.stats().per_session["demo"]
     assert (stats.stored_messages, stats.inflight_deliveries, stats.pending_bytes) == (0, 0, 0)
@@ -401,7 +414,7 @@ def test_an_init_waits_for_its_password_check_and_frames_sent_meanwhile_wait_in_
 
 
 def test_a_failed_check_refuses_the_init_and_the_held_frames_see_no_session() -> None:
-    core = offloading_core()
+    core = offloading_core(auth_failure_budget=0)  # the first failure already delays the address
     peer = RawPeer(core, peer="10.0.0.9")
     peer.send({"type": "init", "sessionName": "demo", "password": "wrong"})
     peer.send({"type": "subscribe", "topic": "t"})

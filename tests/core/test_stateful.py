@@ -87,6 +87,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from fastport_core.accounting import MESSAGE_OVERHEAD, message_size
 from fastport_core.broker import GiveUpReason
 from fastport_core.client import (
     AuthRefused,
@@ -104,6 +105,7 @@ from fastport_core.config import ClientConfig, Limits, ServerConfig, SessionSett
 from fastport_core.crypto import make_suite
 from fastport_core.errors import CloseCode, ErrorCode
 from fastport_core.metrics import COUNTERS
+from fastport_core.protocol import Publish
 from fastport_core.server import ServerCore
 
 from .simnet import Link, Packet
@@ -122,7 +124,8 @@ MEMBERS: Final = {s: tuple(c for c, cs in CLIENTS.items() if cs == s) for s in S
 TOPICS: Final = ("t0", "t1")
 LIMITS: Final = Limits(
     max_inflight_per_subscriber=4,
-    max_pending_bytes_per_session=250,  # a sealed payload here is ~50 bytes: ~5 messages
+    # A stored message here is charged MESSAGE_OVERHEAD + ~50 bytes of payload + ~50 of hash, id, topic.
+    max_pending_bytes_per_session=5 * MESSAGE_OVERHEAD + 500,  # ~5 messages
     max_connections_per_session=3,  # alpha's 3 clients fill it (a resume replaces, so it is never refused)
     max_connections=40,
 )
@@ -148,6 +151,12 @@ LOSSY_FAULTS: Final = (("drop", 0.12), ("duplicate", 0.22), ("delay", 0.30), ("r
 """Cumulative probabilities of each fault for a data frame on a lossy network."""
 
 Counters = dict[tuple[str, tuple[str, ...]], int]
+
+
+def _charged(frame: dict[str, Any]) -> int:
+    """What the broker charges a stored publish (the model recomputes it from the wire frame)."""
+    publish = Publish(frame["topic"], frame["data"], frame["hash"], frame["timestamp"], frame["messageId"])
+    return message_size(publish)
 
 
 def server_config(policy: SlowConsumerPolicy) -> ServerConfig:
@@ -680,7 +689,7 @@ class World:
         recipients = [c for c in MEMBERS[session] if c != name and topic in self.routing[c]]
         if not recipients:
             return Outcome("accepted", 0, or_else=sticky)
-        if self._pending_bytes(session) + len(packet.frame["data"]) > LIMITS.max_pending_bytes_per_session:
+        if self._pending_bytes(session) + _charged(packet.frame) > LIMITS.max_pending_bytes_per_session:
             return Outcome("refused", code=ErrorCode.SESSION_FULL.value, or_else=sticky)
         return Outcome("accepted", len(recipients), or_else=sticky)
 
@@ -985,7 +994,7 @@ class World:
         return found
 
     def _pending_bytes(self, session: str) -> int:
-        return sum(len(p.frame["data"]) for p in self._stored(session))
+        return sum(_charged(p.frame) for p in self._stored(session))
 
     def _stored(self, session: str) -> list[Publication]:
         """The messages the broker must still hold: those some subscriber owes an ACK for."""
@@ -1045,6 +1054,11 @@ class World:
             if not inits:
                 assert frame.get("code") in RETRYABLE_INIT_REFUSALS, frame
                 self.notes[f"init refused {frame.get('code')}"] += 1
+        elif kind == "ack_received":
+            # The broker is done with a message this very client published (every delivery settled).
+            publisher, topic, _ = self.registry[session, frame["messageId"]]
+            assert publisher == name and frame["topic"] == topic, frame
+            self.notes["ack_received"] += 1
         else:
             raise AssertionError(f"unexpected frame to {name}: {frame}")
 
@@ -1142,7 +1156,7 @@ class World:
             # Memory, exactly: what the model says the broker must still hold, and nothing more.
             inflight = sum(len(self.inflight[c]) for c in MEMBERS[session])
             stored = self._stored(session)
-            pending = sum(len(p.frame["data"]) for p in stored)
+            pending = sum(_charged(p.frame) for p in stored)
             assert (s.inflight_deliveries, s.stored_messages, s.pending_bytes) == (
                 inflight,
                 len(stored),
