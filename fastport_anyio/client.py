@@ -260,7 +260,8 @@ def connect(
     url: str,
     *,
     session: str,
-    password: str,
+    password: str | None = None,
+    token: str | Callable[[], str] | None = None,
     key: str | bytes,
     suite: SuiteName = "authenticated",
     config: ClientConfig | None = None,
@@ -278,6 +279,7 @@ def connect(
         url,
         session=session,
         password=password,
+        token=token,
         key=key,
         suite=suite,
         config=config,
@@ -298,7 +300,8 @@ class Client:
         url: str,
         *,
         session: str,
-        password: str,
+        password: str | None = None,
+        token: str | Callable[[], str] | None = None,
         key: str | bytes,
         suite: SuiteName = "authenticated",
         config: ClientConfig | None = None,
@@ -311,6 +314,7 @@ class Client:
             url,
             session=session,
             password=password,
+            token=token,
             key=key,
             suite=suite,
             config=self._config,
@@ -670,7 +674,8 @@ class Client:
         """Move each received message into every local subscription of its topic (waiting if one is full)."""
         while True:
             message = await self._inbox.get()
-            for local in tuple(self._locals.get(message.topic, ())):
+            topics = self._core.subscriptions_for(message.topic)  # the topic itself, and matching filters
+            for local in [one for topic in topics for one in self._locals.get(topic, ())]:
                 if local.closed:
                     continue
                 try:

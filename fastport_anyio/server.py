@@ -32,6 +32,7 @@ import math
 import os
 import socket
 import ssl
+import time
 from asyncio.trsock import TransportSocket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -287,9 +288,15 @@ class Server:
     async def __aenter__(self) -> Server:
         self._now = _loop_clock()
         now = self._now()
+        self.core.broker.set_wall_clock(time.time(), now)  # token expiry is wall-clock time
         for spec in self._sessions:
             self.core.broker.create_session(
-                spec.name, spec.password, now, spec.settings, secret_key=spec.secret_key
+                spec.name,
+                spec.password,
+                now,
+                spec.settings,
+                secret_key=spec.secret_key,
+                token_key=spec.token_key,
             )
         listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self._requested_port)
         # One per address the host resolves to; create_tcp_listener only makes socket listeners.
@@ -535,7 +542,9 @@ class Server:
             await anyio.aclose_forcefully(stream)
             return
         core = self.core
-        conn = core.open_connection(self._now(), peer)
+        now = self._now()
+        core.broker.set_wall_clock(time.time(), now)  # follows adjustments of the wall clock
+        conn = core.open_connection(now, peer)
         connection = _Connection(conn, stream, tcp)
         self._connections[conn] = connection
         finished = False

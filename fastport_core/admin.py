@@ -84,6 +84,10 @@ class BrokerLike(Protocol):
         self, name: str, password: str, secret_key: str, suspend: bool, now: float
     ) -> None: ...
 
+    def token_key(self, name: str) -> str: ...
+
+    def rotate_token_key(self, name: str, password: str, secret_key: str, now: float) -> str: ...
+
     def stats(self) -> BrokerStats: ...
 
 
@@ -343,7 +347,8 @@ class AdminApi:
             settings = SessionSettings.from_wire(fields, base=self._session_defaults)
         secret_key = self._broker.create_session(name, password, now, settings)
         # The secret key is shown this once; no-store keeps it out of any cache on the way.
-        answer = {"success": True, "sessionName": name, "secretKey": secret_key}
+        token_key = self._broker.token_key(name)
+        answer = {"success": True, "sessionName": name, "secretKey": secret_key, "tokenKey": token_key}
         return _json(HTTPStatus.OK, answer, (("Cache-Control", "no-store"),))
 
     def _drop_session(self, body: bytes, now: float) -> HttpResponse:
@@ -358,6 +363,12 @@ class AdminApi:
         suspend = _flag(fields, "suspend")
         self._broker.suspend_session(name, password, secret_key, suspend, now)
         return _json(HTTPStatus.OK, {"success": True, "sessionName": name, "suspended": suspend})
+
+    def _rotate_token_key(self, body: bytes, now: float) -> HttpResponse:
+        name, password, secret_key = _owner(_json_object(body))
+        token_key = self._broker.rotate_token_key(name, password, secret_key, now)
+        answer = {"success": True, "sessionName": name, "tokenKey": token_key}
+        return _json(HTTPStatus.OK, answer, (("Cache-Control", "no-store"),))
 
     def _healthz(self, body: bytes, now: float) -> HttpResponse:
         stats = self._broker.stats()
@@ -387,6 +398,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "/api/createSession": Route("POST", True, AdminApi._create_session),
     "/api/dropSession": Route("POST", True, AdminApi._drop_session),
     "/api/suspendSession": Route("POST", True, AdminApi._suspend_session),
+    "/api/rotateTokenKey": Route("POST", True, AdminApi._rotate_token_key),
     "/healthz": Route("GET", False, AdminApi._healthz),
     "/metrics": Route("GET", True, AdminApi._metrics),
 }

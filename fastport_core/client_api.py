@@ -8,7 +8,7 @@ both adapters need to start a connection: the parsed :class:`Endpoint` of a ``ws
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Generic, Protocol, TypeVar
@@ -133,12 +133,13 @@ def make_client_core(
     url: str,
     *,
     session: str,
-    password: str,
+    password: str | None,
     key: str | bytes,
     suite: SuiteName,
     config: ClientConfig,
     client_id: str | None,
     tls_context_given: bool,
+    token: str | Callable[[], str] | None = None,
 ) -> tuple[Endpoint, ClientCore]:
     """What both adapters do with ``connect``'s arguments before any IO: parse the URL, refuse a TLS
     context for a plain ``ws://`` URL (it would be silently ignored), and build the :class:`ClientCore`
@@ -149,6 +150,7 @@ def make_client_core(
     core = ClientCore(
         session=session,
         password=password,
+        token=token,
         key=key,
         suite=suite,
         host=endpoint.host_header,

@@ -34,6 +34,7 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "deliveries_given_up": ("Deliveries abandoned, per session and reason.", ("session", "reason")),
     "slow_consumers": ("Subscribers that hit a slow-consumer bound, by action.", ("session", "action")),
     "subscribers_resumed": ("Resumable subscribers (clientId) taken over by a new connection.", ("session",)),
+    "token_key_rotations": ("Token keys replaced through rotateTokenKey.", ("session",)),
     "output_overflows": ("Connections dropped because their unsent output passed max_output_buffer.", ()),
     "internal_errors": ("Inputs that hit a server bug (logged with a traceback; connection closed).", ()),
     "integrity_failures": ("Received messages that failed verification (client side).", ()),

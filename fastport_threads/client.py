@@ -433,7 +433,8 @@ def connect(
     url: str,
     *,
     session: str,
-    password: str,
+    password: str | None = None,
+    token: str | Callable[[], str] | None = None,
     key: str | bytes,
     suite: SuiteName = "authenticated",
     config: ClientConfig | None = None,
@@ -454,6 +455,7 @@ def connect(
         url,
         session=session,
         password=password,
+        token=token,
         key=key,
         suite=suite,
         config=config,
@@ -482,7 +484,8 @@ class Client:
         url: str,
         *,
         session: str,
-        password: str,
+        password: str | None = None,
+        token: str | Callable[[], str] | None = None,
         key: str | bytes,
         suite: SuiteName = "authenticated",
         config: ClientConfig | None = None,
@@ -498,6 +501,7 @@ class Client:
             url,
             session=session,
             password=password,
+            token=token,
             key=key,
             suite=suite,
             config=self._config,
@@ -1094,14 +1098,15 @@ class Client:
                     self._server_errors += 1
 
     def _deliver_locked(self, message: Message) -> None:
-        for buffer in self._streams.get(message.topic, ()):
-            if not buffer.ended and not buffer.abandoned:
-                buffer.items.append(message)
-                buffer.ready.notify()
-        callbacks = self._callbacks.get(message.topic)
-        if callbacks and not self._dispatcher_stopped:
-            self._dispatch.extend((callback, message, message.topic) for callback in callbacks)
-            self._dispatch_ready.notify()
+        for topic in self._core.subscriptions_for(message.topic):  # the topic itself, and matching filters
+            for buffer in self._streams.get(topic, ()):
+                if not buffer.ended and not buffer.abandoned:
+                    buffer.items.append(message)
+                    buffer.ready.notify()
+            callbacks = self._callbacks.get(topic)
+            if callbacks and not self._dispatcher_stopped:
+                self._dispatch.extend((callback, message, topic) for callback in callbacks)
+                self._dispatch_ready.notify()
 
     def _set_state_locked(self, change: StateChange) -> None:
         if change.state is self._state and change.state is not ConnectionState.RECONNECTING:
