@@ -904,7 +904,9 @@ class Broker:
                 "the token does not verify for this session", code=ErrorCode.INVALID_TOKEN
             )
         try:
-            scope = verify_token(frame.token, session.token_key, now + self._epoch_offset)
+            scope = verify_token(
+                frame.token, session.token_key, now + self._epoch_offset, session=session.name
+            )
         except RemoteProtocolError as exc:
             return exc
         if scope.client_id is not None and frame.client_id != scope.client_id:

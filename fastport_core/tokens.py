@@ -8,6 +8,9 @@ as base64; ``rotateTokenKey`` replaces it). Its claims:
     authenticated with the token is closed (4007) when it comes.
 ``nbf`` (optional)
     Not before: ``init`` is refused until then.
+``session`` (optional)
+    The session name the token is for: when present, ``init`` into another session is refused (a guard
+    against one token key configured for two sessions). ``fastport token mint`` always sets it.
 ``sub`` (optional)
     The only ``clientId`` the token may ``init`` with (a resumable subscriber bound to this holder).
 ``publish``, ``subscribe`` (optional, default empty)
@@ -90,8 +93,8 @@ def _seconds(claims: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def verify_token(token: str, key: bytes, now: float) -> TokenScope:
-    """Verify ``token`` against the session's raw ``key`` at wall-clock ``now``; return what it grants.
+def verify_token(token: str, key: bytes, now: float, *, session: str | None = None) -> TokenScope:
+    """Verify ``token`` against the raw ``key`` of ``session`` at wall-clock ``now``; return what it grants.
 
     Raises :class:`RemoteProtocolError` with ``invalid_token`` (not a JWT, bad signature, other
     algorithm, missing or malformed claims, not yet valid) or ``token_expired``.
@@ -111,6 +114,8 @@ def verify_token(token: str, key: bytes, now: float) -> TokenScope:
     expires_at = _seconds(claims, "exp")
     assert expires_at is not None  # required above
     not_before = _seconds(claims, "nbf")
+    if session is not None and claims.get("session", session) != session:
+        raise _invalid("the token is for another session")
     sub = claims.get("sub")
     if sub is not None and (type(sub) is not str or not sub):
         raise _invalid("token claim 'sub' must be a non-empty string (the clientId it binds)")
@@ -126,6 +131,7 @@ def mint_token(
     token_key: str | bytes,
     *,
     expires_at: float,
+    session: str | None = None,
     sub: str | None = None,
     publish: Iterable[str] = (),
     subscribe: Iterable[str] = (),
@@ -137,6 +143,8 @@ def mint_token(
     if len(key) != 32:
         raise LocalProtocolError(f"token key must be 32 bytes, got {len(key)}")
     claims: dict[str, Any] = {"exp": int(expires_at)}
+    if session is not None:
+        claims["session"] = session
     if sub is not None:
         claims["sub"] = sub
     for name, filters in (("publish", list(publish)), ("subscribe", list(subscribe))):

@@ -93,10 +93,12 @@ def filter_within(inner: str, outer: str) -> bool:
     Level by level: ``#`` in ``outer`` covers whatever is left of ``inner`` (nothing included); otherwise
     the level counts must agree, and each level of ``inner`` must be covered by the same level of
     ``outer``: a literal by itself or ``+``, a ``+`` only by ``+`` (a ``+`` can take a value that no
-    literal equals), a ``#`` only by ``#`` (it can stand for any number of levels). A topic is a filter
+    literal equals), a ``#`` only by ``#`` (it can stand for any number of levels), except that a lone
+    ``#`` is ``+/#`` (every topic has a first level). A topic is a filter
     without wildcards, so ``filter_within(topic, f)`` is ``filter_matches(f, topic)``.
     """
-    inner_levels = inner.split("/")
+    # Every topic has at least one level, so a lone ``#`` matches exactly what ``+/#`` does.
+    inner_levels = [SINGLE, MULTI] if inner == MULTI else inner.split("/")
     outer_levels = outer.split("/")
     for index, want in enumerate(outer_levels):
         if want == MULTI:

@@ -150,6 +150,14 @@ def test_a_token_of_another_session_or_an_unknown_one_is_refused_alike(t: TokenH
     assert of_b["code"] == unknown["code"] == ErrorCode.INVALID_TOKEN
 
 
+def test_a_token_naming_another_session_is_refused_even_with_the_right_key(t: TokenHarness) -> None:
+    key = t.key("a")
+    assert t.token_init(t.open(), mint_token(key, expires_at=EPOCH + 60, session="b"))["code"] == (
+        ErrorCode.INVALID_TOKEN
+    )
+    assert t.token_init(t.open(), mint_token(key, expires_at=EPOCH + 60, session="a"))["success"]
+
+
 def test_password_and_token_together_are_refused(t: TokenHarness) -> None:
     (response,) = t.send(t.open(), Init("a", "pw-a", token=t.token()))
     assert response["success"] is False and response["code"] == ErrorCode.INVALID_FRAME
