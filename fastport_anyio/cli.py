@@ -425,7 +425,8 @@ def run_session(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         if args.action == "create":
             print(
                 "fastport session: the secret key above is shown only once: store it now; dropping or "
-                "suspending the session needs it.",
+                "suspending the session needs it. The token key signs scoped tokens: give it only to the "
+                "backend that mints them (rotate-token-key replaces it).",
                 file=sys.stderr,
             )
         return EXIT_OK
