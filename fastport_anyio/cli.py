@@ -1,8 +1,10 @@
-"""The ``fastport`` command: ``serve``, ``keygen``, ``session create|drop|suspend|resume``, ``pub``, ``sub``.
+"""The ``fastport`` command: ``serve``, ``keygen``, ``session create|drop|suspend|resume|rotate-token-key``,
+``token mint``, ``pub``, ``sub``.
 
 Each subcommand is added by a small ``add_*_parser(subparsers)`` function that sets ``func``
 (``Namespace -> int``, the exit code) on its parser; ``pub`` and ``sub`` come from
-:mod:`fastport_anyio.cli_pubsub` through its ``register(subparsers)``. Every failure a user can cause or
+:mod:`fastport_anyio.cli_pubsub` and ``token`` from :mod:`fastport_anyio.cli_token`, each through its
+``register(subparsers)``. Every failure a user can cause or
 meet is one line on stderr (``fastport serve: ...``), never a traceback, with a documented exit code:
 
 * 0: success (for ``serve``: stopped by SIGINT or SIGTERM, gracefully);
@@ -40,7 +42,7 @@ from fastport_core.config_file import ConfigError, Overrides, ServerSettings, lo
 from fastport_core.crypto import generate_key
 from fastport_core.errors import LocalProtocolError
 
-from . import cli_pubsub
+from . import cli_pubsub, cli_token
 from .server import Server
 
 __all__ = [
@@ -326,6 +328,7 @@ def add_session_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         ("drop", "drop a session and close its connections"),
         ("suspend", "suspend a session (no new connections, no delivery)"),
         ("resume", "resume a suspended session"),
+        ("rotate-token-key", "replace the session's token key (old tokens stop working); prints the new one"),
     ):
         sub = common(action, text)
         sub.add_argument("--secret-key", help="the session's secret key (env FASTPORT_SECRET_KEY)")
@@ -373,6 +376,8 @@ def session_request(args: argparse.Namespace, environ: Mapping[str, str]) -> tup
     )
     if args.action == "drop":
         return "/api/dropSession", body
+    if args.action == "rotate-token-key":
+        return "/api/rotateTokenKey", body
     body["suspend"] = args.action == "suspend"
     return "/api/suspendSession", body
 
@@ -443,7 +448,8 @@ def run_session(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         if args.action == "create":
             print(
                 "fastport session: the secret key above is shown only once: store it now; dropping or "
-                "suspending the session needs it.",
+                "suspending the session needs it. The token key signs scoped tokens: give it only to the "
+                "backend that mints them (rotate-token-key replaces it).",
                 file=sys.stderr,
             )
         return EXIT_OK
@@ -470,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keygen_parser(subparsers)
     add_session_parser(subparsers)
     cli_pubsub.register(subparsers)  # pub, sub
+    cli_token.register(subparsers)  # token mint
     return parser
 
 

@@ -9,7 +9,8 @@ where other users can see them in the process list)::
 
     --url       FASTPORT_URL       default ws://127.0.0.1:3000
     --session   FASTPORT_SESSION   required
-    --password  FASTPORT_PASSWORD  required
+    --password  FASTPORT_PASSWORD  required, unless a token is given:
+    --token     FASTPORT_TOKEN     a scoped token (`fastport token mint`) instead of the password
     --key       FASTPORT_KEY       required (base64, from `fastport keygen`)
     --suite     FASTPORT_SUITE     authenticated (default) or legacy
 
@@ -81,15 +82,22 @@ class ConnectionOptions:
 
     url: str
     session: str
-    password: str
+    password: str | None
     key: str
     suite: SuiteName
+    token: str | None = None
+    """Instead of ``password`` (exactly one of the two is set)."""
 
     def client(self) -> Client:
         """A client for these options; a bad key, URL or suite is a :class:`UsageError` (before any IO)."""
         try:
             return connect(
-                self.url, session=self.session, password=self.password, key=self.key, suite=self.suite
+                self.url,
+                session=self.session,
+                password=self.password,
+                token=self.token,
+                key=self.key,
+                suite=self.suite,
             )
         except InvalidKeyError as exc:
             raise UsageError(f"invalid key: {exc}") from None
@@ -102,6 +110,7 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--url", help=f"server URL, ws:// or wss:// (env FASTPORT_URL; default {DEFAULT_URL})")
     group.add_argument("--session", help="session name (env FASTPORT_SESSION)")
     group.add_argument("--password", help="session password (env FASTPORT_PASSWORD; prefer it to the flag)")
+    group.add_argument("--token", help="a scoped token instead of the password (env FASTPORT_TOKEN)")
     group.add_argument("--key", help="end-to-end key, base64 from `fastport keygen` (env FASTPORT_KEY)")
     group.add_argument(
         "--suite", choices=_SUITES, help="envelope suite (env FASTPORT_SUITE; default authenticated)"
@@ -117,13 +126,12 @@ def connection_options(args: argparse.Namespace, environ: Mapping[str, str]) -> 
 
     missing = [
         f"--{flag} (or {variable})"
-        for flag, variable in (
-            ("session", "FASTPORT_SESSION"),
-            ("password", "FASTPORT_PASSWORD"),
-            ("key", "FASTPORT_KEY"),
-        )
+        for flag, variable in (("session", "FASTPORT_SESSION"), ("key", "FASTPORT_KEY"))
         if pick(flag, variable) is None
     ]
+    password, token = _credential(args, environ)
+    if password is None and token is None:
+        missing.insert(1, "--password or --token (or FASTPORT_PASSWORD or FASTPORT_TOKEN)")
     if missing:
         raise UsageError(f"missing {', '.join(missing)}")
     suite = pick("suite", "FASTPORT_SUITE") or "authenticated"
@@ -132,10 +140,25 @@ def connection_options(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     return ConnectionOptions(
         url=pick("url", "FASTPORT_URL") or DEFAULT_URL,
         session=pick("session", "FASTPORT_SESSION") or "",
-        password=pick("password", "FASTPORT_PASSWORD") or "",
+        password=password,
         key=pick("key", "FASTPORT_KEY") or "",
         suite=suite,  # type: ignore[arg-type]  # checked against _SUITES just above
+        token=token,
     )
+
+
+def _credential(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``(password, token)``, at most one set: a flag wins over the environment; two of a kind conflict."""
+    for password, token, where in (
+        (args.password, args.token, "--password and --token"),
+        (environ.get("FASTPORT_PASSWORD") or None, environ.get("FASTPORT_TOKEN") or None,
+         "FASTPORT_PASSWORD and FASTPORT_TOKEN"),
+    ):  # fmt: skip
+        if password is not None and token is not None:
+            raise UsageError(f"give {where.replace(' and ', ' or ')}, not both")
+        if password is not None or token is not None:
+            return password, token
+    return None, None
 
 
 # --------------------------------------------------------------------------------------------------------

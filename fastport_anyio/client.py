@@ -31,6 +31,7 @@ from typing import Any, Final, TypeVar
 import anyio
 import anyio.abc
 
+from fastport_core.client import Token
 from fastport_core.client_api import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_TIMEOUT,
@@ -109,7 +110,8 @@ def connect(
     url: str,
     *,
     session: str,
-    password: str,
+    password: str | None = None,
+    token: Token | None = None,
     key: str | bytes,
     suite: SuiteName = "authenticated",
     config: ClientConfig | None = None,
@@ -122,10 +124,11 @@ def connect(
     the first connection is authenticated; if it fails, it raises :class:`~fastport_core.errors.ConnectError`
     or :class:`~fastport_core.errors.AuthenticationError` at once (unless ``config.retry_first_connect``).
     ``ssl_context`` is used for ``wss://`` (default: the system's trust store). An explicit ``client_id``
-    makes the subscriber persistent (docs/clients.md).
+    makes the subscriber persistent (docs/clients.md). Give ``password``, or ``token`` (a str, or a callable
+    that returns a fresh one per connection).
     """
-    return Client(url, session=session, password=password, key=key, suite=suite, config=config,
-                  ssl_context=ssl_context, client_id=client_id)  # fmt: skip
+    return Client(url, session=session, password=password, token=token, key=key, suite=suite,
+                  config=config, ssl_context=ssl_context, client_id=client_id)  # fmt: skip
 
 
 class Client(ClientViews):
@@ -139,7 +142,8 @@ class Client(ClientViews):
         url: str,
         *,
         session: str,
-        password: str,
+        password: str | None = None,
+        token: Token | None = None,
         key: str | bytes,
         suite: SuiteName = "authenticated",
         config: ClientConfig | None = None,
@@ -147,8 +151,8 @@ class Client(ClientViews):
         client_id: str | None = None,
     ) -> None:
         self._config = config if config is not None else ClientConfig()
-        self._app = app = ClientApp(url, session=session, password=password, key=key, suite=suite,
-                                    config=self._config, client_id=client_id,
+        self._app = app = ClientApp(url, session=session, password=password, token=token, key=key,
+                                    suite=suite, config=self._config, client_id=client_id,
                                     tls_context_given=ssl_context is not None)  # fmt: skip
         if app.endpoint.tls and ssl_context is None:
             ssl_context = ssl.create_default_context()

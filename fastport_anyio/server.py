@@ -37,6 +37,7 @@ import errno
 import logging
 import math
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -224,8 +225,16 @@ class Server:
     async def __aenter__(self) -> Server:
         self._now = _loop_clock()
         now = self._now()
+        self.core.broker.set_wall_clock(time.time(), now)  # token expiry is wall-clock time
         for spec in self._sessions:
-            self.core.create_session(spec.name, spec.password, now, spec.settings, secret_key=spec.secret_key)
+            self.core.create_session(
+                spec.name,
+                spec.password,
+                now,
+                spec.settings,
+                secret_key=spec.secret_key,
+                token_key=spec.token_key,
+            )
         listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self._requested_port)
         # One per address the host resolves to; create_tcp_listener only makes socket listeners.
         self._listeners = [cast(anyio.abc.SocketListener, one) for one in listener.listeners]
@@ -433,7 +442,9 @@ class Server:
     async def _serve_connection(self, tcp: anyio.abc.SocketStream) -> None:
         core = self.core
         peer = _peer_address(tcp)
-        conn = core.open_connection(self._now(), peer)  # before TLS: the handshake deadline covers it
+        now = self._now()
+        core.broker.set_wall_clock(time.time(), now)  # follows adjustments of the wall clock
+        conn = core.open_connection(now, peer)  # before TLS: the handshake deadline covers it
         connection = _Connection(conn, tcp)
         self._connections[conn] = connection
         finished = False

@@ -91,6 +91,10 @@ class BrokerLike(Protocol):
         self, name: str, password: str, secret_key: str, suspend: bool, now: float
     ) -> None: ...
 
+    def token_key(self, name: str) -> str: ...
+
+    def rotate_token_key(self, name: str, password: str, secret_key: str, now: float) -> str: ...
+
     def stats(self) -> BrokerStats: ...
 
     def health(self) -> tuple[int, int]:
@@ -423,8 +427,15 @@ class AdminApi:
             settings = SessionSettings.from_wire(fields, base=self._session_defaults)
         secret_key = self._broker.create_session(name, password, now, settings)
         # The original's fields (its clients read ``password`` back). The secret key is shown this once;
-        # no-store keeps it, and the password, out of any cache on the way.
-        answer = {"success": True, "sessionName": name, "password": password, "secretKey": secret_key}
+        # no-store keeps it, the password and the token key out of any cache on the way.
+        token_key = self._broker.token_key(name)
+        answer = {
+            "success": True,
+            "sessionName": name,
+            "password": password,
+            "secretKey": secret_key,
+            "tokenKey": token_key,
+        }
         return _json(HTTPStatus.OK, answer, (("Cache-Control", "no-store"),))
 
     def _drop_session(self, body: bytes, now: float) -> HttpResponse:
@@ -439,6 +450,12 @@ class AdminApi:
         suspend = _flag(fields, "suspend")
         self._broker.suspend_session(name, password, secret_key, suspend, now)
         return _json(HTTPStatus.OK, {"success": True, "sessionName": name, "suspended": suspend})
+
+    def _rotate_token_key(self, body: bytes, now: float) -> HttpResponse:
+        name, password, secret_key = _owner(_json_object(body))
+        token_key = self._broker.rotate_token_key(name, password, secret_key, now)
+        answer = {"success": True, "sessionName": name, "tokenKey": token_key}
+        return _json(HTTPStatus.OK, answer, (("Cache-Control", "no-store"),))
 
     def _healthz(self, body: bytes, now: float) -> HttpResponse:
         sessions, connections = self._broker.health()
@@ -476,6 +493,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "/api/createSession": Route("POST", True, AdminApi._create_session),
     "/api/dropSession": Route("POST", True, AdminApi._drop_session),
     "/api/suspendSession": Route("POST", True, AdminApi._suspend_session),
+    "/api/rotateTokenKey": Route("POST", True, AdminApi._rotate_token_key),
     "/healthz": Route("GET", False, AdminApi._healthz),
     "/metrics": Route("GET", True, AdminApi._metrics),
 }

@@ -80,6 +80,8 @@ from .protocol import (
     encode_message,
 )
 from .timers import Deadlines
+from .tokens import TokenScope, decode_token_key, verify_token
+from .topics import TopicTrie, check_filter, check_topic, has_wildcard
 
 __all__ = [
     "AccessDeniedError",
@@ -96,6 +98,8 @@ _log = logging.getLogger(__name__)
 
 SECRET_KEY_BYTES: Final = 32
 """Random bytes in a generated secret key (shown once, base64url without padding: 43 characters)."""
+TOKEN_KEY_BYTES: Final = 32
+"""Random bytes in a session's token key (the HS256 key of its tokens; shown as standard base64)."""
 
 
 class BrokerOutput:
@@ -157,6 +161,8 @@ class GiveUpReason(StrEnum):
     """Its resumable subscriber stayed without a connection too long, or was evicted by a newer one."""
     RELEASED = "released"
     """Its resumable subscriber's peer closed cleanly (a Close frame) without asking to be ``persistent``."""
+    SCOPE = "scope"
+    """Its resumable subscriber was resumed with a token that does not grant the message's topic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +256,7 @@ class _Subscriber:
 class _Connection:
     """A transport connection as the broker sees it: unauthenticated until a successful ``init``."""
 
-    __slots__ = ("auth_failures", "conn", "peer", "session", "subscriber", "verifying")
+    __slots__ = ("auth_failures", "conn", "peer", "scope", "session", "subscriber", "verifying")
 
     def __init__(self, conn: int, peer: str) -> None:
         self.conn = conn
@@ -260,6 +266,8 @@ class _Connection:
         self.auth_failures = 0
         self.verifying: tuple[PasswordCheck, Init] | None = None
         """The ``init`` whose password check runs off the core's thread, and that check."""
+        self.scope: TokenScope | None = None
+        """What the token this connection authenticated with grants; ``None``: the password (everything)."""
 
 
 class _Context:
@@ -277,8 +285,8 @@ class _Context:
         self.config = config
         self.output = output
         self.metrics = metrics
-        self.deadlines: Deadlines[_Session] = Deadlines()
-        """One key per session: its retry, expiry and idle timers."""
+        self.deadlines: Deadlines[_Session | _Connection] = Deadlines()
+        """Keys: a session (its retry, expiry and idle timers) or a connection (its token's expiry)."""
         self.disconnect = disconnect
         """Forget a connection, then close it (the broker owns the connection table)."""
         self.settled: list[tuple[_Connection, str, str]] | None = [] if config.send_ack_received else None
@@ -312,6 +320,7 @@ class _Session:
         "connections",
         "dedupe",
         "detached",
+        "filters",
         "idle_since",
         "messages",
         "name",
@@ -321,6 +330,7 @@ class _Session:
         "secret",
         "settings",
         "suspended",
+        "token_key",
         "topics",
     )  # fmt: skip
 
@@ -331,12 +341,15 @@ class _Session:
         secret: PasswordHash,
         settings: SessionSettings,
         *,
+        token_key: bytes,
         context: _Context,
         now: float,
     ) -> None:
         self.name = name
         self.password = password
         self.secret = secret
+        self.token_key = token_key
+        """The raw HS256 key of the session's tokens (an HMAC key: the server must hold it in clear)."""
         self.settings = settings
         config = context.config
         self._limits = config.limits
@@ -356,6 +369,9 @@ class _Session:
         self.suspended = False
         self.connections: dict[_Connection, None] = {}
         self.topics: dict[str, dict[_Subscriber, None]] = {}
+        """Exact topics (the fast path: one dict lookup per publish)."""
+        self.filters: TopicTrie[_Subscriber] = TopicTrie()
+        """Subscriptions with a wildcard (``+``, ``#``), matched only while there are any."""
         self.messages: OrderedDict[str, _Message] = OrderedDict()
         self.pending_bytes = 0
         self.retry_queue: OrderedDict[_Delivery, None] = OrderedDict()
@@ -531,12 +547,20 @@ class _Session:
     # -- routing -----------------------------------------------------------------------------------------
 
     def subscribe(self, subscriber: _Subscriber, topic: str) -> None:
+        """Route ``topic`` (a topic, or a well-formed filter) to ``subscriber``."""
         subscriber.topics.add(topic)
-        self.topics.setdefault(topic, {})[subscriber] = None
+        if has_wildcard(topic):
+            self.filters.add(topic, subscriber)
+        else:
+            self.topics.setdefault(topic, {})[subscriber] = None
 
     def unsubscribe(self, subscriber: _Subscriber, topic: str) -> None:
-        """Stop routing ``topic`` to ``subscriber``; its in-flight deliveries still await their ACKs."""
+        """Stop routing ``topic`` (spelled as subscribed) to ``subscriber``; its in-flight deliveries still
+        await their ACKs."""
         subscriber.topics.discard(topic)
+        if has_wildcard(topic):
+            self.filters.discard(topic, subscriber)
+            return
         subscribers = self.topics.get(topic)
         if subscribers is not None:
             subscribers.pop(subscriber, None)
@@ -566,6 +590,12 @@ class _Session:
         if self.suspended:
             raise RemoteProtocolError("the session is suspended", code=ErrorCode.SESSION_SUSPENDED)
         subscribers = self.topics.get(p.topic)
+        if self.filters:
+            matched = self.filters.match(p.topic)
+            if matched:  # one entry per subscriber, however many of its filters (and its topic) match
+                if subscribers is not None:
+                    matched.update(subscribers)
+                subscribers = matched
         if subscribers is None or (len(subscribers) == 1 and publisher in subscribers):
             self.dedupe.add(message_id, 0, now)
             self._publishes.value += 1
@@ -682,7 +712,18 @@ class _Session:
         subscriber.persistent = persistent
         connection.subscriber = subscriber
         self._metrics.inc("subscribers_resumed", self.name)
+        if connection.scope is not None:
+            self._restrict(subscriber, connection.scope)
         self._resend_waiting(subscriber, now, everything=True)
+
+    def _restrict(self, subscriber: _Subscriber, scope: TokenScope) -> None:
+        """A token resumed ``subscriber``: keep only what the token grants (its subscriptions and waiting
+        deliveries were made by whoever held the ``clientId`` before, perhaps with the password)."""
+        for topic in [topic for topic in subscriber.topics if not scope.may_subscribe(topic)]:
+            self.unsubscribe(subscriber, topic)
+        for delivery in list(subscriber.inflight.values()):
+            if not scope.may_subscribe(delivery.message.publish.topic):
+                self._give_up(delivery, GiveUpReason.SCOPE)
 
     def connection_gone(self, connection: _Connection, now: float, clean: bool) -> None:
         """``connection`` left: detach its resumable subscriber, or drop an anonymous one.
@@ -785,11 +826,22 @@ class Broker:
             window=config.auth_throttle_window,
         )
         self._decoy: PasswordHash | None = None
+        self._epoch_offset = 0.0
+        """Wall-clock seconds minus ``now`` (see :meth:`set_wall_clock`); tokens' ``exp`` are wall-clock."""
 
     @property
     def throttle(self) -> AuthThrottle:
         """The failed-login throttle, shared with the admin API (one mechanism, one set of deadlines)."""
         return self._throttle
+
+    def set_wall_clock(self, epoch: float, now: float) -> None:
+        """Tell the broker that the wall clock (seconds since the epoch) read ``epoch`` at ``now``.
+
+        Token expiry (``exp``) is wall-clock time while ``now`` is the adapter's monotonic clock, and the
+        core reads no clock: the adapter calls this at start (and may again, say per connection, to follow
+        clock adjustments). Until then ``now`` is taken as wall-clock time.
+        """
+        self._epoch_offset = epoch - now
 
     # -- connection lifecycle ------------------------------------------------------------------------------
 
@@ -836,6 +888,8 @@ class Broker:
 
     def _forget(self, connection: _Connection, now: float, clean: bool = False) -> None:
         del self._connections[connection.conn]
+        if connection.scope is not None:
+            self._deadlines.cancel(connection)
         if connection.session is not None:
             connection.session.connection_gone(connection, now, clean)
 
@@ -870,6 +924,8 @@ class Broker:
                 self._error(connection, ErrorCode.NOT_INITIALISED, "send init first")
         elif isinstance(frame, Publish):
             try:
+                if connection.scope is not None or has_wildcard(frame.topic):
+                    _check_publish(connection.scope, frame.topic)
                 delivered = session.publish(subscriber, frame, now)
             except RemoteProtocolError as refusal:
                 self._refuse_publish(connection, session, frame, refusal)
@@ -911,11 +967,14 @@ class Broker:
         self, connection: _Connection, session: _Session, subscriber: _Subscriber, topic: str
     ) -> None:
         limit = self._config.limits.max_subscriptions_per_connection
-        if topic not in subscriber.topics and len(subscriber.topics) >= limit:
-            code = ErrorCode.TOO_MANY_SUBSCRIPTIONS
-            message = f"this connection already holds {limit} subscriptions"
-            self._count_refusal(connection, code, message)
-            response = SubscribeResponse(False, topic, error=message, code=code)
+        refusal = _check_subscribe(connection.scope, topic)
+        if refusal is None and topic not in subscriber.topics and len(subscriber.topics) >= limit:
+            refusal = RemoteProtocolError(
+                f"this connection already holds {limit} subscriptions", code=ErrorCode.TOO_MANY_SUBSCRIPTIONS
+            )
+        if refusal is not None:
+            self._count_refusal(connection, refusal.code, refusal.message)
+            response = SubscribeResponse(False, topic, error=refusal.message, code=refusal.code)
         else:
             session.subscribe(subscriber, topic)
             response = SubscribeResponse(True, topic)
@@ -927,23 +986,38 @@ class Broker:
         # Failures count per address *and* session: a client mistyping one session's password must not
         # lock anyone out of another (the address alone is shared behind a NAT).
         key = self._throttle_key(connection, frame)
+        connection.scope = None  # an earlier refused init may have left one
         if key is not None and (retry_at := self._throttle.retry_at(key, now)) is not None:
             message = f"too many failed attempts: retry in {retry_at - now:.1f} s"
             self._refuse_auth(connection, ErrorCode.AUTH_THROTTLED, message, now)
             return
         session = self._sessions.get(frame.session_name)
+        if frame.token is not None:
+            refusal = self._check_token(connection, session, frame, now)
+            if refusal is None:
+                assert session is not None
+                self._admit(connection, session, frame, now)
+                return
+            if key is not None and refusal.code is ErrorCode.INVALID_TOKEN:
+                self._throttle.record_failure(key, now)
+            _log.info(
+                "connection %d from %r: token refused: %s", connection.conn, connection.peer, refusal.message
+            )
+            self._refuse_auth(connection, refusal.code, refusal.message, now)
+            return
+        password = frame.password or ""
         password_hash = session.password if session is not None else self._decoy_hash()
-        if session is not None and password_hash.verify_cached(frame.password):
+        if session is not None and password_hash.verify_cached(password):
             self._admit(connection, session, frame, now)
         elif not self._offload:
-            ok = password_hash.verify(frame.password)  # the decoy too: the same scrypt either way
+            ok = password_hash.verify(password)  # the decoy too: the same scrypt either way
             self._verified(connection, frame, ok and session is not None, now)
         elif self._verifying >= self._config.limits.max_pending_verifications:
             message = "too many logins are being verified: retry shortly"
             self._refuse_init(connection, ErrorCode.SERVER_BUSY, message)
         else:
             # scrypt would stall every connection: the adapter runs it in a worker and reports back.
-            check = PasswordCheck(connection.conn, password_hash, frame.password)
+            check = PasswordCheck(connection.conn, password_hash, password)
             self._verifying += 1
             connection.verifying = (check, frame)
             self.output.verifications.append(check)
@@ -973,7 +1047,7 @@ class Broker:
         session = self._sessions.get(frame.session_name)
         ok = ok and session is not None and session.password is check.password_hash
         if ok:
-            check.password_hash.remember(frame.password)
+            check.password_hash.remember(frame.password or "")
         self._verified(connection, frame, ok, now)
 
     def _verified(self, connection: _Connection, frame: Init, ok: bool, now: float) -> None:
@@ -1003,10 +1077,39 @@ class Broker:
             return
         if replaced is not None:
             self._disconnect(replaced, CloseCode.REPLACED, "another connection resumed this clientId", now)
+        self._deadlines.cancel(connection)
+        if connection.scope is not None:  # closed at the token's exp (4007), on the core's clock
+            self._deadlines.arm(connection, connection.scope.expires_at - self._epoch_offset)
         self.metrics.inc("inits", session.name)
         self._send(connection.conn, encode(InitResponse(True, session.name)))
         self.output.initialised.append(connection.conn)
         session.attach(connection, frame.client_id, frame.persistent, now)
+
+    def _check_token(
+        self, connection: _Connection, session: _Session | None, frame: Init, now: float
+    ) -> RemoteProtocolError | None:
+        """Verify ``frame.token`` for ``session`` and keep its scope on ``connection``; or why not.
+
+        An unknown session gets the answer a forged token gets, so tokens do not tell which names exist.
+        """
+        assert frame.token is not None
+        if frame.password is not None:
+            return RemoteProtocolError("send password or token, not both", code=ErrorCode.INVALID_FRAME)
+        if session is None:
+            return RemoteProtocolError(
+                "the token does not verify for this session", code=ErrorCode.INVALID_TOKEN
+            )
+        try:
+            scope = verify_token(
+                frame.token, session.token_key, now + self._epoch_offset, session=session.name
+            )
+        except RemoteProtocolError as exc:
+            return exc
+        if scope.client_id is not None and frame.client_id != scope.client_id:
+            message = f"the token binds clientId {scope.client_id!r}"
+            return RemoteProtocolError(message, code=ErrorCode.CLIENT_ID_MISMATCH)
+        connection.scope = scope
+        return None
 
     def _decoy_hash(self) -> PasswordHash:
         """What an unknown session name is verified against (the same scrypt, always failing), so that
@@ -1045,7 +1148,12 @@ class Broker:
         bug that repeats cannot make the adapter spin), while every other due session still runs.
         """
         self._throttle.handle_timeout(now)
-        for session in self._deadlines.pop_due(now):
+        for key in self._deadlines.pop_due(now):
+            if isinstance(key, _Connection):
+                if self._connections.get(key.conn) is key and key.session is not None:
+                    self._disconnect(key, CloseCode.TOKEN_EXPIRED, "the token expired", now)
+                continue
+            session = key
             if self._sessions.get(session.name) is not session:
                 continue
             try:
@@ -1080,8 +1188,12 @@ class Broker:
         settings: SessionSettings | None = None,
         *,
         secret_key: str | None = None,
+        token_key: str | None = None,
     ) -> str:
         """Create a session; returns its secret key (generated unless given), which drop and suspend need.
+
+        ``token_key`` (base64 of 32 bytes; generated unless given, read it with :meth:`token_key`) signs the
+        session's scoped tokens.
 
         Raises :class:`SessionExistsError` for a taken name and :class:`LocalProtocolError` for an empty
         or too long name, password or secret key, or when the server holds ``max_sessions`` sessions.
@@ -1097,6 +1209,7 @@ class Broker:
             raise LocalProtocolError(
                 f"the server already holds its maximum of {limits.max_sessions} sessions"
             )
+        key = self._random(TOKEN_KEY_BYTES) if token_key is None else decode_token_key(token_key)
         if secret_key is None:
             secret_key = base64.urlsafe_b64encode(self._random(SECRET_KEY_BYTES)).rstrip(b"=").decode("ascii")
         self._sessions[name] = _Session(
@@ -1104,6 +1217,7 @@ class Broker:
             self._hash(password),
             self._hash(secret_key),
             settings if settings is not None else self._config.default_session_settings,
+            token_key=key,
             context=self._context,
             now=now,
         )
@@ -1120,6 +1234,26 @@ class Broker:
             raise AccessDeniedError(f"wrong password or secret key for session {name!r}")
         return session
 
+    def token_key(self, name: str) -> str:
+        """The session's token key, base64 (for the ``createSession`` answer)."""
+        session = self._sessions.get(name)
+        if session is None:
+            raise UnknownSessionError(f"no session named {name!r}")
+        return base64.b64encode(session.token_key).decode("ascii")
+
+    def rotate_token_key(self, name: str, password: str, secret_key: str, now: float) -> str:
+        """Replace the session's token key with a fresh one (returned, base64): tokens signed with the old
+        key no longer ``init``, and connections that authenticated with one are closed with 4008."""
+        session = self._authorised(name, password, secret_key)
+        session.token_key = self._random(TOKEN_KEY_BYTES)
+        holders = [connection for connection in session.connections if connection.scope is not None]
+        for connection in holders:
+            self._disconnect(connection, CloseCode.TOKEN_REVOKED, "the session's token key was rotated", now)
+        self._queue_settled()  # their deliveries were given up
+        self.metrics.inc("token_key_rotations", name)
+        _log.info("session %r: token key rotated (%d token connection(s) closed)", name, len(holders))
+        return base64.b64encode(session.token_key).decode("ascii")
+
     def drop_session(self, name: str, password: str, secret_key: str, now: float) -> None:
         """Drop a session: close its connections with 4001 and free all its state and metrics series."""
         self._drop(self._authorised(name, password, secret_key), "dropped", CloseCode.SESSION_DROPPED)
@@ -1130,6 +1264,8 @@ class Broker:
         connections = list(session.connections)
         for connection in connections:
             del self._connections[connection.conn]
+            if connection.scope is not None:
+                self._deadlines.cancel(connection)
         self.metrics.forget_session(session.name)
         self.metrics.inc("sessions_dropped", reason)
         _log.info("session %r %s (%d connection(s) closed)", session.name, reason, len(connections))
@@ -1164,6 +1300,27 @@ class Broker:
             throttled_peers=len(self._throttle),
             per_session=per_session,
         )
+
+
+def _check_publish(scope: TokenScope | None, topic: str) -> None:
+    """Raise the refusal of a publish to ``topic``: a wildcard in it, or outside the token's scope."""
+    check_topic(topic)
+    if scope is not None and not scope.may_publish(topic):
+        raise RemoteProtocolError(
+            f"the token does not grant publishing to {topic[:64]!r}", code=ErrorCode.NOT_ALLOWED
+        )
+
+
+def _check_subscribe(scope: TokenScope | None, topic_filter: str) -> RemoteProtocolError | None:
+    """Why subscribing to ``topic_filter`` is refused (malformed, or outside the token's scope), if it is."""
+    try:
+        check_filter(topic_filter)
+    except RemoteProtocolError as exc:
+        return exc
+    if scope is not None and not scope.may_subscribe(topic_filter):
+        message = f"the token does not grant subscribing to {topic_filter[:64]!r}"
+        return RemoteProtocolError(message, code=ErrorCode.NOT_ALLOWED)
+    return None
 
 
 def _check_length(what: str, value: str, limit: int) -> None:

@@ -42,9 +42,24 @@ Refused ``init``
 A wrong password or unknown session does not get better by retrying, and retrying would only trip the
 server's auth throttle, so such a refusal is fatal: :class:`AuthRefused` then :class:`GaveUp`, state
 ``CLOSED``. Only refusals that are transient by definition (``auth_throttled``, ``session_suspended``,
-``too_many_connections``) are retried with the usual backoff (and ``reconnect_give_up_after``). An
+``too_many_connections``, and ``token_expired`` when the token comes from a provider, which is asked
+again for every connection) are retried with the usual backoff (and ``reconnect_give_up_after``). An
 ``error`` frame answering ``init`` (the server could not even parse it, e.g. a password over its limit)
 counts as a refusal too: it is the only frame the client has sent on that connection.
+
+Tokens
+------
+``token=`` replaces ``password=``: a str, or a zero-argument callable that returns one and is called for
+every connection's ``init``, so an application can hand out fresh tokens as old ones expire. A connection
+the server closes because its token expired (4007) or its key was rotated (4008) reconnects as any lost
+connection does, with a new ``init`` (and so a new token from the provider). A provider that raises fails
+that connection attempt (retried with backoff).
+
+Filters
+-------
+A subscription may be a topic filter (``+``, ``#``; see :mod:`~fastport_core.topics`). A message is
+handed to the application once, whatever number of this client's subscriptions match it;
+:meth:`ClientCore.subscriptions_for` tells the adapters which subscriptions it belongs to.
 """
 
 from __future__ import annotations
@@ -53,7 +68,7 @@ import logging
 import random
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
@@ -81,6 +96,7 @@ from .protocol import (
     parse_server_frame,
 )
 from .timers import Deadlines
+from .topics import check_filter, filter_matches, has_wildcard
 from .websocket import TextMessage, WebSocket, WebSocketState
 
 __all__ = [
@@ -100,6 +116,7 @@ __all__ = [
     "ServerError",
     "SubscribeConfirmed",
     "SubscribeRefused",
+    "Token",
 ]
 
 logger = logging.getLogger(__name__)
@@ -307,6 +324,11 @@ def _check_timestamp(timestamp: int) -> None:
         raise LocalProtocolError(f"timestamp must be an int of milliseconds in [0, 2**53), not {timestamp!r}")
 
 
+Token = str | Callable[[], str]
+"""A scoped token for ``init`` (instead of the password), or a zero-argument callable that returns a fresh
+one for each connection: the client then re-``init``s by itself when its token expires (close 4007)."""
+
+
 class ClientCore:
     """A fastport client without IO: bytes, time and application calls in; bytes, deadlines and events out.
 
@@ -323,7 +345,8 @@ class ClientCore:
         self,
         *,
         session: str,
-        password: str,
+        password: str | None = None,
+        token: Token | None = None,
         key: str | bytes,
         suite: SuiteName = "authenticated",
         host: str,
@@ -334,8 +357,14 @@ class ClientCore:
     ) -> None:
         if not isinstance(session, str) or not session:
             raise LocalProtocolError("session must be a non-empty str")
-        if not isinstance(password, str):
+        if (password is None) == (token is None):
+            raise LocalProtocolError("give password= or token= (exactly one)")
+        if password is not None and not isinstance(password, str):
             raise LocalProtocolError("password must be a str")
+        if token is not None and not (callable(token) or (isinstance(token, str) and token)):
+            raise LocalProtocolError(
+                "token must be a non-empty str or a zero-argument callable returning one"
+            )
         if client_id is not None and (not isinstance(client_id, str) or not client_id):
             raise LocalProtocolError("client_id must be a non-empty str (or None for a random one)")
         self._suite = make_suite(suite, key)
@@ -347,13 +376,16 @@ class ClientCore:
         self._client_id = client_id if client_id is not None else uuid.uuid4().hex
         # An explicit client id is a request for a persistent subscriber (DESIGN §3.10): the server keeps it
         # after a clean close. A random one is a clean session, released when the client closes.
-        self._init_frame = encode(Init(session, password, self._client_id, persistent=client_id is not None))
+        self._persistent = client_id is not None
+        self._password = password
+        self._token = token
         self._backoff = Backoff.from_config(config, rng)
         self.metrics = Metrics()
         """Counters of what this client dropped: integrity failures, invalid or binary server frames."""
 
         self._state = _S.DISCONNECTED
         self._topics: dict[str, None] = {}  # an ordered set: re-subscribed in subscription order
+        self._filters: dict[str, None] = {}  # the subscriptions of _topics that hold a wildcard
         # Topics whose last request to any server was a subscribe: what a server that resumes our client id
         # may still route to us. Those no longer in _topics are unsubscribed after the next init.
         self._server_topics: dict[str, None] = {}
@@ -393,6 +425,13 @@ class ClientCore:
     def pending_publishes(self) -> tuple[str, ...]:
         """Message ids of the unconfirmed publishes, in publish order (the order they are re-sent in)."""
         return tuple(self._pending)
+
+    def subscriptions_for(self, topic: str) -> list[str]:
+        """The subscriptions (``topic`` itself, then matching filters) a message on ``topic`` is for."""
+        found = [topic] if topic in self._topics else []
+        if self._filters:
+            found.extend(f for f in self._filters if filter_matches(f, topic))
+        return found
 
     def reconnect_at(self) -> float | None:
         """When ``WAITING``: the monotonic time the adapter dials again (``handle_timeout`` fires then)."""
@@ -484,6 +523,8 @@ class ClientCore:
         """
         self._check_not_closed("publish")
         _check_topic(topic)
+        if has_wildcard(topic):
+            raise LocalProtocolError(f"a publish topic may not contain '+' or '#': {topic!r}")
         _check_timestamp(timestamp)
         limit = self._config.max_pending_publishes
         if len(self._pending) >= limit:
@@ -517,6 +558,12 @@ class ClientCore:
         or :class:`SubscribeRefused`). Subscribing again re-sends the request."""
         self._check_not_closed("subscribe")
         _check_topic(topic)
+        if has_wildcard(topic):
+            try:
+                check_filter(topic)
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(exc.message) from None
+            self._filters[topic] = None
         self._topics[topic] = None
         if self._state is _S.READY:
             self._send_topic_request(Subscribe(topic))
@@ -527,6 +574,7 @@ class ClientCore:
         if topic not in self._topics:
             return
         del self._topics[topic]
+        self._filters.pop(topic, None)
         if self._state is _S.READY:
             self._send_topic_request(Unsubscribe(topic))
 
@@ -548,6 +596,19 @@ class ClientCore:
             self._drop_transport()
 
     # -- transport internals -----------------------------------------------------------------------------
+
+    def _init_payload(self) -> bytes:
+        """This connection's ``init``: the password, or a token (asked of the provider each time)."""
+        if self._token is None:
+            return encode(Init(self._session, self._password, self._client_id, self._persistent))
+        token = self._token() if callable(self._token) else self._token
+        if not isinstance(token, str) or not token:
+            raise LocalProtocolError(
+                f"the token provider returned {type(token).__name__}, not a non-empty str"
+            )
+        return encode(
+            Init(self._session, client_id=self._client_id, persistent=self._persistent, token=token)
+        )
 
     def _move(self, event: ClientInput) -> None:
         try:
@@ -578,7 +639,13 @@ class ClientCore:
             ping_timeout=config.ping_timeout,
         )
         self._move(_I.UPGRADED)
-        ws.send_text(self._init_frame)
+        try:
+            init = self._init_payload()
+        except Exception as exc:  # the application's token provider: its failure fails this attempt only
+            logger.warning("token provider failed: %r", exc)
+            self._fail(now, f"token provider failed: {exc!r}", close_code=CloseCode.NORMAL)
+            return
+        ws.send_text(init)
         if leftover:
             self._receive_websocket(ws, leftover, now)
 
@@ -731,7 +798,10 @@ class ClientCore:
     def _on_init_refused(self, error: str, code: str | None, now: float) -> None:
         self._events.append(AuthRefused(error, code))
         reason = f"init refused: {error}" + (f" ({code})" if code else "")
-        self._fail(now, reason, fatal=code not in _RETRYABLE_INIT_REFUSALS, close_code=CloseCode.NORMAL)
+        retryable = code in _RETRYABLE_INIT_REFUSALS or (
+            code == ErrorCode.TOKEN_EXPIRED and callable(self._token)
+        )
+        self._fail(now, reason, fatal=not retryable, close_code=CloseCode.NORMAL)
 
     def _on_subscribe_response(self, frame: SubscribeResponse) -> None:
         latest = self._answers_latest_request(frame.topic)
@@ -740,6 +810,7 @@ class ClientCore:
             return
         if latest:  # a later subscribe may still succeed: only the last answer decides
             self._topics.pop(frame.topic, None)
+            self._filters.pop(frame.topic, None)
             self._server_topics.pop(frame.topic, None)
         self._events.append(SubscribeRefused(frame.topic, frame.error or "subscribe refused", frame.code))
 
@@ -763,7 +834,7 @@ class ClientCore:
         key = (message.topic, message.message_id)
         # Every copy is ACKed, delivered or not: the ACK is what stops the server from re-sending it.
         self._send(encode(Ack(message.topic, message.message_id)))
-        if message.topic not in self._topics or self._seen.get(key, now):
+        if not self.subscriptions_for(message.topic) or self._seen.get(key, now):
             return  # unsubscribed meanwhile, or a redelivery of what the application already has
         try:
             payload = self._suite.open(

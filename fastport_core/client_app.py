@@ -58,6 +58,7 @@ from .client import (
     ServerError,
     SubscribeConfirmed,
     SubscribeRefused,
+    Token,
 )
 from .client_api import (
     DEFAULT_MAX_BUFFER,
@@ -160,7 +161,8 @@ class ClientApp:
         url: str,
         *,
         session: str,
-        password: str,
+        password: str | None = None,
+        token: Token | None = None,
         key: str | bytes,
         suite: SuiteName = "authenticated",
         config: ClientConfig | None = None,
@@ -175,6 +177,7 @@ class ClientApp:
         self.core = ClientCore(
             session=session,
             password=password,
+            token=token,
             key=key,
             suite=suite,
             host=endpoint.host_header,
@@ -396,9 +399,10 @@ class ClientApp:
             match event:
                 case MessageReceived():
                     message = Message(event.topic, event.payload, event.message_id, event.timestamp)
-                    for consumer in self._consumers.get(event.topic, ()):
-                        consumer.items.append(message)
-                        consumer._wake()
+                    for subscription in self.core.subscriptions_for(event.topic):  # filters too
+                        for consumer in self._consumers.get(subscription, ()):
+                            consumer.items.append(message)
+                            consumer._wake()
                 case PublishConfirmed():
                     if (ticket := self._publishes.pop(event.message_id, None)) is not None:
                         self._settle(ticket, result=event.message_id)

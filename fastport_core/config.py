@@ -98,6 +98,8 @@ class Limits:
     """Characters of a session name."""
     max_password_length: int = 1024
     """Characters of a session password."""
+    max_token_length: int = 4096
+    """Characters of an ``init`` token (a JWT grows with its lists of topic filters)."""
     max_hash_length: int = 256
     """Characters of a publish's ``hash`` (the integrity tag the server relays)."""
     max_subscriptions_per_connection: int = 1000

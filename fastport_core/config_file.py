@@ -14,7 +14,7 @@ The file can declare everything, so that ``fastport serve --config FILE`` needs 
     [defaults]   session settings, with the admin API's names and units: retryInterval, maxRetryLimit,
                  messageExpiryTime, sessionExpiry (milliseconds), so a createSession body can be pasted
     [admin]      user, password
-    [[sessions]] name, password, and optionally secretKey and the [defaults] keys
+    [[sessions]] name, password, and optionally secretKey, tokenKey and the [defaults] keys
 
 Why the two naming styles: ``[server]`` and ``[limits]`` are this server's own knobs and use the names of
 the core's dataclasses (generated into docs/operations.md, so they cannot drift), while sessions keep the
@@ -40,6 +40,7 @@ from typing import Any, Final
 from .admin import AdminCredentials
 from .config import Limits, ServerConfig, SessionSettings
 from .errors import LocalProtocolError
+from .tokens import decode_token_key
 
 __all__ = [
     "ENVIRONMENT_VARIABLES",
@@ -77,12 +78,16 @@ class SessionSpec:
 
     ``secret_key`` authorises dropping and suspending the session through the admin API. When it is
     ``None`` the server generates one that nobody ever sees, so such a session can only go away with the
-    process: set one in the file if operators must be able to drop or suspend it.
+    process: set one in the file if operators must be able to drop or suspend it. ``token_key`` (base64 of
+    32 bytes) signs the session's scoped tokens; when it is ``None`` the server generates one, and tokens
+    can be minted only after ``rotateTokenKey`` (which needs the secret key): set it in the file if
+    application backends mint tokens for the session.
     """
 
     name: str
     password: str = field(repr=False)
     secret_key: str | None = field(default=None, repr=False)
+    token_key: str | None = field(default=None, repr=False)
     settings: SessionSettings | None = None
     """``None``: the server's ``default_session_settings``."""
 
@@ -148,7 +153,7 @@ def _scalar_fields(cls: type) -> dict[str, Any]:
 _SERVER_CONFIG_FIELDS: Final = _scalar_fields(ServerConfig)
 _LIMIT_FIELDS: Final = _scalar_fields(Limits)
 _SESSION_WIRE_KEYS: Final = tuple(SessionSettings.WIRE_FIELDS)
-_SESSION_KEYS: Final = ("name", "password", "secretKey", *_SESSION_WIRE_KEYS)
+_SESSION_KEYS: Final = ("name", "password", "secretKey", "tokenKey", *_SESSION_WIRE_KEYS)
 _TABLES: Final = ("server", "limits", "defaults", "admin", "sessions")
 
 
@@ -294,6 +299,13 @@ def _parse(document: Mapping[str, Any], source: str, base_dir: Path | None) -> _
             raise where.error(table, "name", f"session {name!r} is declared twice")
         seen.add(name)
         secret = entry.get("secretKey")
+        token_key = entry.get("tokenKey")
+        if token_key is not None:
+            token_key = typing.cast(str, _coerce(where, table, "tokenKey", token_key, str))
+            try:
+                decode_token_key(token_key)
+            except LocalProtocolError as exc:
+                raise where.error(table, "tokenKey", str(exc)) from None
         settings = None
         if any(key in entry for key in _SESSION_WIRE_KEYS):
             try:
@@ -307,6 +319,7 @@ def _parse(document: Mapping[str, Any], source: str, base_dir: Path | None) -> _
                 secret_key=None
                 if secret is None
                 else typing.cast(str, _coerce(where, table, "secretKey", secret, str)),
+                token_key=token_key,
                 settings=settings,
             )
         )

@@ -82,6 +82,25 @@ class ErrorCode(StrEnum):
         "server_busy",
         "Too many password verifications are queued (``max_pending_verifications``): retry shortly.",
     )
+    INVALID_TOPIC = (
+        "invalid_topic",
+        "A publish topic holds ``+`` or ``#``, which only subscription filters may use.",
+    )
+    INVALID_FILTER = (
+        "invalid_filter",
+        "A malformed topic filter: ``+`` and ``#`` must each be a whole level, ``#`` only the last one.",
+    )
+    INVALID_TOKEN = (
+        "invalid_token",
+        "The ``init`` token does not verify for the session (malformed, forged, another algorithm, no "
+        "``exp``, bad claims, not yet valid), or names an unknown session.",
+    )
+    TOKEN_EXPIRED = "token_expired", "The ``init`` token's ``exp`` has passed: mint a fresh one."
+    CLIENT_ID_MISMATCH = "client_id_mismatch", "The token binds another ``clientId`` (its ``sub`` claim)."
+    NOT_ALLOWED = (
+        "not_allowed",
+        "The connection's token does not grant this publish topic or subscription filter.",
+    )
 
 
 class CloseCode(IntEnum):
@@ -115,6 +134,8 @@ class CloseCode(IntEnum):
     KEEPALIVE_TIMEOUT = 4004, "The peer did not answer a ping in time."
     HANDSHAKE_TIMEOUT = 4005, "The connection did not authenticate in time."
     SESSION_EXPIRED = 4006, "The session expired (idle past its ``sessionExpiry``)."
+    TOKEN_EXPIRED = 4007, "The token the connection authenticated with expired: re-``init`` with a fresh one."
+    TOKEN_REVOKED = 4008, "The session's token key was rotated: tokens signed with the old key are void."
 
 
 class FastportError(Exception):

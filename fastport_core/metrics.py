@@ -57,6 +57,7 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "deliveries_given_up": ("Deliveries abandoned, per session and reason.", ("session", "reason")),
     "slow_consumers": ("Subscribers that hit a slow-consumer bound, by action.", ("session", "action")),
     "subscribers_resumed": ("Resumable subscribers (clientId) taken over by a new connection.", ("session",)),
+    "token_key_rotations": ("Token keys replaced through rotateTokenKey.", ("session",)),
     "output_overflows": ("Connections dropped because their unsent output passed max_output_buffer.", ()),
     "write_timeouts": ("Connections dropped because a write stayed blocked past write_timeout.", ()),
     "handshake_timeouts": ("Connections closed for no successful init within handshake_timeout.", ()),

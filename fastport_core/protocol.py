@@ -65,12 +65,15 @@ class Init:
     """Authenticate this connection into one session, for the connection's whole life."""
 
     session_name: str
-    password: str
+    password: str | None = None
+    """The session password; or ``token`` instead (exactly one of the two)."""
     client_id: str | None = None
     """Identifies a subscriber across reconnections so its un-ACKed deliveries can resume (optional)."""
     persistent: bool = False
     """With ``client_id``: keep the subscriber across a clean close too (until it expires), not only
     across a lost connection."""
+    token: str | None = None
+    """A scoped JWT minted with the session's token key, instead of the password (DESIGN §10)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,12 +233,15 @@ CLIENT_FRAMES: Final[Mapping[str, FrameSpec]] = {
     for spec in (
         FrameSpec("init", Init, (
             _f("sessionName", "session_name", str, limit="max_session_name_length", nonempty=True),
-            _f("password", "password", str, limit="max_password_length"),
+            _f("password", "password", str, required=False, limit="max_password_length"),
             _f("clientId", "client_id", str, required=False, limit="max_message_id_length", nonempty=True),
             _f("persistent", "persistent", bool, required=False),
-        ), "Authenticate into a session. Answer: `init_response`."),
-        FrameSpec("subscribe", Subscribe, (_TOPIC,), "Receive a topic. Answer: `subscribe_response`."),
-        FrameSpec("unsubscribe", Unsubscribe, (_TOPIC,), "Stop a topic. Answer: `unsubscribe_response`."),
+            _f("token", "token", str, required=False, limit="max_token_length", nonempty=True),
+        ), "Authenticate into a session with `password` or `token`. Answer: `init_response`."),
+        FrameSpec("subscribe", Subscribe, (_TOPIC,),
+                  "Receive a topic or each topic a filter (`+`, `#`) matches. Answer: `subscribe_response`."),
+        FrameSpec("unsubscribe", Unsubscribe, (_TOPIC,),
+                  "Stop a topic or filter, spelled as subscribed. Answer: `unsubscribe_response`."),
         FrameSpec("publish", Publish, (
             _TOPIC,
             _f("data", "data", str),

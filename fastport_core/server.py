@@ -360,9 +360,12 @@ class ServerCore:
         settings: SessionSettings | None = None,
         *,
         secret_key: str | None = None,
+        token_key: str | None = None,
     ) -> str:
         """Create a session (e.g. from the config file); see :meth:`Broker.create_session`."""
-        return self.broker.create_session(name, password, now, settings, secret_key=secret_key)
+        return self.broker.create_session(
+            name, password, now, settings, secret_key=secret_key, token_key=token_key
+        )
 
     def drop_session(self, name: str, password: str, secret_key: str, now: float) -> None:
         """Drop a session, closing its connections with 4001; see :meth:`Broker.drop_session`."""

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar
 
+from fastport_core.client import Token
 from fastport_core.client_api import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_TIMEOUT,
@@ -103,15 +104,16 @@ class Client(ClientViews):
         url: str,
         *,
         session: str,
-        password: str,
+        password: str | None = None,
+        token: Token | None = None,
         key: str | bytes,
         suite: SuiteName = "authenticated",
         config: ClientConfig | None = None,
         ssl_context: ssl.SSLContext | None = None,
         client_id: str | None = None,
     ) -> None:
-        self._app = app = ClientApp(url, session=session, password=password, key=key, suite=suite,
-                                    config=config, client_id=client_id,
+        self._app = app = ClientApp(url, session=session, password=password, token=token, key=key,
+                                    suite=suite, config=config, client_id=client_id,
                                     tls_context_given=ssl_context is not None)  # fmt: skip
         if app.endpoint.tls and ssl_context is None:
             ssl_context = ssl.create_default_context()
@@ -121,9 +123,7 @@ class Client(ClientViews):
         self._ready = threading.Condition(self._lock)  # the dispatcher's: a job or a message to hand out
         self._jobs: deque[Job] = deque()
         self._handlers: deque[Consumer] = deque()
-        self._abandoned: list[
-            Consumer
-        ] = []  # appended without the lock (finalizers), reaped by the IO thread
+        self._abandoned: list[Consumer] = []  # appended without the lock (finalizers), reaped by IO thread
         self._closing = False
         self._transport: Transport | None = None  # the IO thread's own
         self._wake_lock = threading.Lock()

@@ -84,7 +84,7 @@ def test_pub_and_sub_are_registered(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("serve", "keygen", "session", "pub", "sub"):
+    for command in ("serve", "keygen", "session", "token", "pub", "sub"):
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), out
 
 
@@ -202,6 +202,11 @@ async def test_session_create_drop_suspend_resume(
             await run_cli("session", action, "gamma", "--password", "gamma-pw", *url, *ADMIN_ARGS) == EXIT_OK
         )
         assert json.loads(capsys.readouterr().out)["suspended"] is suspended
+    code = await run_cli("session", "rotate-token-key", "gamma", "--password", "gamma-pw", *url, *ADMIN_ARGS)
+    assert code == EXIT_OK
+    rotated = json.loads(capsys.readouterr().out)
+    assert rotated["tokenKey"] != created["tokenKey"]
+    assert server.core.broker.token_key("gamma") == rotated["tokenKey"]
     assert await run_cli("session", "drop", "gamma", "--password", "gamma-pw", *url, *ADMIN_ARGS) == EXIT_OK
     assert json.loads(capsys.readouterr().out) == {"success": True, "sessionName": "gamma"}
     assert "gamma" not in server.core.session_names()

@@ -29,7 +29,9 @@ from fastport_core.crypto import generate_key
 from .conftest import TIMEOUT
 
 KEY = generate_key()
-VARIABLES = ("FASTPORT_URL", "FASTPORT_SESSION", "FASTPORT_PASSWORD", "FASTPORT_KEY", "FASTPORT_SUITE")
+VARIABLES = (
+    "FASTPORT_URL", "FASTPORT_SESSION", "FASTPORT_PASSWORD", "FASTPORT_KEY", "FASTPORT_SUITE", "FASTPORT_TOKEN",
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -228,3 +230,18 @@ async def test_pub_as_a_process(server: Server) -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == message.message_id
     assert message.payload == "from a process"
+
+
+def test_password_and_token_together_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = ["--session", "s", "--key", KEY, "t", "m"]
+    assert main(["pub", "--password", "p", "--token", "x", *base]) == 2
+    assert "give --password or --token, not both" in capsys.readouterr().err
+    monkeypatch.setenv("FASTPORT_PASSWORD", "p")
+    monkeypatch.setenv("FASTPORT_TOKEN", "x")
+    assert main(["pub", *base]) == 2
+    assert "FASTPORT_PASSWORD or FASTPORT_TOKEN, not both" in capsys.readouterr().err
+    monkeypatch.delenv("FASTPORT_PASSWORD")
+    assert main(["pub", "--session", "s", "t", "m"]) == 2
+    assert "--key" in capsys.readouterr().err

@@ -172,6 +172,11 @@ def test_unknown_keys_name_the_key_and_the_file(tmp_path: Path, text: str, messa
         ("[admin]\nuser = 'o:ps'\npassword = 'x'\n", "contain no ':'"),
         ("[server]\nkeyfile = 'key.pem'\n", "a keyfile needs a certfile"),
         ("[server\n", "invalid TOML"),
+        (
+            "[[sessions]]\nname='a'\npassword='b'\ntokenKey='short'\n",
+            "[sessions #1] tokenKey: invalid token key",
+        ),
+        ("[[sessions]]\nname='a'\npassword='b'\ntokenKey=3\n", "tokenKey: must be a non-empty string"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -263,3 +268,23 @@ async def test_sessions_from_a_file_exist_when_the_server_starts(tmp_path: Path)
         # The file's secret key is the one that authorises dropping the session.
         server.core.drop_session("ops-managed", "pw", "operator-chosen-secret", 0.0)
         assert server.core.session_names() == ["demo"]
+
+
+@pytest.mark.anyio
+async def test_a_session_token_key_from_the_file_signs_its_tokens(tmp_path: Path) -> None:
+    import time
+
+    from fastport_core.crypto import generate_key
+    from fastport_core.tokens import mint_token
+
+    token_key = generate_key()
+    text = f"[server]\npassword_hash_cost = 16\n[[sessions]]\nname = 'a'\npassword = 'pw'\ntokenKey = '{token_key}'\n"
+    settings = load_settings(write(tmp_path, text), environ={})
+    assert settings.sessions[0].token_key == token_key
+    assert token_key not in repr(settings)
+    async with Server("127.0.0.1", 0, config=settings.config, sessions=settings.sessions) as server:
+        assert server.core.broker.token_key("a") == token_key
+        token = mint_token(token_key, expires_at=time.time() + 60, session="a")
+        async with await RawClient.connect(server.port) as client:
+            answer = await client.request({"type": "init", "sessionName": "a", "token": token})
+            assert answer["success"] is True

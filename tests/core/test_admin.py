@@ -48,6 +48,7 @@ class FakeSession:
     secret_key: str
     settings: SessionSettings | None
     suspended: bool = False
+    token_key: str = "tk-0"
 
 
 @dataclass
@@ -92,6 +93,18 @@ class FakeBroker:
     def suspend_session(self, name: str, password: str, secret_key: str, suspend: bool, now: float) -> None:
         self.calls.append(("suspend", name, password, secret_key, suspend, now))
         self._session(name, password, secret_key).suspended = suspend
+
+    def token_key(self, name: str) -> str:
+        session = self.sessions.get(name)
+        if session is None:
+            raise UnknownSessionError(f"no session {name!r}")
+        return session.token_key
+
+    def rotate_token_key(self, name: str, password: str, secret_key: str, now: float) -> str:
+        self.calls.append(("rotate", name, password, secret_key, now))
+        session = self._session(name, password, secret_key)
+        session.token_key = f"tk-{int(session.token_key[3:]) + 1}"
+        return session.token_key
 
     def stats(self) -> BrokerStats:
         self.calls.append(("stats",))
@@ -162,8 +175,10 @@ def test_create_session_returns_the_secret_key_once(api: AdminApi, broker: FakeB
     body = answer(response)
     assert response.status == 200
     secret_key = broker.sessions["fleet"].secret_key
-    # The original fastPort's answer fields, all of them (its clients read ``password`` back).
-    assert body == {"success": True, "sessionName": "fleet", "password": "pw", "secretKey": secret_key}
+    # The original fastPort's answer fields (its clients read ``password`` back), and the token key.
+    assert body == {
+        "success": True, "sessionName": "fleet", "password": "pw", "secretKey": secret_key, "tokenKey": "tk-0",
+    }  # fmt: skip
     assert ("Cache-Control", "no-store") in response.headers
     assert broker.calls == [("create", "fleet", "pw", NOW, None)]
 
@@ -264,6 +279,26 @@ def test_suspend_session(api: AdminApi, broker: FakeBroker, suspend: bool) -> No
     )  # fmt: skip
     assert broker.calls[-1] == ("suspend", "fleet", "pw", key, suspend, NOW)
     assert broker.sessions["fleet"].suspended is suspend
+
+
+def test_rotate_token_key(api: AdminApi, broker: FakeBroker) -> None:
+    key = create(api)["secretKey"]
+    request = {"sessionName": "fleet", "password": "pw", "secretKey": key}
+    response = call(api, "POST", "/api/rotateTokenKey", request)
+    assert (response.status, answer(response)) == (
+        200,
+        {"success": True, "sessionName": "fleet", "tokenKey": "tk-1"},
+    )
+    assert ("Cache-Control", "no-store") in response.headers
+    assert broker.calls[-1] == ("rotate", "fleet", "pw", key, NOW)
+    assert_error(call(api, "POST", "/api/rotateTokenKey", {**request, "secretKey": "no"}),
+                 AdminErrorCode.ACCESS_DENIED, 403)  # fmt: skip
+    assert_error(call(api, "POST", "/api/rotateTokenKey", {**request, "sessionName": "nope"}),
+                 AdminErrorCode.UNKNOWN_SESSION, 404)  # fmt: skip
+    assert_error(call(api, "POST", "/api/rotateTokenKey", {"sessionName": "fleet", "password": "pw"}),
+                 AdminErrorCode.INVALID_REQUEST, 400)  # fmt: skip
+    assert_error(call(api, "GET", "/api/rotateTokenKey"), AdminErrorCode.METHOD_NOT_ALLOWED, 405)
+    assert broker.sessions["fleet"].token_key == "tk-1"
 
 
 def test_suspend_session_errors(api: AdminApi, broker: FakeBroker) -> None:
