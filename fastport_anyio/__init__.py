@@ -1,7 +1,8 @@
 """fastport over anyio (asyncio or trio): the server, the async client and the ``fastport`` command.
 
-Public names (DESIGN §5): :func:`serve` / :class:`Server` run a broker; :func:`connect` / ``Client`` are
-the async client. Each group is imported on its own lines so the two can be edited independently.
+Public names (README.md, "Layout"): :func:`serve` / :class:`Server` run a broker; :func:`connect` /
+``Client`` are the async client. Each group is imported on its own lines so the two can be edited
+independently.
 """
 
 from .client import (

@@ -107,7 +107,7 @@ class SessionSettings:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Bounds that keep any input from growing the server without limit (DESIGN §3.6)."""
+    """Bounds that keep any input from growing the server without limit (docs/operations.md, "Limits")."""
 
     max_message_size: int = 1024 * 1024
     """Bytes of one WebSocket message (after reassembly); larger ones close the connection with 1009."""
