@@ -13,6 +13,7 @@ asks for a report; ``--debug`` or ``FASTPORT_DEBUG=1`` adds the traceback, for e
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Iterator, Mapping
@@ -84,6 +85,18 @@ def describe(error: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again on the closed
+    pipe (and print its own "Exception ignored" lines)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (tests capture it): nothing will flush into a pipe
+        pass
+    finally:
+        os.close(devnull)
+
+
 def debug_requested(flag: bool, environ: Mapping[str, str]) -> bool:
     """``--debug`` or ``FASTPORT_DEBUG`` set to anything but empty, ``0``, ``false`` or ``no``."""
     return flag or environ.get("FASTPORT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
@@ -99,6 +112,8 @@ def report_failure(command: str, error: BaseException, *, debug: bool, stderr: T
     leaves = list(_leaves(error))
     if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         return EXIT_INTERRUPTED
+    if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+        _discard_stdout()
     known = [(leaf, described) for leaf in leaves if (described := describe(leaf)) is not None]
     if debug:
         traceback.print_exception(error, file=out)

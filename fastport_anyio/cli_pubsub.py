@@ -221,19 +221,25 @@ async def subscribe(
     """
     printed = 0
     done = anyio.Event()
+    write_error: list[OSError] = []  # the client swallows a handler's exception: carry it out by hand
 
     def show(message: Message) -> None:
         nonlocal printed
         if done.is_set():
-            return  # past --count: a message another topic's handler had already taken
-        if raw:
-            payload = message.payload
-            out.flush()
-            out.buffer.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
-            out.buffer.flush()
-        else:
-            out.write(format_message(message, verbose=verbose) + "\n")
-            out.flush()
+            return  # past --count (a message another topic's handler had already taken), or output failed
+        try:
+            if raw:
+                payload = message.payload
+                out.flush()
+                out.buffer.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
+                out.buffer.flush()
+            else:
+                out.write(format_message(message, verbose=verbose) + "\n")
+                out.flush()
+        except OSError as exc:  # `fastport sub t | head -1`: the reader went away
+            write_error.append(exc)
+            done.set()
+            return
         printed += 1
         if count is not None and printed >= count:
             done.set()
@@ -267,6 +273,8 @@ async def subscribe(
 
                 task_group.start_soon(stop_when, done)
                 task_group.start_soon(stop_when, closed)
+    if write_error:
+        raise write_error[0]
     if not done.is_set():
         # The first reason is what ended the subscription (e.g. "4001: session dropped"); the last is why
         # the client then stopped trying (e.g. the dropped session's credentials no longer work).

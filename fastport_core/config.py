@@ -32,7 +32,8 @@ def _require_positive(owner: object, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
         if value is not None and value <= 0:
-            raise LocalProtocolError(f"{type(owner).__name__}.{name} must be positive, got {value!r}")
+            # The field's name is what a config file key or a keyword argument calls it: no class prefix.
+            raise LocalProtocolError(f"{name} must be positive, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

