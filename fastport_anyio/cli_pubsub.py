@@ -195,8 +195,8 @@ def format_message(message: Message, *, verbose: bool) -> str:
 def describe_integrity_failure(failure: IntegrityFailure) -> str:
     """The stderr line of ``sub`` for a message it could not verify or decrypt (never printed on stdout)."""
     return (
-        f"message {failure.message_id!r} on {failure.topic!r} could not be authenticated or decrypted "
-        f"({failure.reason}): wrong key or suite? (the publisher's must be the same as this one's)"
+        f"message {failure.message_id!r} on {failure.topic!r} could not be authenticated or decrypted: "
+        f"wrong key or suite? ({failure.reason})"
     )
 
 
