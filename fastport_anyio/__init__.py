@@ -1,8 +1,8 @@
 """fastport over anyio (asyncio or trio): the server, the async client and the ``fastport`` command.
 
-Public names (DESIGN §5): :func:`serve` / :class:`Server` run a broker; :func:`connect` / ``Client`` are
-the async client, with the same names as :mod:`fastport_threads` (docs/clients.md). Each group is imported
-on its own lines so the two can be edited independently.
+Public names (README.md, "Layout"): :func:`serve` / :class:`Server` run a broker; :func:`connect` /
+``Client`` are the async client, with the same names as :mod:`fastport_threads` (docs/clients.md). Each
+group is imported on its own lines so the two can be edited independently.
 """
 
 from fastport_core.client import IntegrityFailure

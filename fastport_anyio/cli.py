@@ -4,16 +4,19 @@
 Each subcommand is added by a small ``add_*_parser(subparsers)`` function that sets ``func``
 (``Namespace -> int``, the exit code) on its parser; ``pub`` and ``sub`` come from
 :mod:`fastport_anyio.cli_pubsub` and ``token`` from :mod:`fastport_anyio.cli_token`, each through its
-``register(subparsers)``. Every failure a user can cause or
-meet is one line on stderr (``fastport serve: ...``), never a traceback, with a documented exit code:
+``register(subparsers)``. Every failure a user can cause or meet is one line on stderr
+(``fastport serve: ...``), never a traceback, with a documented exit code; :func:`main` is the one place
+that does it, through :mod:`fastport_anyio.cli_errors`:
 
 * 0: success (for ``serve``: stopped by SIGINT or SIGTERM, gracefully);
-* 1: runtime failure (the port is in use, the admin API is unreachable or refused the request);
-* 2: usage or configuration error (bad flags, a bad config file, an unreadable certificate).
+* 1: runtime failure (the port is in use, the admin API is unreachable or refused the request), and any
+  unexpected error (one line asking for a report; ``--debug`` or ``FASTPORT_DEBUG=1`` adds the traceback);
+* 2: usage or configuration error (bad flags, a bad config file, an unreadable certificate);
+* 130: interrupted (Ctrl-C).
 
 ``session`` talks to the admin API with the standard library's :mod:`http.client` (no dependency), with
 the same admin credentials as the server (``--admin-user/--admin-password`` or ``FASTPORT_ADMIN_USER`` /
-``FASTPORT_ADMIN_PASSWORD``), and prints the JSON answer.
+``FASTPORT_ADMIN_PASSWORD``), and prints the JSON answer on one line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import errno
 import getpass
 import http.client
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -32,23 +36,27 @@ import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 
+from fastport_core.config import SessionSettings
 from fastport_core.config_file import ConfigError, Overrides, ServerSettings, load_settings
 from fastport_core.crypto import generate_key
 from fastport_core.errors import LocalProtocolError
 
 from . import cli_pubsub, cli_token
+from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, debug_requested, report_failure
 from .server import Server
 
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
+    "SECRET_KEY_NOTICE",
     "CommandError",
     "add_keygen_parser",
     "add_serve_parser",
@@ -57,28 +65,22 @@ __all__ = [
     "main",
 ]
 
-EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
-
 DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:3000"
+SECRET_KEY_NOTICE: Final = (
+    "fastport session: the secret key above is shown only once: store it now; dropping or suspending the "
+    "session needs it. The token key signs scoped tokens: give it only to the backend that mints them "
+    "(rotate-token-key replaces it)."
+)
 HTTP_TIMEOUT: Final = 10.0
 
 _EPILOG: Final = """\
-exit codes: 0 success; 1 runtime failure (port in use, admin API unreachable or refusing);
-            2 usage or configuration error (bad flags, bad config file, unreadable certificate)"""
+exit codes: 0 success; 1 runtime failure (port in use, server or admin API unreachable or refusing);
+            2 usage or configuration error (bad flags, bad config file, unreadable certificate);
+            130 interrupted. --debug (or FASTPORT_DEBUG=1) adds the traceback to an error."""
 
 logger = logging.getLogger(__name__)
 
 Subparsers = argparse._SubParsersAction  # the type argparse gives add_subparsers(); not exported by name
-
-
-class CommandError(Exception):
-    """A failure to report as one line on stderr, with its exit code."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _parser_kwargs(help_text: str, description: str) -> dict[str, Any]:
@@ -175,9 +177,31 @@ def make_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
         context.load_cert_chain(settings.certfile, settings.keyfile)
     except (OSError, ssl.SSLError) as exc:
         files = str(settings.certfile) + (f", {settings.keyfile}" if settings.keyfile else "")
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, ssl.SSLError):
+            reason = _pem_problem(settings.certfile, settings.keyfile) or str(exc)
+        else:
+            reason = exc.strerror or str(exc)
         raise CommandError(f"cannot load the TLS certificate ({files}): {reason}", EXIT_USAGE) from None
     return context
+
+
+def _pem_problem(certfile: Path, keyfile: Path | None) -> str | None:
+    """What is missing from the PEM files, in words (OpenSSL only says ``[SSL] PEM lib``)."""
+    try:
+        cert_text = certfile.read_text(encoding="ascii", errors="replace")
+        key_text = cert_text if keyfile is None else keyfile.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    if "-----BEGIN CERTIFICATE-----" not in cert_text:
+        return f"{certfile} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    if "PRIVATE KEY-----" not in key_text:
+        if keyfile is None:
+            return (
+                f"{certfile} holds no private key: give the key file with --keyfile "
+                "(or keyfile in the config file's [server] table)"
+            )
+        return f"{keyfile} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
+    return None
 
 
 def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -313,7 +337,9 @@ def add_session_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         )
         sub.add_argument("--admin-user", help="admin user (env FASTPORT_ADMIN_USER)")
         sub.add_argument("--admin-password", help="admin password (env FASTPORT_ADMIN_PASSWORD)")
-        sub.add_argument("--cafile", metavar="PEM", help="CA certificate(s) to trust for https://")
+        sub.add_argument(
+            "--cafile", metavar="PEM", help="CA certificate(s) to trust for https:// (env FASTPORT_CAFILE)"
+        )
         sub.set_defaults(func=run_session)
         return sub
 
@@ -361,16 +387,29 @@ def _secret(value: str | None, environ: Mapping[str, str], variable: str, flag: 
     raise CommandError(f"missing {flag} (or {variable})", EXIT_USAGE)
 
 
+def _create_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The session settings flags of ``session create`` as admin API fields, checked with the server's
+    own rule before anything is sent or prompted for, so that an error names the flag that was typed."""
+    settings = {
+        wire: getattr(args, option)
+        for option, wire in _CREATE_OPTIONS.items()
+        if getattr(args, option) is not None
+    }
+    flags = {wire: "--" + option.replace("_", "-") for option, wire in _CREATE_OPTIONS.items()}
+    try:
+        SessionSettings.from_wire(settings, names=flags)
+    except LocalProtocolError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    return settings
+
+
 def session_request(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     """The admin API path and JSON body for ``fastport session ACTION`` (a usage error if incomplete)."""
+    settings = _create_settings(args) if args.action == "create" else {}
     password = _secret(args.password, environ, "FASTPORT_PASSWORD", "--password", "session password: ")
     body: dict[str, Any] = {"sessionName": args.name, "password": password}
     if args.action == "create":
-        for option, wire in _CREATE_OPTIONS.items():
-            value = getattr(args, option)
-            if value is not None:
-                body[wire] = value
-        return "/api/createSession", body
+        return "/api/createSession", body | settings
     body["secretKey"] = _secret(
         args.secret_key, environ, "FASTPORT_SECRET_KEY", "--secret-key", "session secret key: "
     )
@@ -434,6 +473,8 @@ def call_admin_api(
 
 def run_session(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
+    if args.action == "create":
+        _create_settings(args)  # a bad flag fails before any prompt
     user = _pick(args.admin_user, env, "FASTPORT_ADMIN_USER")
     if user is None:
         raise CommandError("missing --admin-user (or FASTPORT_ADMIN_USER)", EXIT_USAGE)
@@ -442,16 +483,12 @@ def run_session(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     )
     url = _pick(args.url, env, "FASTPORT_ADMIN_URL") or DEFAULT_ADMIN_URL
     path, body = session_request(args, env)
-    status, answer = call_admin_api(url, path, body, user, admin_password, cafile=args.cafile)
+    cafile = _pick(args.cafile, env, "FASTPORT_CAFILE")
+    status, answer = call_admin_api(url, path, body, user, admin_password, cafile=cafile)
     if status == 200:
-        print(json.dumps(answer, indent=2))
+        print(json.dumps(answer), flush=True)  # one line, as docs/operations.md shows it (and jq reads it)
         if args.action == "create":
-            print(
-                "fastport session: the secret key above is shown only once: store it now; dropping or "
-                "suspending the session needs it. The token key signs scoped tokens: give it only to the "
-                "backend that mints them (rotate-token-key replaces it).",
-                file=sys.stderr,
-            )
+            print(SECRET_KEY_NOTICE, file=sys.stderr, flush=True)
         return EXIT_OK
     error = answer.get("error", "no reason given")
     code = answer.get("code", status)
@@ -471,26 +508,51 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"fastport {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
     add_keygen_parser(subparsers)
     add_session_parser(subparsers)
     cli_pubsub.register(subparsers)  # pub, sub
     cli_token.register(subparsers)  # token mint
+    _add_debug_flag(parser, default=False)
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fastport")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """``--debug`` on ``parser`` and every subcommand below it, so it can go anywhere on the line."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of an error (or FASTPORT_DEBUG=1)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug_flag(sub, default=argparse.SUPPRESS)  # SUPPRESS: never resets the outer value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``fastport`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run ``fastport`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Every failure goes through :func:`~fastport_anyio.cli_errors.report_failure`: one line, one exit code.
+    """
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except CommandError as exc:
-        print(f"fastport {args.command}: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the one place where every failure becomes one line (cli_errors)
+        return report_failure(args.command, exc, debug=debug_requested(args.debug, os.environ))
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m fastport_anyio is the supported spelling

@@ -1,4 +1,4 @@
-"""Session credentials and failed-``init`` throttling (DESIGN §3.7).
+"""Session credentials and failed-``init`` throttling (docs/security.md, "Server-side secrets").
 
 Two pieces, both sans-IO:
 

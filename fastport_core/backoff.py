@@ -1,4 +1,4 @@
-"""When a client dials again after a failure, and when it stops trying (DESIGN §3.9).
+"""When a client dials again after a failure, and when it stops trying (docs/clients.md, "Reconnection").
 
 Policy: exponential backoff with *full jitter*. The n-th consecutive failure (counting from 0) waits a
 delay drawn uniformly from ``[0, cap_n]`` where ``cap_0 = initial`` and each failure doubles the cap up to

@@ -24,8 +24,8 @@ Every transition is a row of :data:`TRANSITIONS` (the docs print that table), an
 and :meth:`~ClientCore.handle_timeout`. What the application must see comes out of
 :meth:`~ClientCore.events` as frozen dataclasses.
 
-Delivery semantics (DESIGN §3.3, §3.4, §3.9)
---------------------------------------------
+Delivery semantics (docs/clients.md, "Delivery guarantees")
+----------------------------------------------------------
 * A publish stays in the pending table until its ``publish_response``: it is sent when the client is
   ``READY``, re-sent every ``publish_retry_interval`` while connected, and re-sent after every reconnection,
   always with the same ``messageId`` (the server's dedupe window turns a duplicate into a second

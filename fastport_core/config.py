@@ -33,7 +33,8 @@ def _require_positive(owner: object, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
         if value is not None and value <= 0:
-            raise LocalProtocolError(f"{type(owner).__name__}.{name} must be positive, got {value!r}")
+            # The field's name is what a config file key or a keyword argument calls it: no class prefix.
+            raise LocalProtocolError(f"{name} must be positive, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +63,28 @@ class SessionSettings:
         "sessionExpiry": "session_expiry",
     }
 
+    #: Wire name → what its number counts, for messages in the user's units.
+    WIRE_UNITS: ClassVar[Mapping[str, str]] = {
+        "retryInterval": "milliseconds",
+        "maxRetryLimit": "re-sends",
+        "messageExpiryTime": "milliseconds",
+        "sessionExpiry": "milliseconds",
+    }
+
     @classmethod
-    def from_wire(cls, values: Mapping[str, Any], *, base: SessionSettings | None = None) -> SessionSettings:
+    def from_wire(
+        cls,
+        values: Mapping[str, Any],
+        *,
+        base: SessionSettings | None = None,
+        names: Mapping[str, str] | None = None,
+    ) -> SessionSettings:
         """Build settings from admin-API / config-file values (durations in milliseconds).
 
-        Raises :class:`LocalProtocolError` naming the offending field; callers that got the values from
-        the network turn it into a 400 answer.
+        Raises :class:`LocalProtocolError` naming the offending value as the user typed it and in its unit
+        (``retryInterval must be a positive number of milliseconds, got -5``): the wire name, or
+        ``names[wire_name]`` when the values came from elsewhere (the CLI passes its flags,
+        ``--retry-interval``). Callers that got the values from the network turn it into a 400 answer.
         """
         start = base or cls()
         changes: dict[str, Any] = {}
@@ -75,15 +92,24 @@ class SessionSettings:
             if wire_name not in values or values[wire_name] is None:
                 continue
             raw = values[wire_name]
+            label = (names or {}).get(wire_name, wire_name)
+            unit = cls.WIRE_UNITS[wire_name]
             if isinstance(raw, bool) or not isinstance(raw, int | float):
-                raise LocalProtocolError(f"{wire_name} must be a number, got {type(raw).__name__}")
-            changes[attr] = int(raw) if attr == "max_retry_limit" else raw / 1000.0
+                raise LocalProtocolError(f"{label} must be a number of {unit}, got {type(raw).__name__}")
+            if attr == "max_retry_limit":
+                if raw < 0 or raw != int(raw):
+                    raise LocalProtocolError(f"{label} must be a whole number of {unit} >= 0, got {raw!r}")
+                changes[attr] = int(raw)
+            elif raw <= 0:
+                raise LocalProtocolError(f"{label} must be a positive number of {unit}, got {raw!r}")
+            else:
+                changes[attr] = raw / 1000.0
         return cls(**{f.name: changes.get(f.name, getattr(start, f.name)) for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Bounds that keep any input from growing the server without limit (DESIGN §3.6)."""
+    """Bounds that keep any input from growing the server without limit (docs/operations.md, "Limits")."""
 
     max_message_size: int = 1024 * 1024
     """Bytes of one WebSocket message (after reassembly); larger ones close the connection with 1009."""

@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 The server is a blind relay: it routes ``data`` and ``hash`` without a key. Everything cryptographic happens
-here, on the clients, and this module is the one place that defines it (DESIGN.md §4 is the normative text;
-``docs/security.md`` repeats it with the threat model, and ``tests/core/data/crypto_vectors.json`` pins it
-with vectors computed by an independent implementation).
+here, on the clients, and this module is the one place that implements it (``docs/security.md`` is the
+normative text, with the threat model, and ``tests/core/data/crypto_vectors.json`` pins it with vectors
+computed by an independent implementation).
 
 Both suites share the ``data`` format of the original fastPort clients::
 
@@ -417,7 +417,7 @@ def _field(value: str) -> bytes:
 def _mac_input(
     *, session: str, topic: str, message_id: str, timestamp: int, encoding: str, data: str
 ) -> bytes:
-    """``M`` of DESIGN.md §4: everything a receiver relies on, bound under one MAC.
+    """``M`` of the ``authenticated`` suite (docs/security.md): all a receiver relies on, under one MAC.
 
     May raise ``UnicodeEncodeError`` (lone surrogates) or ``OverflowError`` (a field of 4 GiB or more);
     callers check types first and map those two to their own error type.

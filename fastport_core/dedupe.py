@@ -1,9 +1,9 @@
 """A bounded window of recently seen message ids.
 
-Both ends drop duplicates (DESIGN §3.3 and §3.4): the server must not fan out a publisher's retry twice,
-and a client must not hand a redelivery to its application twice. Both need "have I seen this id
-recently?" with memory that cannot grow without bound, so the window forgets the oldest id once it holds
-``capacity`` ids, and (when given a ``ttl``) any id older than that.
+Both ends drop duplicates (docs/clients.md, "Delivery guarantees"): the server must not fan out a
+publisher's retry twice, and a client must not hand a redelivery to its application twice. Both need
+"have I seen this id recently?" with memory that cannot grow without bound, so the window forgets the
+oldest id once it holds ``capacity`` ids, and (when given a ``ttl``) any id older than that.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """A minimal RFC 6455 frame codec: the per-frame receive and send path of every open connection.
 
 Why not wsproto here: its generic decoder (partial frames, extension hooks, a lane-by-lane translate
-masker) costs 15-30 µs per received frame, the largest single cost of a relay in DESIGN §6's probe. This
-codec handles exactly what fastport needs (text, binary, continuation, ping, pong, close; no extensions)
-and nothing else, and wsproto stays the reference it is differentially tested against
-(``tests/core/test_frames.py``).
+masker) costs 15-30 µs per received frame, the largest single cost of a relay in the design probe
+(docs/architecture.md §9). This codec handles exactly what fastport needs (text, binary, continuation,
+ping, pong, close; no extensions) and nothing else, and wsproto stays the reference it is differentially
+tested against (``tests/core/test_frames.py``).
 
 Theory of operation of :class:`FrameDecoder`:
 

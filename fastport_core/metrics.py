@@ -1,4 +1,4 @@
-"""Counters for everything the core drops, refuses, retries or gives up (DESIGN §3.5, §3.6).
+"""Counters for everything the core drops, refuses, retries or gives up (docs/protocol.md, "Metrics").
 
 The core only counts; exposition (Prometheus text) is the admin API's business. Counters are keyed by
 name and a small tuple of label values, with the session name as the first label wherever a session is

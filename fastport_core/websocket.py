@@ -1,8 +1,8 @@
 """One WebSocket endpoint after the opening handshake: messages, ping/pong, keepalive and the close handshake.
 
 The server core keeps one :class:`WebSocket` per connection and the client core keeps one for its
-connection, so every rule about pings, closes and timeouts lives here exactly once (DESIGN §1; the
-websockets library's weakness is to repeat them in every adapter).
+connection, so every rule about pings, closes and timeouts lives here exactly once (docs/architecture.md §4;
+the websockets library's weakness is to repeat them in every adapter).
 
 The object is sans-IO: bytes go in through :meth:`WebSocket.receive_data`, bytes come out of
 :meth:`WebSocket.data_to_send`, and time only enters as the ``now`` arguments (monotonic seconds). The owner

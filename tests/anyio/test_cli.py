@@ -26,7 +26,16 @@ import anyio.to_thread
 import pytest
 
 from fastport_anyio import Server
-from fastport_anyio.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser, main, serve_settings
+from fastport_anyio.cli import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    SECRET_KEY_NOTICE,
+    build_parser,
+    main,
+    serve_settings,
+)
+from fastport_core.errors import ConnectError, LocalProtocolError
 
 from .conftest import FAST_CONFIG, TIMEOUT, RawClient
 
@@ -60,6 +69,45 @@ def one_line_error(text: str, command: str) -> str:
 
 # --------------------------------------------------------------------------------------------------------
 # In-process: no server needed
+
+
+def test_an_unexpected_error_is_one_line_asking_for_a_report_and_debug_adds_the_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(args: object, environ: object = None) -> int:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [RuntimeError("a bug")])
+
+    monkeypatch.setattr("fastport_anyio.cli.run_keygen", broken)
+    monkeypatch.delenv("FASTPORT_DEBUG", raising=False)
+    assert main(["keygen"]) == 1
+    line = one_line_error(capsys.readouterr().err, "keygen")
+    assert line.startswith("fastport keygen: unexpected error: RuntimeError: a bug (a bug in fastport: ")
+    assert "--debug" in line
+    for argv, debug in ((["--debug", "keygen"], None), (["keygen", "--debug"], None), (["keygen"], "1")):
+        if debug is not None:
+            monkeypatch.setenv("FASTPORT_DEBUG", debug)
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "RuntimeError: a bug" in err, argv
+        assert err.splitlines()[-1].startswith("fastport keygen: unexpected error: RuntimeError: a bug")
+
+
+def test_errors_inside_exception_groups_are_unwrapped(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for error, code, expected in (
+        (LocalProtocolError("topic is too long"), EXIT_USAGE, "fastport keygen: topic is too long"),
+        (ConnectError("cannot connect"), EXIT_FAILURE, "fastport keygen: cannot connect"),
+        (KeyboardInterrupt(), 130, None),
+    ):
+
+        def broken(args: object, environ: object = None, error: BaseException = error) -> int:
+            raise BaseExceptionGroup("outer", [BaseExceptionGroup("inner", [error])])
+
+        monkeypatch.setattr("fastport_anyio.cli.run_keygen", broken)
+        assert main(["keygen"]) == code
+        err = capsys.readouterr().err
+        assert (one_line_error(err, "keygen") if expected else err) == (expected or "")
 
 
 def test_keygen_prints_32_random_bytes_as_base64(capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,7 +240,14 @@ async def test_session_create_drop_suspend_resume(
     created = json.loads(captured.out)
     assert created["success"] is True and created["sessionName"] == "gamma"
     secret = created["secretKey"]
-    assert "shown only once" in captured.err
+    # Exactly as docs/operations.md shows it: the answer on one line, the notice on stderr.
+    shown = {"success": True, "sessionName": "gamma", "password": "gamma-pw", "secretKey": secret}
+    assert captured.out == json.dumps(shown | {"tokenKey": created["tokenKey"]}) + "\n"
+    assert captured.err == SECRET_KEY_NOTICE + "\n"
+    operations = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text(encoding="utf-8")
+    shape = '"sessionName": "device-fleet", "password": "fleet-password", "secretKey": "...", "tokenKey": "..."}'
+    assert '# stdout: {"success": true, ' + shape in operations
+    assert f"# stderr: {SECRET_KEY_NOTICE}" in operations
     async with await RawClient.connect(server.port) as client:
         assert (await client.init("gamma", "gamma-pw"))["success"] is True
 

@@ -102,7 +102,7 @@ async def test_sub_output_formats(server: Server) -> None:
     options = ConnectionOptions(server.url, "alpha", "alpha-password", KEY, "authenticated")
     for raw, verbose, expected in (
         (False, False, b"plain text\n" + base64.b64encode(b"\x00\xff") + b"\n"),
-        (True, True, b"t plain text\nt \x00\xff\n"),
+        (True, False, b"plain text\x00\xff"),  # --raw: verbatim, nothing added
     ):
         out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
         with anyio.fail_after(TIMEOUT):

@@ -28,6 +28,22 @@ def test_from_wire_rejects_bad_values(values: dict[str, object]) -> None:
         SessionSettings.from_wire(values)
 
 
+@pytest.mark.parametrize(
+    ("values", "names", "message"),
+    [({"retryInterval": -5}, None, "retryInterval must be a positive number of milliseconds, got -5"),
+     ({"retryInterval": -5}, {"retryInterval": "--retry-interval"},
+      "--retry-interval must be a positive number of milliseconds, got -5"),
+     ({"sessionExpiry": 0}, None, "sessionExpiry must be a positive number of milliseconds, got 0"),
+     ({"maxRetryLimit": 1.5}, None, "maxRetryLimit must be a whole number of re-sends >= 0, got 1.5")],
+)  # fmt: skip
+def test_from_wire_errors_name_the_value_as_typed_and_its_unit(
+    values: dict[str, object], names: dict[str, str] | None, message: str
+) -> None:
+    with pytest.raises(LocalProtocolError) as raised:
+        SessionSettings.from_wire(values, names=names)
+    assert str(raised.value) == message
+
+
 def test_limits_and_configs_reject_non_positive_values() -> None:
     with pytest.raises(LocalProtocolError, match="max_topic_length"):
         Limits(max_topic_length=0)
