@@ -245,7 +245,9 @@ async def test_session_create_drop_suspend_resume(
     assert captured.out == json.dumps(shown | {"tokenKey": created["tokenKey"]}) + "\n"
     assert captured.err == SECRET_KEY_NOTICE + "\n"
     operations = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text(encoding="utf-8")
-    shape = '"sessionName": "device-fleet", "password": "fleet-password", "secretKey": "...", "tokenKey": "..."}'
+    shape = (
+        '"sessionName": "device-fleet", "password": "fleet-password", "secretKey": "...", "tokenKey": "..."}'
+    )
     assert '# stdout: {"success": true, ' + shape in operations
     assert f"# stderr: {SECRET_KEY_NOTICE}" in operations
     async with await RawClient.connect(server.port) as client:
