@@ -295,9 +295,20 @@ class AdminApi:
         self._metrics_text = metrics_text
 
     def handle(
-        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes, now: float
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        now: float,
+        *,
+        preauthorised: bool = False,
     ) -> HttpResponse:
-        """Answer one request (``body`` complete; ``now`` in monotonic seconds, for the broker)."""
+        """Answer one request (``body`` complete; ``now`` in monotonic seconds, for the broker).
+
+        ``preauthorised``: the caller already proved admin rights another way (the web console's session
+        cookie, :mod:`.console`), so the Basic credentials are not asked for.
+        """
         path = target.partition("?")[0]
         route = ROUTES.get(path)
         try:
@@ -306,7 +317,7 @@ class AdminApi:
             if method != route.method:
                 message = f"this endpoint takes {route.method} only"
                 raise _Refused(AdminErrorCode.METHOD_NOT_ALLOWED, message, (("Allow", route.method),))
-            if route.protected:
+            if route.protected and not preauthorised:
                 self._authorize(headers)
             response = route.handler(self, body, now)
         except _Refused as refused:
@@ -321,14 +332,25 @@ class AdminApi:
             message = "admin API disabled: start the server with admin credentials"
             raise _Refused(AdminErrorCode.ADMIN_DISABLED, message)
         given = _basic_credentials(headers)
-        if given is None or not self._matches(*given):
+        if given is None or not self.check_credentials(*given):
             raise _Refused(
                 AdminErrorCode.UNAUTHORIZED,
                 "admin credentials required",
                 (("WWW-Authenticate", _CHALLENGE),),
             )
 
-    def _matches(self, user: bytes, password: bytes) -> bool:
+    @property
+    def enabled(self) -> bool:
+        """Whether admin credentials are configured (without them every protected route answers 403)."""
+        return self._credentials is not None
+
+    def check_credentials(self, user: bytes, password: bytes) -> bool:
+        """The one admin credential check: HTTP Basic here, the web console's login (:mod:`.console`) too.
+
+        False when the admin API is off.
+        """
+        if self._credentials is None:
+            return False
         # Both comparisons always run (``&``, not ``and``), so the time taken does not tell whether the
         # user name alone was right.
         user_ok = hmac.compare_digest(_digest(user), self._user_digest)

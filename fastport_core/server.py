@@ -12,9 +12,10 @@ An adapter owns the sockets and the clock and does only this::
 
 Each connection starts in the HTTP stage (h11, through :mod:`.handshake`): a WebSocket upgrade moves it to
 the WebSocket stage (:mod:`.websocket`, the core's own frame codec), any other request is answered by the
-admin API (:mod:`.admin`) on the same port. In the WebSocket stage every complete text message is parsed
-(:mod:`.protocol`) and handed to the :class:`~fastport_core.broker.Broker`, which answers through this
-object (the :class:`~fastport_core.broker.Sink` it implements).
+web console (:mod:`.console`) or the admin API (:mod:`.admin`) on the same port. In the WebSocket stage
+every complete text message is parsed (:mod:`.protocol`) and handed to the
+:class:`~fastport_core.broker.Broker`, which answers through this object (the
+:class:`~fastport_core.broker.Sink` it implements).
 
 Why one object for all connections: a publish on one connection produces output for many others. Doing
 all of a received chunk's work in one call and leaving at most one buffer per touched connection lets the
@@ -26,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .admin import AdminApi, AdminCredentials
 from .broker import Broker
 from .config import ServerConfig
+from .console import Console, static_routes
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
 from .frames import ABNORMAL_CLOSURE
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
@@ -73,12 +75,27 @@ class ServerCore:
         *,
         admin_credentials: AdminCredentials | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        web_files: Mapping[str, bytes] | None = None,
+        secure_cookies: bool = False,
+        console_history: bool = False,
     ) -> None:
+        """``web_files``: the web console's pages by relative path (``admin/index.html``: bytes), read by the
+        adapter from the package (:mod:`.console`); ``secure_cookies``: the server runs TLS;
+        ``console_history``: sample the broker for the console's charts (a timer every few seconds, so
+        off by default for tests that step the core's deadlines one by one)."""
         self.config = config = config or ServerConfig()
         self.metrics = Metrics()
         self.broker = Broker(config, self, metrics=self.metrics, random=random)
         self.admin = AdminApi(
             self.broker, admin_credentials, session_defaults=config.default_session_settings
+        )
+        self.console = Console(
+            self.broker,
+            self.admin,
+            static_routes(web_files or {}),
+            random=random,
+            secure_cookie=secure_cookies,
+            history=console_history,
         )
         self._parser = FrameParser(CLIENT_FRAMES, config.limits)
         self._connections: dict[int, _Connection] = {}
@@ -179,13 +196,8 @@ class ServerCore:
 
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`handle_timeout` must run (keepalive, handshake, retries, expiry...)."""
-        ours = self._deadlines.next()
-        broker = self.broker.next_deadline()
-        if ours is None:
-            return broker
-        if broker is None:
-            return ours
-        return min(ours, broker)
+        candidates = (self._deadlines.next(), self.broker.next_deadline(), self.console.next_deadline())
+        return min((when for when in candidates if when is not None), default=None)
 
     def handle_timeout(self, now: float) -> None:
         """Do everything that fell due at ``now``."""
@@ -202,6 +214,7 @@ class ServerCore:
             self._after_websocket_io(conn, ws, now)
             self._arm(conn, ws)  # receiving only moved the keepalive deadline later: re-arm it lazily here
         self.broker.handle_timeout(now)
+        self.console.handle_timeout(now)
 
     def shutdown(self, now: float) -> None:
         """Graceful stop: close every WebSocket with 1001 and every HTTP connection."""
@@ -289,7 +302,8 @@ class ServerCore:
                     self._upgrade(conn, connection, event, now)
                     return
                 if isinstance(event, HttpRequest):
-                    response = self.admin.handle(event.method, event.target, event.headers, event.body, now)
+                    request = (event.method, event.target, event.headers, event.body, now)
+                    response = self.console.handle(*request) or self.admin.handle(*request)
                     answer = http.respond(
                         response.status,
                         response.body,
