@@ -536,7 +536,7 @@ class Console:
             )
         history = []
         samples = list(self._history)
-        for before, sample in zip([None, *samples[:-1]], samples, strict=True):
+        for before, sample in zip([None, *samples], samples, strict=False):  # each with the one before
             seconds = sample.at - before.at if before is not None else 0.0
             history.append(
                 {
