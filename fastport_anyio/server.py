@@ -38,8 +38,10 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
+from importlib import resources
+from importlib.resources.abc import Traversable
 from types import TracebackType
 from typing import Any, Final, cast
 
@@ -185,7 +187,14 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         shutdown_timeout: float = 5.0,
     ) -> None:
-        self.core = ServerCore(config, admin_credentials=admin, offload_verification=True)
+        self.core = ServerCore(
+            config,
+            admin_credentials=admin,
+            offload_verification=True,
+            web_files=web_files(),
+            secure_cookies=ssl_context is not None,
+            console_history=True,
+        )
         self._verify_limiter = anyio.CapacityLimiter(VERIFY_WORKERS)
         self.host = host
         self._requested_port = port
@@ -520,16 +529,35 @@ class Server:
         logger.info("fastport listening on %s", self.url)
         if self._admin_on:
             logger.info("admin API enabled at %s/api/ (/metrics and /healthz too)", _http_url(self.url))
+            logger.info("web console at %s/admin/", _http_url(self.url))
         else:
             logger.info(
                 "admin API disabled: set --admin-user/--admin-password or "
                 "FASTPORT_ADMIN_USER/FASTPORT_ADMIN_PASSWORD"
             )
+        logger.info("playground at %s/playground/", _http_url(self.url))
         if self._sessions:
             names = ", ".join(spec.name for spec in self._sessions)
             logger.info("%d session(s) loaded: %s", len(self._sessions), names)
         else:
             logger.info("no sessions loaded: declare them in a config file or create them via the admin API")
+
+
+def web_files() -> dict[str, bytes]:
+    """The web console's files shipped in this package (``fastport_anyio/web``), by relative path.
+
+    Read with ``importlib.resources`` so that they are found in a wheel, a zip or a source checkout alike;
+    the core maps them to URLs and serves them (:mod:`fastport_core.console`).
+    """
+
+    def walk(folder: Traversable, prefix: str) -> Iterator[tuple[str, bytes]]:
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                yield from walk(entry, f"{prefix}{entry.name}/")
+            elif not entry.name.startswith("."):
+                yield f"{prefix}{entry.name}", entry.read_bytes()
+
+    return dict(walk(resources.files("fastport_anyio").joinpath("web"), ""))
 
 
 def _http_url(ws_url: str) -> str:

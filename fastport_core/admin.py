@@ -349,9 +349,14 @@ class AdminApi:
         now: float,
         *,
         peer: str = "",
+        preauthorised: bool = False,
     ) -> HttpResponse:
-        """Answer one request (``body`` complete; ``now`` in monotonic seconds, for the broker; ``peer``
-        the client's address, which failed logins are throttled by: ``""`` throttles nothing)."""
+        """Answer one request (``body`` complete; ``now`` in monotonic seconds, for the broker).
+
+        ``peer``: the client's address, which failed logins are throttled by (``""`` throttles nothing).
+        ``preauthorised``: the caller already proved admin rights another way (the web console's session
+        cookie, :mod:`.console`), so the Basic credentials are not asked for.
+        """
         path = target.partition("?")[0]
         route = ROUTES.get(path)
         try:
@@ -360,7 +365,7 @@ class AdminApi:
             if method != route.method:
                 message = f"this endpoint takes {route.method} only"
                 raise _Refused(AdminErrorCode.METHOD_NOT_ALLOWED, message, (("Allow", route.method),))
-            if route.protected:
+            if route.protected and not preauthorised:
                 self._authorize(headers, peer, now)
             response = route.handler(self, body, now)
         except _Refused as refused:
@@ -401,8 +406,7 @@ class AdminApi:
         if outcome is LoginOutcome.OK:
             return
         if outcome is LoginOutcome.THROTTLED:
-            retry_at = self._throttle.retry_at(("admin", throttle_key(peer)), now)
-            wait = max(1, math.ceil((retry_at or now) - now))
+            wait = self.retry_after(peer, now)
             raise _Refused(
                 AdminErrorCode.AUTH_THROTTLED,
                 f"too many failed logins: retry in {wait} s",
@@ -411,6 +415,16 @@ class AdminApi:
         raise _Refused(
             AdminErrorCode.UNAUTHORIZED, "admin credentials required", (("WWW-Authenticate", _CHALLENGE),)
         )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether admin credentials are configured (without them every protected route answers 403)."""
+        return self._credentials is not None
+
+    def retry_after(self, peer: str, now: float) -> int:
+        """Whole seconds (at least 1) until ``peer`` may try to log in again (``Retry-After``)."""
+        retry_at = self._throttle.retry_at(("admin", throttle_key(peer)), now) if peer else None
+        return max(1, math.ceil((retry_at or now) - now))
 
     def _matches(self, user: bytes, password: bytes) -> bool:
         # Both comparisons always run (``&``, not ``and``), so the time taken does not tell whether the

@@ -1225,10 +1225,14 @@ class Broker:
         _log.info("session %r created", name)
         return secret_key
 
-    def _authorised(self, name: str, password: str, secret_key: str) -> _Session:
+    def _existing(self, name: str) -> _Session:
         session = self._sessions.get(name)
         if session is None:
             raise UnknownSessionError(f"no session named {name!r}")
+        return session
+
+    def _authorised(self, name: str, password: str, secret_key: str) -> _Session:
+        session = self._existing(name)
         # Both checks always run (``&``, not ``and``), so the answer does not tell which one failed.
         if not (session.password.verify(password) & session.secret.verify(secret_key)):
             raise AccessDeniedError(f"wrong password or secret key for session {name!r}")
@@ -1273,9 +1277,20 @@ class Broker:
         for connection in connections:
             closes.append((connection.conn, code, f"session {reason}"))
 
+    def drop_session_as_admin(self, name: str, now: float) -> None:
+        """:meth:`drop_session` for a caller with admin rights (the web console): no session secrets."""
+        self._drop(self._existing(name), "dropped", CloseCode.SESSION_DROPPED)
+
     def suspend_session(self, name: str, password: str, secret_key: str, suspend: bool, now: float) -> None:
         """Suspend a session (no new inits, no delivery, publishes refused) or resume it."""
-        session = self._authorised(name, password, secret_key)
+        self._set_suspended(self._authorised(name, password, secret_key), suspend, now)
+
+    def suspend_session_as_admin(self, name: str, suspend: bool, now: float) -> None:
+        """:meth:`suspend_session` for a caller with admin rights (the web console): no session secrets."""
+        self._set_suspended(self._existing(name), suspend, now)
+
+    def _set_suspended(self, session: _Session, suspend: bool, now: float) -> None:
+        name = session.name
         session.set_suspended(suspend, now)  # resuming may close slow consumers, settling messages
         self._queue_settled()
         _log.info("session %r %s", name, "suspended" if suspend else "resumed")

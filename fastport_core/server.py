@@ -16,14 +16,16 @@ An adapter owns the sockets and the clock and does only this::
 
 Each connection starts in the HTTP stage (h11, through :mod:`.handshake`): a WebSocket upgrade moves it to
 the WebSocket stage (:mod:`.websocket`, the core's own frame codec), any other request is answered by the
-admin API (:mod:`.admin`) on the same port. In the WebSocket stage every complete text message is parsed
-(:mod:`.protocol`) and handed to the :class:`~fastport_core.broker.Broker`, whose answer is data (its
-:class:`~fastport_core.broker.BrokerOutput`: frames to send, connections to close, inits that succeeded)
-that this object applies after each input, h11/aioquic-style: the broker never calls back into it.
+web console (:mod:`.console`) or the admin API (:mod:`.admin`) on the same port. In the WebSocket stage
+every complete text message is parsed (:mod:`.protocol`) and handed to the
+:class:`~fastport_core.broker.Broker`, whose answer is data (its :class:`~fastport_core.broker.BrokerOutput`:
+frames to send, connections to close, inits that succeeded) that this object applies after each input,
+h11/aioquic-style: the broker never calls back into it.
 
 Every server timer lives here, behind :meth:`ServerCore.next_deadline`: the absolute handshake deadline
 (from accept: TLS, HTTP upgrade and ``init`` together), keepalive and close timeouts, the write deadline
-(a write the peer does not drain), the shutdown grace period, and the broker's retries and expiries.
+(a write the peer does not drain), the shutdown grace period, the console's sampling, and the broker's
+retries and expiries.
 
 Why one object for all connections: a publish on one connection produces output for many others. Doing
 all of a received chunk's work in one call and leaving at most one buffer per touched connection lets the
@@ -35,13 +37,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from .admin import AdminApi, AdminCredentials
 from .auth import PasswordCheck
 from .broker import Broker, BrokerOutput, BrokerStats
 from .config import ServerConfig, SessionSettings
+from .console import Console, static_routes
 from .errors import CloseCode, ErrorCode, RemoteProtocolError
 from .frames import ABNORMAL_CLOSURE, encode_text_frame
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
@@ -102,7 +105,14 @@ class ServerCore:
         admin_credentials: AdminCredentials | None = None,
         random: Callable[[int], bytes] = os.urandom,
         offload_verification: bool = False,
+        web_files: Mapping[str, bytes] | None = None,
+        secure_cookies: bool = False,
+        console_history: bool = False,
     ) -> None:
+        """``web_files``: the web console's pages by relative path (``admin/index.html``: bytes), read by the
+        adapter from the package (:mod:`.console`); ``secure_cookies``: the server runs TLS;
+        ``console_history``: sample the broker for the console's charts (a timer every few seconds, so
+        off by default for tests that step the core's deadlines one by one)."""
         self.config = config = config or ServerConfig()
         self.metrics = Metrics()
         self.broker = Broker(
@@ -118,6 +128,14 @@ class ServerCore:
             throttle=self.broker.throttle,
         )
         self._proxies = TrustedProxies(config.trusted_proxies)
+        self.console = Console(
+            self.broker,
+            self.admin,
+            static_routes(web_files or {}),
+            random=random,
+            secure_cookie=secure_cookies,
+            history=console_history,
+        )
         self._parser = FrameParser(CLIENT_FRAMES, config.limits)
         self._connections: dict[int, _Connection] = {}
         self._next_id = 1
@@ -305,10 +323,11 @@ class ServerCore:
 
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`handle_timeout` must run (keepalive, handshake, writes, shutdown grace,
-        retries, expiry...)."""
+        retries, expiry, the console's sampling...)."""
         best = self.broker.next_deadline()
         for deadline in (
-            self._deadlines.next(), self._handshake.next(), self._writes.next(), self._shutdown_at
+            self._deadlines.next(), self._handshake.next(), self._writes.next(), self._shutdown_at,
+            self.console.next_deadline(),
         ):  # fmt: skip
             if deadline is not None and (best is None or deadline < best):
                 best = deadline
@@ -332,6 +351,10 @@ class ServerCore:
                 self._apply(now)
         except Exception:
             self._contain(None, "running the broker's timers", now)
+        try:
+            self.console.handle_timeout(now)
+        except Exception:
+            self._contain(None, "sampling the console's history", now)
 
     def shutdown(self, now: float, grace: float = 5.0) -> None:
         """Graceful stop: close every WebSocket with 1001 and every HTTP connection; refuse new ones.
@@ -634,8 +657,9 @@ class ServerCore:
                 if isinstance(event, HttpRequest):
                     served += 1
                     peer = client_address(connection.peer, event.headers, self._proxies)
-                    response = self.admin.handle(
-                        event.method, event.target, event.headers, event.body, now, peer=peer
+                    request = (event.method, event.target, event.headers, event.body, now)
+                    response = self.console.handle(*request, peer=peer) or self.admin.handle(
+                        *request, peer=peer
                     )
                     answer = http.respond(
                         response.status,
