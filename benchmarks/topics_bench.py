@@ -59,9 +59,9 @@ def build(filters: bool, extra_exact: int = 0) -> tuple[Broker, RecordingSink]:
         nonlocal conn
         conn += 1
         broker.connection_opened(conn, 0.0)
-        broker.handle_frame(conn, Init("bench", "pw"), 0.0)
+        broker.handle_packet(conn, Init("bench", "pw"), 0.0)
         for topic in topics:
-            broker.handle_frame(conn, Subscribe(topic), 0.0)
+            broker.handle_packet(conn, Subscribe(topic), 0.0)
 
     for site in range(SITES):  # 10,000 distinct exact topics
         connection([f"site/{site}/dev/{device}/temp" for device in range(DEVICES)])
@@ -90,7 +90,7 @@ def build(filters: bool, extra_exact: int = 0) -> tuple[Broker, RecordingSink]:
 def per_publish_us(broker: Broker, sink: RecordingSink, topics: list[str], messages: int) -> float:
     publisher = max(broker._connections)
     publishes = [Publish(topics[i % len(topics)], DATA, HASH, 1, f"m{i}") for i in range(messages)]
-    handle = broker.handle_frame
+    handle = broker.handle_packet
     delivered = sink.delivered
     start = time.process_time()
     for publish in publishes:

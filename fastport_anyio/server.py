@@ -234,7 +234,7 @@ class Server:
     async def __aenter__(self) -> Server:
         self._now = _loop_clock()
         now = self._now()
-        self.core.broker.set_wall_clock(time.time(), now)  # token expiry is wall-clock time
+        self.core.set_wall_clock(time.time(), now)  # token expiry is wall-clock time
         for spec in self._sessions:
             self.core.create_session(
                 spec.name,
@@ -452,7 +452,7 @@ class Server:
         core = self.core
         peer = _peer_address(tcp)
         now = self._now()
-        core.broker.set_wall_clock(time.time(), now)  # follows adjustments of the wall clock
+        core.set_wall_clock(time.time(), now)  # follows adjustments of the wall clock
         conn = core.open_connection(now, peer)  # before TLS: the handshake deadline covers it
         connection = _Connection(conn, tcp)
         self._connections[conn] = connection

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The broker is pure routing and bookkeeping. The server core parses each client frame into a
-:mod:`~fastport_core.protocol` event and calls :meth:`Broker.handle_frame`. The broker's answer is *data*:
+:mod:`~fastport_core.protocol` event and calls :meth:`Broker.handle_packet`. The broker's answer is *data*:
 it appends what must happen (these frame bytes to connection X, close Y with code Z, connection W is now
 initialised) to :attr:`Broker.output`, and the server core applies that queue after each call (the h11 /
 aioquic pattern: no callback from the broker into the server). It never sees a socket or a clock: every
@@ -66,7 +66,7 @@ from .peers import throttle_key
 from .protocol import (
     Ack,
     AckReceived,
-    ClientFrame,
+    ClientPacket,
     Init,
     InitResponse,
     Publish,
@@ -790,7 +790,7 @@ class _Session:
 class Broker:
     """Sessions, connections and everything between them; see the module docstring.
 
-    Protocol faults of the peer never raise out of :meth:`handle_frame`: they are answered (an ``error``
+    Protocol faults of the peer never raise out of :meth:`handle_packet`: they are answered (an ``error``
     frame or a ``*_response`` with ``success: false``), counted in ``protocol_errors{code}`` and logged at
     DEBUG. Misuse by the caller (a connection id opened twice, a bad ``create_session`` argument) raises
     :class:`~fastport_core.errors.LocalProtocolError`.
@@ -906,8 +906,8 @@ class Broker:
 
     # -- frames --------------------------------------------------------------------------------------------
 
-    def handle_frame(self, conn: int, frame: ClientFrame, now: float) -> None:
-        """Act on one parsed client frame; every answer is queued on :attr:`output`.
+    def handle_packet(self, conn: int, packet: ClientPacket, now: float) -> None:
+        """Act on one parsed client packet; every answer is queued on :attr:`output`.
 
         Frames for a connection the broker does not know (it closed it, e.g. a slow consumer, and the
         server core still had input from it) are dropped.
@@ -918,26 +918,26 @@ class Broker:
         session = connection.session
         subscriber = connection.subscriber
         if session is None or subscriber is None:
-            if isinstance(frame, Init):
-                self._on_init(connection, frame, now)
+            if isinstance(packet, Init):
+                self._on_init(connection, packet, now)
             else:
                 self._error(connection, ErrorCode.NOT_INITIALISED, "send init first")
-        elif isinstance(frame, Publish):
+        elif isinstance(packet, Publish):
             try:
-                if connection.scope is not None or has_wildcard(frame.topic):
-                    _check_publish(connection.scope, frame.topic)
-                delivered = session.publish(subscriber, frame, now)
+                if connection.scope is not None or has_wildcard(packet.topic):
+                    _check_publish(connection.scope, packet.topic)
+                delivered = session.publish(subscriber, packet, now)
             except RemoteProtocolError as refusal:
-                self._refuse_publish(connection, session, frame, refusal)
+                self._refuse_publish(connection, session, packet, refusal)
             else:
-                self._send(conn, _encode_publish_ok(frame.message_id, delivered))
-        elif isinstance(frame, Ack):
-            session.ack(subscriber, frame.message_id)
-        elif isinstance(frame, Subscribe):
-            self._on_subscribe(connection, session, subscriber, frame.topic)
-        elif isinstance(frame, Unsubscribe):
-            session.unsubscribe(subscriber, frame.topic)
-            self._send(conn, encode(UnsubscribeResponse(True, frame.topic)))
+                self._send(conn, _encode_publish_ok(packet.message_id, delivered))
+        elif isinstance(packet, Ack):
+            session.ack(subscriber, packet.message_id)
+        elif isinstance(packet, Subscribe):
+            self._on_subscribe(connection, session, subscriber, packet.topic)
+        elif isinstance(packet, Unsubscribe):
+            session.unsubscribe(subscriber, packet.topic)
+            self._send(conn, encode(UnsubscribeResponse(True, packet.topic)))
         else:  # a second Init: a connection belongs to one session for its whole life
             self._error(connection, ErrorCode.ALREADY_INITIALISED, f"already in session {session.name!r}")
         self._queue_settled()
@@ -955,12 +955,12 @@ class Broker:
         self._send(connection.conn, encode_error(RemoteProtocolError(message, code=code)))
 
     def _refuse_publish(
-        self, connection: _Connection, session: _Session, frame: Publish, refusal: RemoteProtocolError
+        self, connection: _Connection, session: _Session, packet: Publish, refusal: RemoteProtocolError
     ) -> None:
         code = refusal.code
         self._count_refusal(connection, code, refusal.message)
         self.metrics.inc("publishes_refused", session.name, code.value)
-        response = PublishResponse(False, frame.message_id, error=refusal.message, code=code)
+        response = PublishResponse(False, packet.message_id, error=refusal.message, code=code)
         self._send(connection.conn, encode(response))
 
     def _on_subscribe(
@@ -982,21 +982,21 @@ class Broker:
 
     # -- init and authentication ---------------------------------------------------------------------------
 
-    def _on_init(self, connection: _Connection, frame: Init, now: float) -> None:
+    def _on_init(self, connection: _Connection, packet: Init, now: float) -> None:
         # Failures count per address *and* session: a client mistyping one session's password must not
         # lock anyone out of another (the address alone is shared behind a NAT).
-        key = self._throttle_key(connection, frame)
+        key = self._throttle_key(connection, packet)
         connection.scope = None  # an earlier refused init may have left one
         if key is not None and (retry_at := self._throttle.retry_at(key, now)) is not None:
             message = f"too many failed attempts: retry in {retry_at - now:.1f} s"
             self._refuse_auth(connection, ErrorCode.AUTH_THROTTLED, message, now)
             return
-        session = self._sessions.get(frame.session_name)
-        if frame.token is not None:
-            refusal = self._check_token(connection, session, frame, now)
+        session = self._sessions.get(packet.session_name)
+        if packet.token is not None:
+            refusal = self._check_token(connection, session, packet, now)
             if refusal is None:
                 assert session is not None
-                self._admit(connection, session, frame, now)
+                self._admit(connection, session, packet, now)
                 return
             if key is not None and refusal.code is ErrorCode.INVALID_TOKEN:
                 self._throttle.record_failure(key, now)
@@ -1005,13 +1005,13 @@ class Broker:
             )
             self._refuse_auth(connection, refusal.code, refusal.message, now)
             return
-        password = frame.password or ""
+        password = packet.password or ""
         password_hash = session.password if session is not None else self._decoy_hash()
         if session is not None and password_hash.verify_cached(password):
-            self._admit(connection, session, frame, now)
+            self._admit(connection, session, packet, now)
         elif not self._offload:
             ok = password_hash.verify(password)  # the decoy too: the same scrypt either way
-            self._verified(connection, frame, ok and session is not None, now)
+            self._verified(connection, packet, ok and session is not None, now)
         elif self._verifying >= self._config.limits.max_pending_verifications:
             message = "too many logins are being verified: retry shortly"
             self._refuse_init(connection, ErrorCode.SERVER_BUSY, message)
@@ -1019,13 +1019,13 @@ class Broker:
             # scrypt would stall every connection: the adapter runs it in a worker and reports back.
             check = PasswordCheck(connection.conn, password_hash, password)
             self._verifying += 1
-            connection.verifying = (check, frame)
+            connection.verifying = (check, packet)
             self.output.verifications.append(check)
 
     @staticmethod
-    def _throttle_key(connection: _Connection, frame: Init) -> tuple[str, str, str] | None:
+    def _throttle_key(connection: _Connection, packet: Init) -> tuple[str, str, str] | None:
         peer = connection.peer
-        return ("init", frame.session_name, throttle_key(peer)) if peer else None
+        return ("init", packet.session_name, throttle_key(peer)) if peer else None
 
     def is_verifying(self, conn: int) -> bool:
         """Whether ``conn``'s ``init`` waits for its password check (:meth:`verification_done`)."""
@@ -1042,32 +1042,34 @@ class Broker:
         connection = self._connections.get(check.conn)
         if connection is None or connection.verifying is None or connection.verifying[0] is not check:
             return
-        frame = connection.verifying[1]
+        packet = connection.verifying[1]
         connection.verifying = None
-        session = self._sessions.get(frame.session_name)
+        session = self._sessions.get(packet.session_name)
         ok = ok and session is not None and session.password is check.password_hash
         if ok:
-            check.password_hash.remember(frame.password or "")
-        self._verified(connection, frame, ok, now)
+            check.password_hash.remember(packet.password or "")
+        self._verified(connection, packet, ok, now)
 
-    def _verified(self, connection: _Connection, frame: Init, ok: bool, now: float) -> None:
-        session = self._sessions.get(frame.session_name)
+    def _verified(self, connection: _Connection, packet: Init, ok: bool, now: float) -> None:
+        session = self._sessions.get(packet.session_name)
         if not ok or session is None:
             peer = connection.peer
-            key = self._throttle_key(connection, frame)
+            key = self._throttle_key(connection, packet)
             if key is not None:
                 self._throttle.record_failure(key, now)
-            _log.info("connection %d from %r: failed init into %r", connection.conn, peer, frame.session_name)
+            _log.info(
+                "connection %d from %r: failed init into %r", connection.conn, peer, packet.session_name
+            )
             self._refuse_auth(connection, ErrorCode.AUTH_FAILED, "unknown session or wrong password", now)
             return
-        self._admit(connection, session, frame, now)
+        self._admit(connection, session, packet, now)
 
-    def _admit(self, connection: _Connection, session: _Session, frame: Init, now: float) -> None:
+    def _admit(self, connection: _Connection, session: _Session, packet: Init, now: float) -> None:
         """The password is right: the remaining ``init`` checks (suspended, connection limit), then join."""
         if session.suspended:
             self._refuse_init(connection, ErrorCode.SESSION_SUSPENDED, "the session is suspended")
             return
-        resumed = session.clients.get(frame.client_id) if frame.client_id is not None else None
+        resumed = session.clients.get(packet.client_id) if packet.client_id is not None else None
         replaced = resumed.connection if resumed is not None else None
         limit = self._config.limits.max_connections_per_session
         if len(session.connections) - (replaced is not None) >= limit:
@@ -1083,17 +1085,17 @@ class Broker:
         self.metrics.inc("inits", session.name)
         self._send(connection.conn, encode(InitResponse(True, session.name)))
         self.output.initialised.append(connection.conn)
-        session.attach(connection, frame.client_id, frame.persistent, now)
+        session.attach(connection, packet.client_id, packet.persistent, now)
 
     def _check_token(
-        self, connection: _Connection, session: _Session | None, frame: Init, now: float
+        self, connection: _Connection, session: _Session | None, packet: Init, now: float
     ) -> RemoteProtocolError | None:
-        """Verify ``frame.token`` for ``session`` and keep its scope on ``connection``; or why not.
+        """Verify ``packet.token`` for ``session`` and keep its scope on ``connection``; or why not.
 
         An unknown session gets the answer a forged token gets, so tokens do not tell which names exist.
         """
-        assert frame.token is not None
-        if frame.password is not None:
+        assert packet.token is not None
+        if packet.password is not None:
             return RemoteProtocolError("send password or token, not both", code=ErrorCode.INVALID_FRAME)
         if session is None:
             return RemoteProtocolError(
@@ -1101,11 +1103,11 @@ class Broker:
             )
         try:
             scope = verify_token(
-                frame.token, session.token_key, now + self._epoch_offset, session=session.name
+                packet.token, session.token_key, now + self._epoch_offset, session=session.name
             )
         except RemoteProtocolError as exc:
             return exc
-        if scope.client_id is not None and frame.client_id != scope.client_id:
+        if scope.client_id is not None and packet.client_id != scope.client_id:
             message = f"the token binds clientId {scope.client_id!r}"
             return RemoteProtocolError(message, code=ErrorCode.CLIENT_ID_MISMATCH)
         connection.scope = scope

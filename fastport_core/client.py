@@ -82,10 +82,10 @@ from .handshake import ClientHandshake
 from .metrics import Metrics
 from .protocol import (
     Ack,
-    ErrorFrame,
+    ErrorPacket,
     Init,
     InitResponse,
-    Message,
+    MessagePacket,
     Publish,
     PublishResponse,
     Subscribe,
@@ -93,7 +93,7 @@ from .protocol import (
     Unsubscribe,
     UnsubscribeResponse,
     encode,
-    parse_server_frame,
+    parse_server_packet,
 )
 from .timers import Deadlines
 from .topics import check_filter, filter_matches, has_wildcard
@@ -389,7 +389,7 @@ class ClientCore:
         # Topics whose last request to any server was a subscribe: what a server that resumes our client id
         # may still route to us. Those no longer in _topics are unsubscribed after the next init.
         self._server_topics: dict[str, None] = {}
-        self._pending: dict[str, bytes] = {}  # messageId -> encoded publish frame, in publish order
+        self._pending: dict[str, bytes] = {}  # messageId -> encoded publish packet, in publish order
         self._seen: DedupeWindow[tuple[str, str], bool] = DedupeWindow(config.dedupe_window)
         self._events: list[ClientEvent] = []
         self._out = bytearray()  # bytes not owned by a live WebSocket: the upgrade request, a last Close
@@ -533,14 +533,14 @@ class ClientCore:
         sealed = self._suite.seal(
             session=self._session, topic=topic, message_id=message_id, timestamp=timestamp, payload=payload
         )
-        frame = encode(Publish(topic, sealed.data, sealed.hash, timestamp, message_id, sealed.encoding))
-        if len(frame) > self._config.max_message_size:
+        packet = encode(Publish(topic, sealed.data, sealed.hash, timestamp, message_id, sealed.encoding))
+        if len(packet) > self._config.max_message_size:
             # The server would close the connection (1009) and the resend after reconnecting would too.
             raise LocalProtocolError(
-                f"the sealed publish is {len(frame)} bytes, over max_message_size "
+                f"the sealed publish is {len(packet)} bytes, over max_message_size "
                 f"({self._config.max_message_size})"
             )
-        self._pending[message_id] = frame
+        self._pending[message_id] = packet
         if self._state is _S.READY:
             self._send_publish(message_id, now)
         return message_id
@@ -727,9 +727,9 @@ class ClientCore:
         self._ws.send_text(payload)
 
     def _send_publish(self, message_id: str, now: float) -> None:
-        frame = self._pending.get(message_id)
-        if frame is not None:
-            self._send(frame)
+        packet = self._pending.get(message_id)
+        if packet is not None:
+            self._send(packet)
             self._retries.arm(message_id, now + self._config.publish_retry_interval)
 
     def _send_topic_request(self, request: Subscribe | Unsubscribe) -> None:
@@ -752,33 +752,33 @@ class ClientCore:
 
     def _on_text(self, text: str, now: float) -> None:
         try:
-            frame = parse_server_frame(text)
+            packet = parse_server_packet(text)
         except RemoteProtocolError as exc:
             self.metrics.inc("protocol_errors", str(exc.code))
-            logger.warning("ignoring an invalid frame from the server: %s", exc.message)
+            logger.warning("ignoring an invalid packet from the server: %s", exc.message)
             return
         if self._state is _S.INITIALISING:
-            if isinstance(frame, InitResponse) and frame.success:
+            if isinstance(packet, InitResponse) and packet.success:
                 self._on_ready(now)
-            elif isinstance(frame, InitResponse | ErrorFrame):
-                self._on_init_refused(frame.error or "init refused", frame.code, now)
+            elif isinstance(packet, InitResponse | ErrorPacket):
+                self._on_init_refused(packet.error or "init refused", packet.code, now)
             else:
-                logger.warning("ignoring a %s frame received before init_response", type(frame).__name__)
+                logger.warning("ignoring a %s packet received before init_response", type(packet).__name__)
             return
-        match frame:
-            case Message():
-                self._on_message(frame, now)
+        match packet:
+            case MessagePacket():
+                self._on_message(packet, now)
             case PublishResponse():
-                self._on_publish_response(frame)
+                self._on_publish_response(packet)
             case SubscribeResponse():
-                self._on_subscribe_response(frame)
+                self._on_subscribe_response(packet)
             case UnsubscribeResponse():
-                if not frame.success:
-                    logger.info("unsubscribe from %r refused: %s", frame.topic, frame.error)
-                self._answers_latest_request(frame.topic)
-            case ErrorFrame():
-                logger.warning("server error %s: %s", frame.code, frame.error)
-                self._events.append(ServerError(frame.error, frame.code))
+                if not packet.success:
+                    logger.info("unsubscribe from %r refused: %s", packet.topic, packet.error)
+                self._answers_latest_request(packet.topic)
+            case ErrorPacket():
+                logger.warning("server error %s: %s", packet.code, packet.error)
+                self._events.append(ServerError(packet.error, packet.code))
             case InitResponse():
                 logger.warning("ignoring an init_response on an initialised connection")
 
@@ -803,34 +803,34 @@ class ClientCore:
         )
         self._fail(now, reason, fatal=not retryable, close_code=CloseCode.NORMAL)
 
-    def _on_subscribe_response(self, frame: SubscribeResponse) -> None:
-        latest = self._answers_latest_request(frame.topic)
-        if frame.success:
-            self._events.append(SubscribeConfirmed(frame.topic))
+    def _on_subscribe_response(self, packet: SubscribeResponse) -> None:
+        latest = self._answers_latest_request(packet.topic)
+        if packet.success:
+            self._events.append(SubscribeConfirmed(packet.topic))
             return
         if latest:  # a later subscribe may still succeed: only the last answer decides
-            self._topics.pop(frame.topic, None)
-            self._filters.pop(frame.topic, None)
-            self._server_topics.pop(frame.topic, None)
-        self._events.append(SubscribeRefused(frame.topic, frame.error or "subscribe refused", frame.code))
+            self._topics.pop(packet.topic, None)
+            self._filters.pop(packet.topic, None)
+            self._server_topics.pop(packet.topic, None)
+        self._events.append(SubscribeRefused(packet.topic, packet.error or "subscribe refused", packet.code))
 
-    def _on_publish_response(self, frame: PublishResponse) -> None:
-        if not frame.success and frame.code in _TRANSIENT_REFUSALS and frame.message_id in self._pending:
+    def _on_publish_response(self, packet: PublishResponse) -> None:
+        if not packet.success and packet.code in _TRANSIENT_REFUSALS and packet.message_id in self._pending:
             # The session is suspended or full *now*: the publish stays pending and its retry timer,
             # armed when it was sent, sends it again. Failing it here would be wrong twice over: the
             # condition passes, and a retry already in flight may be accepted after this answer.
-            logger.info("publish %r deferred by the server: %s", frame.message_id, frame.error)
+            logger.info("publish %r deferred by the server: %s", packet.message_id, packet.error)
             return
-        if self._pending.pop(frame.message_id, None) is None:
+        if self._pending.pop(packet.message_id, None) is None:
             return  # cancelled, or a second confirmation of a publish we re-sent
-        self._retries.cancel(frame.message_id)
-        if frame.success:
-            self._events.append(PublishConfirmed(frame.message_id, frame.delivered_to))
+        self._retries.cancel(packet.message_id)
+        if packet.success:
+            self._events.append(PublishConfirmed(packet.message_id, packet.delivered_to))
         else:
-            error = frame.error or "publish refused"
-            self._events.append(PublishRefused(frame.message_id, error, frame.code))
+            error = packet.error or "publish refused"
+            self._events.append(PublishRefused(packet.message_id, error, packet.code))
 
-    def _on_message(self, message: Message, now: float) -> None:
+    def _on_message(self, message: MessagePacket, now: float) -> None:
         key = (message.topic, message.message_id)
         # Every copy is ACKed, delivered or not: the ACK is what stops the server from re-sending it.
         self._send(encode(Ack(message.topic, message.message_id)))

@@ -1,12 +1,14 @@
-"""The JSON protocol of DESIGN §2: one frozen event per frame type, strict parsing, byte-exact encoding.
+"""The JSON protocol: one frozen dataclass per packet type, strict parsing, byte-exact encoding.
 
-Each WebSocket text frame carries one JSON object with a ``type`` field. Field names on the wire are the
-original fastPort's camelCase; the events use snake_case. Parsing validates everything (JSON object, known
-type, required fields present and of the right type, lengths within :class:`~fastport_core.config.Limits`)
-and raises :class:`~fastport_core.errors.RemoteProtocolError` carrying the :class:`ErrorCode` to answer
-with, so a core never has to guess how to reply to bad input.
+Names: a *packet* is one protocol message, the JSON object a WebSocket text message carries, with a
+``type`` field; *frame* is kept for WebSocket frames (:mod:`.frames`), and *message* for the ``message``
+packet and what the application receives (:class:`~fastport_core.client_api.Message`). Field names on
+the wire are the original fastPort's camelCase; the dataclasses use snake_case. Parsing validates
+everything (JSON object, known type, required fields present and of the right type, lengths within
+:class:`~fastport_core.config.Limits`) and raises :class:`~fastport_core.errors.RemoteProtocolError`
+carrying the :class:`ErrorCode` to answer with, so a core never has to guess how to reply to bad input.
 
-The tables :data:`CLIENT_FRAMES` and :data:`SERVER_FRAMES` are the single source of the protocol's field
+The tables :data:`CLIENT_PACKETS` and :data:`SERVER_PACKETS` are the single source of the protocol's field
 lists: the parsers are driven by them and ``docs/protocol.md`` is generated from them.
 """
 
@@ -24,22 +26,22 @@ from .config import Limits
 from .errors import ErrorCode, RemoteProtocolError
 
 __all__ = [
-    "CLIENT_FRAMES",
-    "SERVER_FRAMES",
+    "CLIENT_PACKETS",
+    "SERVER_PACKETS",
     "Ack",
     "AckReceived",
-    "ClientFrame",
+    "ClientPacket",
     "Encoding",
-    "ErrorFrame",
+    "ErrorPacket",
     "FieldSpec",
-    "FrameParser",
-    "FrameSpec",
     "Init",
     "InitResponse",
-    "Message",
+    "MessagePacket",
+    "PacketParser",
+    "PacketSpec",
     "Publish",
     "PublishResponse",
-    "ServerFrame",
+    "ServerPacket",
     "Subscribe",
     "SubscribeResponse",
     "Unsubscribe",
@@ -47,8 +49,8 @@ __all__ = [
     "encode",
     "encode_error",
     "encode_message",
-    "parse_client_frame",
-    "parse_server_frame",
+    "parse_client_packet",
+    "parse_server_packet",
 ]
 
 Encoding = Literal["text", "binary"]
@@ -110,7 +112,7 @@ class Ack:
     message_id: str
 
 
-ClientFrame = Init | Subscribe | Unsubscribe | Publish | Ack
+ClientPacket = Init | Subscribe | Unsubscribe | Publish | Ack
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ class PublishResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class MessagePacket:
     """A delivery. ``retry`` counts re-sends (absent, i.e. 0, on the first send)."""
 
     topic: str
@@ -166,8 +168,8 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorFrame:
-    """A frame that could not be honoured. ``error`` is kept for existing clients, which read only it."""
+class ErrorPacket:
+    """A packet that could not be honoured. ``error`` is kept for existing clients, which read only it."""
 
     error: str
     code: str
@@ -177,20 +179,20 @@ class ErrorFrame:
 class AckReceived:
     """To the publisher: the server is done with ``message_id`` (every delivery ACKed or given up).
 
-    The original fastPort Dart client re-sends a publish until it gets this frame.
+    The original fastPort Dart client re-sends a publish until it gets this packet.
     """
 
     message_id: str
     topic: str
 
 
-ServerFrame = (
+ServerPacket = (
     InitResponse
     | SubscribeResponse
     | UnsubscribeResponse
     | PublishResponse
-    | Message
-    | ErrorFrame
+    | MessagePacket
+    | ErrorPacket
     | AckReceived
 )
 
@@ -213,7 +215,7 @@ class FieldSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class FrameSpec:
+class PacketSpec:
     name: str
     event: type
     fields: tuple[FieldSpec, ...]
@@ -228,21 +230,21 @@ def _f(wire: str, attr: str, kind: type, *, required: bool = True, limit: str | 
 _TOPIC = _f("topic", "topic", str, limit="max_topic_length", nonempty=True)
 _MESSAGE_ID = _f("messageId", "message_id", str, limit="max_message_id_length", nonempty=True)
 
-CLIENT_FRAMES: Final[Mapping[str, FrameSpec]] = {
+CLIENT_PACKETS: Final[Mapping[str, PacketSpec]] = {
     spec.name: spec
     for spec in (
-        FrameSpec("init", Init, (
+        PacketSpec("init", Init, (
             _f("sessionName", "session_name", str, limit="max_session_name_length", nonempty=True),
             _f("password", "password", str, required=False, limit="max_password_length"),
             _f("clientId", "client_id", str, required=False, limit="max_message_id_length", nonempty=True),
             _f("persistent", "persistent", bool, required=False),
             _f("token", "token", str, required=False, limit="max_token_length", nonempty=True),
         ), "Authenticate into a session with `password` or `token`. Answer: `init_response`."),
-        FrameSpec("subscribe", Subscribe, (_TOPIC,),
+        PacketSpec("subscribe", Subscribe, (_TOPIC,),
                   "Receive a topic or each topic a filter (`+`, `#`) matches. Answer: `subscribe_response`."),
-        FrameSpec("unsubscribe", Unsubscribe, (_TOPIC,),
+        PacketSpec("unsubscribe", Unsubscribe, (_TOPIC,),
                   "Stop a topic or filter, spelled as subscribed. Answer: `unsubscribe_response`."),
-        FrameSpec("publish", Publish, (
+        PacketSpec("publish", Publish, (
             _TOPIC,
             _f("data", "data", str),
             _f("hash", "hash", str, limit="max_hash_length"),
@@ -250,49 +252,49 @@ CLIENT_FRAMES: Final[Mapping[str, FrameSpec]] = {
             _MESSAGE_ID,
             _f("encoding", "encoding", str, required=False),
         ), "Send to every other subscriber of the topic in the session. Answer: `publish_response`."),
-        FrameSpec("ack", Ack, (_TOPIC, _MESSAGE_ID), "Confirm a `message`: stops its re-sends. No answer."),
+        PacketSpec("ack", Ack, (_TOPIC, _MESSAGE_ID), "Confirm a `message`: stops its re-sends. No answer."),
     )
 }  # fmt: skip
 
 _MESSAGE_ID_OUT = _f("messageId", "message_id", str)
 
-SERVER_FRAMES: Final[Mapping[str, FrameSpec]] = {
+SERVER_PACKETS: Final[Mapping[str, PacketSpec]] = {
     spec.name: spec
     for spec in (
-        FrameSpec("init_response", InitResponse, (
+        PacketSpec("init_response", InitResponse, (
             _f("success", "success", bool),
             _f("sessionName", "session_name", str, required=False),
             _f("error", "error", str, required=False),
             _f("code", "code", str, required=False),
         ), "Answer to `init`; on failure `error` and `code` say why."),
-        FrameSpec("subscribe_response", SubscribeResponse, (
+        PacketSpec("subscribe_response", SubscribeResponse, (
             _f("success", "success", bool), _f("topic", "topic", str),
             _f("error", "error", str, required=False), _f("code", "code", str, required=False),
         ), "Answer to `subscribe`."),
-        FrameSpec("unsubscribe_response", UnsubscribeResponse, (
+        PacketSpec("unsubscribe_response", UnsubscribeResponse, (
             _f("success", "success", bool), _f("topic", "topic", str),
             _f("error", "error", str, required=False), _f("code", "code", str, required=False),
         ), "Answer to `unsubscribe`."),
-        FrameSpec("publish_response", PublishResponse, (
+        PacketSpec("publish_response", PublishResponse, (
             _f("success", "success", bool), _f("messageId", "message_id", str),
             _f("deliveredTo", "delivered_to", int, required=False),
             _f("error", "error", str, required=False), _f("code", "code", str, required=False),
         ), "The server took the message; `deliveredTo` counts its subscribers."),
-        FrameSpec("message", Message, (
+        PacketSpec("message", MessagePacket, (
             _f("topic", "topic", str), _f("data", "data", str), _f("hash", "hash", str),
             _f("timestamp", "timestamp", int), _f("messageId", "message_id", str),
             _f("encoding", "encoding", str, required=False), _f("retry", "retry", int, required=False),
         ), "A delivery to a subscriber; answer with `ack`. `retry` counts re-sends."),
-        FrameSpec("error", ErrorFrame, (_f("error", "error", str), _f("code", "code", str)),
-                  "A frame could not be honoured."),
-        FrameSpec("ack_received", AckReceived, (_MESSAGE_ID_OUT, _f("topic", "topic", str)),
+        PacketSpec("error", ErrorPacket, (_f("error", "error", str), _f("code", "code", str)),
+                  "A packet could not be honoured."),
+        PacketSpec("ack_received", AckReceived, (_MESSAGE_ID_OUT, _f("topic", "topic", str)),
                   "To the publisher, once every delivery of its message is settled (ACKed or given up; "
                   "at once if it went to no one). `ServerConfig.send_ack_received` turns it off."),
     )
 }  # fmt: skip
 
 _WIRE_NAMES: Final[Mapping[type, tuple[str, tuple[FieldSpec, ...]]]] = {
-    spec.event: (spec.name, spec.fields) for spec in (*CLIENT_FRAMES.values(), *SERVER_FRAMES.values())
+    spec.event: (spec.name, spec.fields) for spec in (*CLIENT_PACKETS.values(), *SERVER_PACKETS.values())
 }
 
 
@@ -307,7 +309,7 @@ def _invalid(message: str, code: ErrorCode = ErrorCode.INVALID_FRAME) -> RemoteP
 _JSON_TYPE_NAMES: Final[Mapping[type, str]] = {str: "a string", int: "an integer", bool: "a boolean"}
 
 
-def _field_error(spec: FrameSpec, fs: FieldSpec, value: Any, max_length: int) -> RemoteProtocolError:
+def _field_error(spec: PacketSpec, fs: FieldSpec, value: Any, max_length: int) -> RemoteProtocolError:
     """Why ``value`` is not acceptable for ``fs`` (the slow path: only reached for bad input)."""
     if value is None:
         return _invalid(f"{spec.name}: missing field {fs.wire!r}")
@@ -322,10 +324,10 @@ def _field_error(spec: FrameSpec, fs: FieldSpec, value: Any, max_length: int) ->
     return _invalid(message, ErrorCode.TOO_LONG)
 
 
-def _compile_builder(spec: FrameSpec, limits: Limits) -> Callable[[dict[str, Any]], Any]:
-    """Generate the validating constructor of one frame type from its field table.
+def _compile_builder(spec: PacketSpec, limits: Limits) -> Callable[[dict[str, Any]], Any]:
+    """Generate the validating constructor of one packet type from its field table.
 
-    Parsing runs once per received frame, so instead of interpreting the table field by field, each frame
+    Parsing runs once per received packet, so instead of interpreting the table field by field, each packet
     type gets a straight-line function (the technique ``dataclasses`` itself uses for ``__init__``): one
     dict lookup and one combined check per field. The event is then built without its ``__init__``: a
     frozen dataclass's ``__init__`` assigns through ``object.__setattr__``, which costs ~1.3 µs for a
@@ -371,20 +373,20 @@ def _compile_builder(spec: FrameSpec, limits: Limits) -> Callable[[dict[str, Any
     return builder
 
 
-class FrameParser:
-    """Parses one direction's frames against one :class:`Limits`.
+class PacketParser:
+    """Parses one direction's packets against one :class:`Limits`.
 
-    Each frame type's validating constructor is generated once, here, from the field tables and the
+    Each packet type's validating constructor is generated once, here, from the field tables and the
     limits (see :func:`_compile_builder`); cores build one parser and keep it.
     """
 
     __slots__ = ("_builders",)
 
-    def __init__(self, frames: Mapping[str, FrameSpec], limits: Limits) -> None:
-        self._builders = {name: _compile_builder(spec, limits) for name, spec in frames.items()}
+    def __init__(self, packets: Mapping[str, PacketSpec], limits: Limits) -> None:
+        self._builders = {name: _compile_builder(spec, limits) for name, spec in packets.items()}
 
     def parse(self, text: str | bytes) -> Any:
-        """Parse one frame. Raises :class:`RemoteProtocolError` carrying the code to answer with."""
+        """Parse one packet. Raises :class:`RemoteProtocolError` carrying the code to answer with."""
         try:
             obj: Any = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
@@ -400,22 +402,22 @@ class FrameParser:
         return builder(obj)
 
 
-_DEFAULT_CLIENT_PARSER: Final = FrameParser(CLIENT_FRAMES, _DEFAULT_LIMITS)
-_DEFAULT_SERVER_PARSER: Final = FrameParser(SERVER_FRAMES, _DEFAULT_LIMITS)
+_DEFAULT_CLIENT_PARSER: Final = PacketParser(CLIENT_PACKETS, _DEFAULT_LIMITS)
+_DEFAULT_SERVER_PARSER: Final = PacketParser(SERVER_PACKETS, _DEFAULT_LIMITS)
 
 
-def parse_client_frame(text: str | bytes, limits: Limits | None = None) -> ClientFrame:
-    """Parse one client → server frame (cores keep a :class:`FrameParser` instead of calling this)."""
-    parser = _DEFAULT_CLIENT_PARSER if limits is None else FrameParser(CLIENT_FRAMES, limits)
-    frame: ClientFrame = parser.parse(text)
-    return frame
+def parse_client_packet(text: str | bytes, limits: Limits | None = None) -> ClientPacket:
+    """Parse one client → server packet (cores keep a :class:`PacketParser` instead of calling this)."""
+    parser = _DEFAULT_CLIENT_PARSER if limits is None else PacketParser(CLIENT_PACKETS, limits)
+    packet: ClientPacket = parser.parse(text)
+    return packet
 
 
-def parse_server_frame(text: str | bytes, limits: Limits | None = None) -> ServerFrame:
-    """Parse one server → client frame."""
-    parser = _DEFAULT_SERVER_PARSER if limits is None else FrameParser(SERVER_FRAMES, limits)
-    frame: ServerFrame = parser.parse(text)
-    return frame
+def parse_server_packet(text: str | bytes, limits: Limits | None = None) -> ServerPacket:
+    """Parse one server → client packet."""
+    parser = _DEFAULT_SERVER_PARSER if limits is None else PacketParser(SERVER_PACKETS, limits)
+    packet: ServerPacket = parser.parse(text)
+    return packet
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -434,12 +436,12 @@ def _omitted(fs: FieldSpec, value: object) -> bool:
     )
 
 
-def encode(frame: ClientFrame | ServerFrame) -> bytes:
-    """Serialise any event to its JSON text-frame payload (UTF-8 bytes), ``type`` first."""
-    frame_type, specs = _WIRE_NAMES[type(frame)]
+def encode(packet: ClientPacket | ServerPacket) -> bytes:
+    """Serialise any event to its JSON text-packet payload (UTF-8 bytes), ``type`` first."""
+    frame_type, specs = _WIRE_NAMES[type(packet)]
     obj: dict[str, Any] = {"type": frame_type}
     for fs in specs:
-        value = getattr(frame, fs.attr)
+        value = getattr(packet, fs.attr)
         if not _omitted(fs, value):
             obj[fs.wire] = value
     return orjson.dumps(obj)
@@ -450,7 +452,7 @@ def encode_message(  # noqa: PLR0917 - positional on purpose: this runs once per
 ) -> bytes:
     """The server's hot path: a ``message`` payload straight from a publish's fields.
 
-    Byte-identical to ``encode(Message(...))`` (a test pins that), without building the event first.
+    Byte-identical to ``encode(MessagePacket(...))`` (a test pins that), without building the event first.
     """
     obj: dict[str, Any] = {
         "type": "message", "topic": topic, "data": data, "hash": hash, "timestamp": timestamp,
@@ -465,4 +467,4 @@ def encode_message(  # noqa: PLR0917 - positional on purpose: this runs once per
 
 def encode_error(exc: RemoteProtocolError) -> bytes:
     """The ``error`` frame that answers a frame the peer got wrong."""
-    return encode(ErrorFrame(exc.message, exc.code))
+    return encode(ErrorPacket(exc.message, exc.code))

@@ -50,7 +50,7 @@ from .frames import ABNORMAL_CLOSURE, encode_text_frame
 from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics, close_code_label
 from .peers import TrustedProxies, client_address, throttle_key
-from .protocol import CLIENT_FRAMES, FrameParser, Init, encode_error
+from .protocol import CLIENT_PACKETS, Init, PacketParser, encode_error
 from .timers import Deadlines
 from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
 
@@ -136,7 +136,7 @@ class ServerCore:
             secure_cookie=secure_cookies,
             history=console_history,
         )
-        self._parser = FrameParser(CLIENT_FRAMES, config.limits)
+        self._parser = PacketParser(CLIENT_PACKETS, config.limits)
         self._connections: dict[int, _Connection] = {}
         self._next_id = 1
         self._dirty: set[int] = set()
@@ -402,6 +402,11 @@ class ServerCore:
 
     def session_names(self) -> list[str]:
         return self.broker.session_names()
+
+    def set_wall_clock(self, epoch: float, now: float) -> None:
+        """The wall clock read ``epoch`` at ``now`` (token expiry is wall-clock time); see
+        :meth:`Broker.set_wall_clock`."""
+        self.broker.set_wall_clock(epoch, now)
 
     def stats(self) -> BrokerStats:
         """The broker's gauges (sessions, connections, stored messages...), as ``/metrics`` shows them."""
@@ -728,21 +733,21 @@ class ServerCore:
         now: float,
     ) -> None:
         parse = self._parser.parse
-        handle = self.broker.handle_frame
+        handle = self.broker.handle_packet
         closes = self._output.closes
         for message in messages:
             if connection.held is not None:
                 self._hold(conn, connection, ws, message, now)
             elif type(message) is TextMessage:
                 try:
-                    frame = parse(message.text)
+                    packet = parse(message.text)
                 except RemoteProtocolError as exc:
                     self._refuse(conn, exc)
                     continue
-                handle(conn, frame, now)
+                handle(conn, packet, now)
                 if closes:
                     self._apply(now)  # the broker closed a connection: maybe this one
-                if type(frame) is Init and self._offload and self.broker.is_verifying(conn):
+                if type(packet) is Init and self._offload and self.broker.is_verifying(conn):
                     connection.held = []  # the rest waits for the password check, in order
             else:
                 self.metrics.inc("binary_frames")

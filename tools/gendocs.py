@@ -27,13 +27,13 @@ from fastport_core.client import TRANSITIONS, ClientInput, ClientState
 from fastport_core.config import ClientConfig, Limits, ServerConfig, SessionSettings, SlowConsumerPolicy
 from fastport_core.errors import CloseCode, ErrorCode
 from fastport_core.metrics import COUNTERS
-from fastport_core.protocol import CLIENT_FRAMES, SERVER_FRAMES, FrameSpec
+from fastport_core.protocol import CLIENT_PACKETS, SERVER_PACKETS, PacketSpec
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 _JSON_TYPES = {str: "string", int: "integer", bool: "boolean"}
 
 
-def _frames_table(frames: dict[str, FrameSpec]) -> str:
+def _frames_table(frames: dict[str, PacketSpec]) -> str:
     rows = ["| type | fields (required **bold**) | meaning |", "| --- | --- | --- |"]
     for name, spec in frames.items():
         fields = ", ".join(
@@ -113,8 +113,8 @@ def _client_transitions_table() -> str:
 
 
 GENERATORS: dict[str, Callable[[], str]] = {
-    "client-frames": lambda: _frames_table(dict(CLIENT_FRAMES)),
-    "server-frames": lambda: _frames_table(dict(SERVER_FRAMES)),
+    "client-frames": lambda: _frames_table(dict(CLIENT_PACKETS)),
+    "server-frames": lambda: _frames_table(dict(SERVER_PACKETS)),
     "error-codes": lambda: _enum_table("code", [(c.value, c.doc) for c in ErrorCode]),
     "close-codes": lambda: _enum_table("close code", [(int(c), c.doc) for c in CloseCode]),
     "limits": lambda: _settings_table(Limits),

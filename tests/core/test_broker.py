@@ -26,9 +26,9 @@ from fastport_core.frames import encode_text_frame
 from fastport_core.metrics import Metrics
 from fastport_core.protocol import (
     Ack,
-    ClientFrame,
+    ClientPacket,
     Init,
-    Message,
+    MessagePacket,
     Publish,
     PublishResponse,
     Subscribe,
@@ -110,10 +110,10 @@ class Harness:
         self.broker.connection_opened(self._next_conn, self.now, peer)
         return self._next_conn
 
-    def send(self, conn: int, frame: ClientFrame) -> list[dict[str, Any]]:
+    def send(self, conn: int, frame: ClientPacket) -> list[dict[str, Any]]:
         """Hand ``frame`` to the broker; returns what ``conn`` itself got back."""
         mark = len(self.sink.frames)
-        self.broker.handle_frame(conn, frame, self.now)
+        self.broker.handle_packet(conn, frame, self.now)
         return [f for c, f in self.sink.frames[mark:] if c == conn]
 
     def init(
@@ -244,7 +244,7 @@ def test_second_init_is_refused_and_the_connection_stays_in_its_session(h: Harne
 @pytest.mark.parametrize(
     "frame", [Subscribe("t"), Unsubscribe("t"), Publish("t", "d", "h", 1, "m"), Ack("t", "m")]
 )
-def test_frames_before_init_are_refused(h: Harness, frame: ClientFrame) -> None:
+def test_frames_before_init_are_refused(h: Harness, frame: ClientPacket) -> None:
     conn = h.open()
     assert h.send(conn, frame) == [{"type": "error", "error": "send init first", "code": "not_initialised"}]
     assert h.metrics.value("protocol_errors", "not_initialised") == 1
@@ -406,7 +406,7 @@ def test_publish_fans_out_once_encoded_to_every_other_subscriber(h: Harness) -> 
     frames = [frame for _, frame in fanned_out]
     assert [conn for conn, _ in fanned_out] == subs
     assert all(frame is frames[0] for frame in frames)  # one encoding, shared
-    assert frames[0] == encode_text_frame(encode(Message("t", "hello", "h", 1, "m1")))
+    assert frames[0] == encode_text_frame(encode(MessagePacket("t", "hello", "h", 1, "m1")))
     assert h.messages(publisher) == []
     assert h.metrics.value("publishes", "a") == 1 and h.metrics.value("deliveries", "a") == 3
 
@@ -914,7 +914,7 @@ class PropertyRun:
         self.conns.append(conn)
         self.init(conn, Init(session, f"pw-{session}", client_id))
         for name in ("t1", topic):
-            self.h.broker.handle_frame(conn, Subscribe(name), self.h.now)
+            self.h.broker.handle_packet(conn, Subscribe(name), self.h.now)
 
     def init(self, conn: int, frame: Init) -> None:
         for response in self.h.send(conn, frame):

@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from fastport_core.config import Limits
 from fastport_core.errors import ErrorCode, RemoteProtocolError
 from fastport_core.protocol import (
-    CLIENT_FRAMES,
-    SERVER_FRAMES,
+    CLIENT_PACKETS,
+    SERVER_PACKETS,
     Ack,
-    ErrorFrame,
-    FrameParser,
+    ErrorPacket,
     Init,
     InitResponse,
-    Message,
+    MessagePacket,
+    PacketParser,
     Publish,
     PublishResponse,
     Subscribe,
@@ -30,8 +30,8 @@ from fastport_core.protocol import (
     encode,
     encode_error,
     encode_message,
-    parse_client_frame,
-    parse_server_frame,
+    parse_client_packet,
+    parse_server_packet,
 )
 
 names = st.text(min_size=1, max_size=40)
@@ -53,19 +53,19 @@ server_frames = st.one_of(
     st.builds(
         PublishResponse, st.booleans(), names, st.integers(0, 10**6), st.none() | texts, st.none() | texts
     ),
-    st.builds(Message, names, texts, texts, ints, names, encodings, st.integers(0, 1000)),
-    st.builds(ErrorFrame, texts, texts),
+    st.builds(MessagePacket, names, texts, texts, ints, names, encodings, st.integers(0, 1000)),
+    st.builds(ErrorPacket, texts, texts),
 )
 
 
 @given(client_frames)
 def test_client_frames_round_trip(frame: object) -> None:
-    assert parse_client_frame(encode(frame)) == frame  # type: ignore[arg-type]
+    assert parse_client_packet(encode(frame)) == frame  # type: ignore[arg-type]
 
 
 @given(client_frames)
 def test_parsed_client_frames_are_frozen_and_hashable_like_constructed_ones(frame: object) -> None:
-    parsed = parse_client_frame(encode(frame))  # type: ignore[arg-type]
+    parsed = parse_client_packet(encode(frame))  # type: ignore[arg-type]
     assert type(parsed) is type(frame)
     assert hash(parsed) == hash(frame)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -74,7 +74,7 @@ def test_parsed_client_frames_are_frozen_and_hashable_like_constructed_ones(fram
 
 @given(server_frames)
 def test_server_frames_round_trip(frame: object) -> None:
-    assert parse_server_frame(encode(frame)) == frame  # type: ignore[arg-type]
+    assert parse_server_packet(encode(frame)) == frame  # type: ignore[arg-type]
 
 
 def test_wire_names_are_the_original_camel_case() -> None:
@@ -97,15 +97,15 @@ def test_wire_names_are_the_original_camel_case() -> None:
 def test_optional_fields_are_omitted_at_their_defaults() -> None:
     assert b"encoding" not in encode(Publish("t", "d", "h", 5, "m"))
     assert b'"encoding":"binary"' in encode(Publish("t", "d", "h", 5, "m", "binary"))
-    assert b"retry" not in encode(Message("t", "d", "h", 5, "m"))
-    assert b'"retry":2' in encode(Message("t", "d", "h", 5, "m", retry=2))
+    assert b"retry" not in encode(MessagePacket("t", "d", "h", 5, "m"))
+    assert b'"retry":2' in encode(MessagePacket("t", "d", "h", 5, "m", retry=2))
 
 
 @given(names, texts, texts, ints, names, encodings, st.integers(0, 100))
 def test_encode_message_is_byte_identical_to_encode(
     topic: str, data: str, hash_: str, ts: int, mid: str, enc: str, retry: int
 ) -> None:
-    expected = encode(Message(topic, data, hash_, ts, mid, enc, retry))  # type: ignore[arg-type]
+    expected = encode(MessagePacket(topic, data, hash_, ts, mid, enc, retry))  # type: ignore[arg-type]
     assert encode_message(topic, data, hash_, ts, mid, enc, retry) == expected  # type: ignore[arg-type]
 
 
@@ -142,13 +142,13 @@ def test_error_frame_keeps_the_error_field_existing_clients_read() -> None:
 )  # fmt: skip
 def test_bad_client_frames_raise_with_the_code_to_answer(raw: bytes, code: ErrorCode) -> None:
     with pytest.raises(RemoteProtocolError) as info:
-        parse_client_frame(raw)
+        parse_client_packet(raw)
     assert info.value.code is code
     assert info.value.close_code is None
 
 
 def test_length_limits_are_enforced_with_too_long() -> None:
-    parser = FrameParser(CLIENT_FRAMES, Limits(max_topic_length=4, max_message_id_length=3))
+    parser = PacketParser(CLIENT_PACKETS, Limits(max_topic_length=4, max_message_id_length=3))
     assert parser.parse(b'{"type":"subscribe","topic":"abcd"}') == Subscribe("abcd")
     for raw in (b'{"type":"subscribe","topic":"abcde"}', b'{"type":"ack","topic":"t","messageId":"abcd"}'):
         with pytest.raises(RemoteProtocolError) as info:
@@ -157,19 +157,19 @@ def test_length_limits_are_enforced_with_too_long() -> None:
 
 
 def test_null_optional_fields_are_absent() -> None:
-    assert parse_client_frame(b'{"type":"init","sessionName":"s","password":"p","clientId":null}') == Init(
+    assert parse_client_packet(b'{"type":"init","sessionName":"s","password":"p","clientId":null}') == Init(
         "s", "p"
     )
 
 
 def test_unknown_extra_fields_are_ignored_for_forward_compatibility() -> None:
-    assert parse_client_frame(b'{"type":"subscribe","topic":"t","qos":1}') == Subscribe("t")
+    assert parse_client_packet(b'{"type":"subscribe","topic":"t","qos":1}') == Subscribe("t")
 
 
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_only_ever_raise_remote_protocol_error(raw: bytes) -> None:
     with contextlib.suppress(RemoteProtocolError):
-        parse_client_frame(raw)
+        parse_client_packet(raw)
 
 
 json_values = st.recursive(
@@ -181,7 +181,7 @@ json_values = st.recursive(
 )
 
 
-@given(st.sampled_from(sorted(CLIENT_FRAMES)), st.dictionaries(st.sampled_from(
+@given(st.sampled_from(sorted(CLIENT_PACKETS)), st.dictionaries(st.sampled_from(
     ["topic", "data", "hash", "timestamp", "messageId", "sessionName", "password", "clientId", "encoding"]
 ), json_values))  # fmt: skip
 def test_arbitrary_json_objects_only_ever_raise_remote_protocol_error(
@@ -192,12 +192,12 @@ def test_arbitrary_json_objects_only_ever_raise_remote_protocol_error(
     except TypeError:
         return  # integers outside 64 bits cannot be encoded; not a frame anyone can send
     try:
-        frame = parse_client_frame(raw)
+        frame = parse_client_packet(raw)
     except RemoteProtocolError:
         return
-    assert type(frame) is CLIENT_FRAMES[kind].event
+    assert type(frame) is CLIENT_PACKETS[kind].event
 
 
 def test_every_frame_type_is_in_exactly_one_table() -> None:
-    assert not set(CLIENT_FRAMES) & set(SERVER_FRAMES)
-    assert set(CLIENT_FRAMES) == {"init", "subscribe", "unsubscribe", "publish", "ack"}
+    assert not set(CLIENT_PACKETS) & set(SERVER_PACKETS)
+    assert set(CLIENT_PACKETS) == {"init", "subscribe", "unsubscribe", "publish", "ack"}

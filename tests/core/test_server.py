@@ -220,7 +220,7 @@ def test_an_internal_error_closes_only_that_connection_with_1011(monkeypatch: py
     def explode(*_: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(core.broker, "handle_frame", explode)
+    monkeypatch.setattr(core.broker, "handle_packet", explode)
     victim.send({"type": "subscribe", "topic": "t"})
     victim.pump()
     assert victim.ws.close_code == CloseCode.INTERNAL_ERROR
