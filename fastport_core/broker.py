@@ -65,7 +65,6 @@ from .metrics import Metrics
 from .peers import throttle_key
 from .protocol import (
     Ack,
-    AckReceived,
     ClientPacket,
     Init,
     InitResponse,
@@ -202,6 +201,14 @@ def _encode_publish_ok(message_id: str, delivered_to: int) -> bytes:
     return orjson.dumps(
         {"type": "publish_response", "success": True, "messageId": message_id, "deliveredTo": delivered_to}
     )
+
+
+def _encode_ack_received(message_id: str, topic: str) -> bytes:
+    """``encode(AckReceived(message_id, topic))`` without the generic encoder: one per settled message.
+
+    Byte-identical to the generic encoding (a test pins that).
+    """
+    return orjson.dumps({"type": "ack_received", "messageId": message_id, "topic": topic})
 
 
 class _Message:
@@ -883,7 +890,7 @@ class Broker:
             for publisher, message_id, topic in settled:
                 # Only to a publisher still connected (it may have gone, or been replaced meanwhile).
                 if connections.get(publisher.conn) is publisher:
-                    self._send(publisher.conn, encode(AckReceived(message_id, topic)))
+                    self._send(publisher.conn, _encode_ack_received(message_id, topic))
             settled.clear()
 
     def _forget(self, connection: _Connection, now: float, clean: bool = False) -> None:

@@ -18,6 +18,7 @@ from fastport_core.broker import (
     Broker,
     SessionExistsError,
     UnknownSessionError,
+    _encode_ack_received,
     _encode_publish_ok,
 )
 from fastport_core.config import Limits, ServerConfig, SessionSettings, SlowConsumerPolicy
@@ -26,6 +27,7 @@ from fastport_core.frames import encode_text_frame
 from fastport_core.metrics import Metrics
 from fastport_core.protocol import (
     Ack,
+    AckReceived,
     ClientPacket,
     Init,
     MessagePacket,
@@ -420,6 +422,7 @@ def test_binary_encoding_is_relayed(h: Harness) -> None:
 def test_publish_response_fast_path_is_byte_identical() -> None:
     assert _encode_publish_ok("m-1", 7) == encode(PublishResponse(True, "m-1", 7))
     assert _encode_publish_ok("m-1", 0) == encode(PublishResponse(True, "m-1", 0))
+    assert _encode_ack_received("m-1", "a/b") == encode(AckReceived("m-1", "a/b"))
 
 
 def test_only_the_subscriber_that_did_not_ack_gets_retries(h: Harness) -> None:
