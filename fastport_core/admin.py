@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from http import HTTPStatus
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, Self
 
 import orjson
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -65,6 +65,7 @@ __all__ = [
     "AdminCredentials",
     "AdminErrorCode",
     "BrokerLike",
+    "HttpErrorCode",
     "HttpResponse",
     "LoginOutcome",
     "Route",
@@ -129,19 +130,24 @@ class HttpResponse:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-class AdminErrorCode(StrEnum):
-    """The ``code`` of an error answer. Each member carries its one HTTP ``status`` and its meaning in
-    ``doc`` (as :class:`~fastport_core.errors.ErrorCode` does), so the status table lives in one place."""
+class HttpErrorCode(StrEnum):
+    """Base of the HTTP error-code enums (the admin API's, the web console's): each member carries its one
+    HTTP ``status`` and its meaning in ``doc`` (as :class:`~fastport_core.errors.ErrorCode` does), so each
+    status table lives in one place."""
 
     status: HTTPStatus
     doc: str
 
-    def __new__(cls, value: str, status: HTTPStatus, doc: str) -> AdminErrorCode:
+    def __new__(cls, value: str, status: HTTPStatus, doc: str) -> Self:
         member = str.__new__(cls, value)
         member._value_ = value
         member.status = status
         member.doc = doc
         return member
+
+
+class AdminErrorCode(HttpErrorCode):
+    """The ``code`` of an admin API error answer."""
 
     INVALID_JSON = "invalid_json", HTTPStatus.BAD_REQUEST, "The body is not a JSON object."
     INVALID_REQUEST = (

@@ -54,14 +54,13 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from http import HTTPStatus
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import orjson
 
-from .admin import AdminApi, HttpResponse, LoginOutcome
+from .admin import AdminApi, HttpErrorCode, HttpResponse, LoginOutcome
 from .broker import BrokerStats, UnknownSessionError
 from .errors import LocalProtocolError
 from .metrics import Metrics
@@ -162,18 +161,8 @@ def static_routes(files: Mapping[str, bytes]) -> dict[str, StaticFile]:
     return routes
 
 
-class ConsoleErrorCode(StrEnum):
-    """The ``code`` of a console error answer, with its one HTTP ``status`` and its meaning."""
-
-    status: HTTPStatus
-    doc: str
-
-    def __new__(cls, value: str, status: HTTPStatus, doc: str) -> ConsoleErrorCode:
-        member = str.__new__(cls, value)
-        member._value_ = value
-        member.status = status
-        member.doc = doc
-        return member
+class ConsoleErrorCode(HttpErrorCode):
+    """The ``code`` of a console error answer."""
 
     ADMIN_DISABLED = (
         "admin_disabled",

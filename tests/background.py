@@ -9,13 +9,14 @@ use it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import anyio.from_thread
 
 from fastport_anyio.server import Server, SessionSpec, serve
+from fastport_core.admin import AdminCredentials
 from fastport_core.config import ServerConfig
 
 SESSION = "threads"
@@ -36,11 +37,19 @@ class ServerHandle:
     """An anyio server running in a blocking portal; restartable on the same port."""
 
     def __init__(
-        self, portal: anyio.from_thread.BlockingPortal, config: ServerConfig, ssl_context: Any = None
+        self,
+        portal: anyio.from_thread.BlockingPortal,
+        config: ServerConfig,
+        ssl_context: Any = None,
+        *,
+        sessions: Sequence[SessionSpec] = (SessionSpec(SESSION, PASSWORD),),
+        admin: AdminCredentials | None = None,
     ) -> None:
         self._portal = portal
         self._config = config
         self._ssl_context = ssl_context
+        self._sessions = tuple(sessions)
+        self._admin = admin
         self._port = 0
         self._server: Server | None = None
         self._future: Future[Any] | None = None
@@ -52,7 +61,8 @@ class ServerHandle:
             "127.0.0.1",
             self._port,
             config=self._config,
-            sessions=[SessionSpec(SESSION, PASSWORD)],
+            sessions=self._sessions,
+            admin=self._admin,
             ssl_context=self._ssl_context,
             shutdown_timeout=1.0,
         )

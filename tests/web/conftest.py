@@ -9,29 +9,25 @@ message rather than skip, so that a machine without a browser cannot pass them s
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import os
 import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import anyio.from_thread
 import pytest
 
-from fastport_anyio.server import Server, SessionSpec, serve
+from fastport_anyio.server import SessionSpec
 from fastport_core.admin import AdminCredentials
-from fastport_core.config import ServerConfig
 from fastport_core.crypto import generate_key
+from tests.background import WAIT, ServerHandle, make_server_config
 
 ADMIN = AdminCredentials("ops", "console-secret")
 SESSION = "web"
 PASSWORD = "web-password"
-WAIT = 10.0
-"""Upper bound on any single wait; a failing test pays it, a passing one does not."""
 WAIT_MS = WAIT * 1000
 
 CHROMIUM_ARGS = [
@@ -58,40 +54,13 @@ def chromium_path() -> str:
     return path
 
 
-class ServerHandle:
-    """An anyio server in a blocking portal: admin API on (or off) and one session from the start."""
+class WebServer(ServerHandle):
+    """The background test server with the admin API on (or off) and the web session from the start."""
 
     def __init__(self, portal: anyio.from_thread.BlockingPortal, admin: AdminCredentials | None) -> None:
-        self._portal = portal
-        self._admin = admin
-        self._port = 0
-        self._server: Server | None = None
-        self._future: Future[Any] | None = None
-        self.start()
-
-    def start(self) -> None:
-        run = functools.partial(
-            serve,
-            "127.0.0.1",
-            self._port,
-            config=ServerConfig(password_hash_cost=2**4),
-            sessions=[SessionSpec(SESSION, PASSWORD, secret_key="web-secret")],
-            admin=self._admin,
-            shutdown_timeout=1.0,
-        )
-        self._future, self._server = self._portal.start_task(run)
-        self._port = self._server.port
-
-    def stop(self) -> None:
-        if self._server is not None and self._future is not None:
-            self._portal.call(self._server.shutdown)
-            self._future.result(WAIT)
-            self._server = None
-
-    def restart(self) -> None:
-        """Stop, then listen again on the same port (a fresh broker with the same session)."""
-        self.stop()
-        self.start()
+        sessions = (SessionSpec(SESSION, PASSWORD, secret_key="web-secret"),)
+        super().__init__(portal, make_server_config(), sessions=sessions, admin=admin)
+        self._web_admin = admin
 
     @property
     def http(self) -> str:
@@ -103,8 +72,9 @@ class ServerHandle:
 
     def api(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """POST to the admin JSON API with HTTP Basic credentials."""
-        assert self._admin is not None
-        basic = base64.b64encode(f"{self._admin.user}:{self._admin.password}".encode()).decode()
+        assert self._web_admin is not None
+        admin = self._web_admin
+        basic = base64.b64encode(f"{admin.user}:{admin.password}".encode()).decode()
         request = urllib.request.Request(
             self.http + path,
             data=json.dumps(body).encode(),
@@ -124,8 +94,8 @@ def portal() -> Iterator[anyio.from_thread.BlockingPortal]:
 
 
 @pytest.fixture
-def server(portal: anyio.from_thread.BlockingPortal) -> Iterator[ServerHandle]:
-    handle = ServerHandle(portal, ADMIN)
+def server(portal: anyio.from_thread.BlockingPortal) -> Iterator[WebServer]:
+    handle = WebServer(portal, ADMIN)
     yield handle
     handle.stop()
 

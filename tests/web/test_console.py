@@ -13,7 +13,7 @@ from typing import Any
 
 from fastport_threads import connect
 
-from .conftest import ADMIN, SESSION, WAIT, ServerHandle
+from .conftest import ADMIN, SESSION, WAIT, WebServer
 
 expect: Any
 try:
@@ -22,7 +22,7 @@ except ImportError:  # the browser fixture fails with the reason
     expect = None
 
 
-def log_in(page: Any, server: ServerHandle, password: str = ADMIN.password) -> None:
+def log_in(page: Any, server: WebServer, password: str = ADMIN.password) -> None:
     page.goto(server.http + "/admin/")
     page.fill("#login-user", ADMIN.user)
     page.fill("#login-password", password)
@@ -33,7 +33,7 @@ def row(page: Any, session: str) -> Any:
     return page.locator(f'#sessions tr[data-session="{session}"]')
 
 
-def test_a_wrong_password_is_refused_and_nothing_is_shown(page: Any, server: ServerHandle) -> None:
+def test_a_wrong_password_is_refused_and_nothing_is_shown(page: Any, server: WebServer) -> None:
     log_in(page, server, password="not-the-password")
     expect(page.locator("#login-error")).to_have_text(re.compile("wrong admin user or password"))
     expect(page.locator("#dashboard")).to_be_hidden()
@@ -42,7 +42,7 @@ def test_a_wrong_password_is_refused_and_nothing_is_shown(page: Any, server: Ser
 
 
 def test_login_shows_a_session_created_through_the_api_with_its_figures(
-    page: Any, server: ServerHandle, key: str
+    page: Any, server: WebServer, key: str
 ) -> None:
     status, answer = server.api("/api/createSession", {"sessionName": "from-api", "password": "pw-api"})
     assert status == 200, answer
@@ -67,7 +67,7 @@ def test_login_shows_a_session_created_through_the_api_with_its_figures(
     assert ADMIN.password not in page.content()
 
 
-def test_create_suspend_resume_and_drop_through_the_page(page: Any, server: ServerHandle, key: str) -> None:
+def test_create_suspend_resume_and_drop_through_the_page(page: Any, server: WebServer, key: str) -> None:
     log_in(page, server)
     page.fill("#create-name", "made-in-page")
     page.fill("#create-password", "page-pw")
@@ -99,7 +99,7 @@ def test_create_suspend_resume_and_drop_through_the_page(page: Any, server: Serv
     assert status == 404  # really gone
 
 
-def test_a_dismissed_confirmation_drops_nothing(page: Any, server: ServerHandle) -> None:
+def test_a_dismissed_confirmation_drops_nothing(page: Any, server: WebServer) -> None:
     log_in(page, server)
     page.on("dialog", lambda dialog: dialog.dismiss())
     row(page, SESSION).locator("button.drop").click()
@@ -108,7 +108,7 @@ def test_a_dismissed_confirmation_drops_nothing(page: Any, server: ServerHandle)
     expect(row(page, SESSION)).to_be_visible()
 
 
-def test_the_charts_draw_the_servers_history(page: Any, server: ServerHandle) -> None:
+def test_the_charts_draw_the_servers_history(page: Any, server: WebServer) -> None:
     log_in(page, server)
     # The core took its first sample when the server started, so a fresh page has history to draw.
     expect(page.locator("#chart-rates polyline")).to_have_count(3)
@@ -116,7 +116,7 @@ def test_the_charts_draw_the_servers_history(page: Any, server: ServerHandle) ->
     expect(page.locator("#history-span")).to_contain_text("last 10 minutes")
 
 
-def test_logout_ends_the_login(page: Any, server: ServerHandle) -> None:
+def test_logout_ends_the_login(page: Any, server: WebServer) -> None:
     log_in(page, server)
     expect(page.locator("#dashboard")).to_be_visible()
     page.click("#logout")
@@ -126,7 +126,7 @@ def test_logout_ends_the_login(page: Any, server: ServerHandle) -> None:
 
 
 def test_without_admin_credentials_the_console_says_so_and_offers_nothing(page: Any, portal: Any) -> None:
-    handle = ServerHandle(portal, None)
+    handle = WebServer(portal, None)
     try:
         page.goto(handle.http + "/admin/")
         expect(page.locator("#disabled")).to_be_visible()
@@ -136,7 +136,7 @@ def test_without_admin_credentials_the_console_says_so_and_offers_nothing(page: 
         handle.stop()
 
 
-def test_pages_are_sent_with_a_strict_content_security_policy(server: ServerHandle) -> None:
+def test_pages_are_sent_with_a_strict_content_security_policy(server: WebServer) -> None:
     for path, content_type in [
         ("/admin/", "text/html"),
         ("/admin/admin.js", "text/javascript"),

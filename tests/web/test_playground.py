@@ -19,7 +19,7 @@ from fastport_core.client_api import Message
 from fastport_core.crypto import generate_key
 from fastport_threads import connect
 
-from .conftest import PASSWORD, SESSION, WAIT, ServerHandle
+from .conftest import PASSWORD, SESSION, WAIT, WebServer
 
 expect: Any
 try:
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SUITES = ["authenticated", "legacy"]
 
 
-def open_playground(page: Any, server: ServerHandle, key: str, suite: str) -> None:
+def open_playground(page: Any, server: WebServer, key: str, suite: str) -> None:
     page.goto(server.http + "/playground/")
     expect(page.locator("#url")).to_have_value(server.ws)
     page.fill("#session", SESSION)
@@ -44,7 +44,7 @@ def open_playground(page: Any, server: ServerHandle, key: str, suite: str) -> No
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_a_python_publish_appears_decrypted_in_the_page(
-    page: Any, server: ServerHandle, key: str, suite: str
+    page: Any, server: WebServer, key: str, suite: str
 ) -> None:
     open_playground(page, server, key, suite)
     page.fill("#sub-topic", "room/1")
@@ -60,7 +60,7 @@ def test_a_python_publish_appears_decrypted_in_the_page(
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_a_page_publish_reaches_a_python_subscriber_decrypted(
-    page: Any, server: ServerHandle, key: str, suite: str
+    page: Any, server: WebServer, key: str, suite: str
 ) -> None:
     open_playground(page, server, key, suite)
     with connect(server.ws, session=SESSION, password=PASSWORD, key=key, suite=suite) as python:
@@ -74,7 +74,7 @@ def test_a_page_publish_reaches_a_python_subscriber_decrypted(
         expect(page.locator("#publish-result")).to_have_text(f"confirmed {received.message_id}")
 
 
-def test_a_wrong_password_is_reported_in_the_playground(page: Any, server: ServerHandle, key: str) -> None:
+def test_a_wrong_password_is_reported_in_the_playground(page: Any, server: WebServer, key: str) -> None:
     page.goto(server.http + "/playground/")
     page.fill("#session", SESSION)
     page.fill("#password", "wrong")
@@ -84,7 +84,7 @@ def test_a_wrong_password_is_reported_in_the_playground(page: Any, server: Serve
     expect(page.locator("#connect")).to_be_enabled()
 
 
-def test_the_generated_key_works_with_python(page: Any, server: ServerHandle) -> None:
+def test_the_generated_key_works_with_python(page: Any, server: WebServer) -> None:
     page.goto(server.http + "/playground/")
     page.click("#generate")
     key = page.locator("#key").input_value()
@@ -116,7 +116,7 @@ SETUP = """async ([url, session, password, key, suite]) => {
 }"""
 
 
-def start_module_client(page: Any, server: ServerHandle, key: str, suite: str = "authenticated") -> None:
+def start_module_client(page: Any, server: WebServer, key: str, suite: str = "authenticated") -> None:
     page.goto(server.http + "/playground/")
     page.evaluate(SETUP, [server.ws, SESSION, PASSWORD, key, suite])
 
@@ -127,7 +127,7 @@ def received(page: Any, count: int) -> list[dict[str, Any]]:
     return result
 
 
-def test_binary_payloads_cross_both_ways(page: Any, server: ServerHandle, key: str) -> None:
+def test_binary_payloads_cross_both_ways(page: Any, server: WebServer, key: str) -> None:
     start_module_client(page, server, key)
     with connect(server.ws, session=SESSION, password=PASSWORD, key=key) as python:
         stream = python.messages("js-back", timeout=WAIT)
@@ -138,7 +138,7 @@ def test_binary_payloads_cross_both_ways(page: Any, server: ServerHandle, key: s
 
 
 def test_integrity_failures_are_reported_acked_and_not_delivered(
-    page: Any, server: ServerHandle, key: str
+    page: Any, server: WebServer, key: str
 ) -> None:
     start_module_client(page, server, key)
     with connect(server.ws, session=SESSION, password=PASSWORD, key=generate_key()) as wrong_key:
@@ -154,7 +154,7 @@ def test_integrity_failures_are_reported_acked_and_not_delivered(
 
 
 def test_reconnect_resubscribes_and_resends_unconfirmed_publishes(
-    page: Any, server: ServerHandle, key: str
+    page: Any, server: WebServer, key: str
 ) -> None:
     start_module_client(page, server, key)
     server.stop()
@@ -173,7 +173,7 @@ def test_reconnect_resubscribes_and_resends_unconfirmed_publishes(
     assert received(page, 1)[0]["payload"] == "after the reconnection"
 
 
-def test_redeliveries_reach_the_application_once(page: Any, server: ServerHandle, key: str) -> None:
+def test_redeliveries_reach_the_application_once(page: Any, server: WebServer, key: str) -> None:
     start_module_client(page, server, key)
     # Hand the client the same frame twice, as a server retry would (the dedupe window's job).
     with connect(server.ws, session=SESSION, password=PASSWORD, key=key) as python:
