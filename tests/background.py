@@ -9,6 +9,7 @@ use it.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -93,3 +94,18 @@ class ServerHandle:
     @property
     def url(self) -> str:
         return f"{'wss' if self._ssl_context else 'ws'}://127.0.0.1:{self._port}"
+
+
+def in_thread(function: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run ``function`` in a thread; the list receives its result or the exception it raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(function())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome

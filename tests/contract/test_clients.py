@@ -38,26 +38,11 @@ from fastport_core.errors import (
     SubscribeRefusedError,
     SubscribeTimeoutError,
 )
-from tests.background import SESSION, WAIT, ServerHandle, make_server_config
+from tests.background import SESSION, WAIT, ServerHandle, in_thread, make_server_config
 from tests.certificates import make_certificate
 from tests.proxy import Proxy
 
 from .conftest import Collector, Opener, States
-
-
-def in_thread(function: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    """Run ``function`` in a thread; the list receives its result or the exception it raised."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(function())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
 
 
 def eventually(predicate: Callable[[], bool]) -> None:

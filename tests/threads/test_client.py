@@ -106,21 +106,6 @@ def sync_subscriptions(client: Client) -> None:
     client.subscribe(f"sync/{time.monotonic_ns()}", lambda message: None)
 
 
-def in_thread(function: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    """Run ``function`` in a thread; the list receives its result or the exception it raised."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(function())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 # --------------------------------------------------------------------------------------------------------
 # Basics.
 
