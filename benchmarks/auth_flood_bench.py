@@ -216,26 +216,52 @@ def run_probe(port: int, rate: float, seconds: float) -> dict[str, Any]:
 # -- legitimate logins -----------------------------------------------------------------------------------
 
 
+def _login(port: int) -> tuple[int, int]:
+    """Connect, upgrade, ``init`` with the right password, publish once: (ns to ``init_response``, ns from
+    the publish to its ``publish_response``)."""
+    clock = time.perf_counter_ns
+    begin = clock()
+    conn = Connection(HOST, port)
+    try:
+        deadline = time.monotonic() + 10.0
+        conn.send_json({"type": "init", "sessionName": SESSION, "password": PASSWORD})
+        conn.expect("init_response", deadline)
+        logged_in = clock()
+        publish = {
+            "type": "publish", "topic": TOPIC + "/login", "data": "x", "hash": HASH,
+            "timestamp": 1_764_000_000_000, "messageId": f"login-{os.getpid()}-{logged_in}",
+        }  # fmt: skip
+        conn.send_json(publish)
+        conn.expect("publish_response", deadline)
+        return logged_in - begin, clock() - logged_in
+    finally:
+        conn.sock.close()
+
+
 def run_logins(port: int, seconds: float) -> dict[str, Any]:
+    """A fresh legitimate client every :data:`LOGIN_INTERVAL` s (after one unrecorded warm-up login, which
+    pays the one scrypt verification that the server then caches)."""
+    _login(port)
     _emit({"ready": True})
     if sys.stdin.readline().strip() != "go":
         return {"error": "no go"}
     clock = time.perf_counter_ns
     stop = time.monotonic() + seconds
     samples: list[tuple[int, int]] = []
+    publishes: list[tuple[int, int]] = []
     failures: list[str] = []
     while time.monotonic() < stop:
         begin = clock()
         try:
-            conn = Connection(HOST, port)
-            conn.send_json({"type": "init", "sessionName": SESSION, "password": PASSWORD})
-            conn.expect("init_response", time.monotonic() + 10.0)
-            samples.append((begin, clock() - begin))
-            conn.sock.close()
+            login_ns, publish_ns = _login(port)
+            samples.append((begin, login_ns))
+            publishes.append((begin, publish_ns))
         except (OSError, RuntimeError) as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
         time.sleep(max(0.0, LOGIN_INTERVAL - (clock() - begin) / 1e9))
-    return {"samples": samples, "failures": failures[:10], "failure_count": len(failures)}
+    return {
+        "samples": samples, "publishes": publishes, "failures": failures[:10], "failure_count": len(failures)
+    }  # fmt: skip
 
 
 # -- the flood --------------------------------------------------------------------------------------------
@@ -359,16 +385,17 @@ def run_flood(port: int, attackers: int, seconds: float, unknown_sessions: bool)
 # -- the driver -------------------------------------------------------------------------------------------
 
 
-def _role(role: str, *args: str) -> tuple[subprocess.Popen[bytes], LineReader]:
+def spawn(role: str, *args: str, script: Path = SCRIPT) -> tuple[subprocess.Popen[bytes], LineReader]:
+    """Start one role of a benchmark script (``script role args...``) on the load generator's CPU."""
     process = subprocess.Popen(
-        [PYTHON, str(SCRIPT), role, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [PYTHON, str(script), role, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         preexec_fn=_pin(LOAD_CPU),  # noqa: PLW1509 - the driver has one thread
     )  # fmt: skip
     assert process.stdout is not None
     return process, LineReader(process.stdout)
 
 
-def _result(process: subprocess.Popen[bytes], reader: LineReader, timeout: float) -> dict[str, Any]:
+def result_of(process: subprocess.Popen[bytes], reader: LineReader, timeout: float) -> dict[str, Any]:
     result: dict[str, Any] = orjson.loads(reader.line(timeout))
     process.wait(10)
     if "error" in result:
@@ -384,9 +411,9 @@ def measure(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         server.wait_listening()
         total = args.quiet + args.duration + RECOVERY
         roles = {
-            "probe": _role("_probe", str(port), str(args.rate), str(total)),
-            "logins": _role("_logins", str(port), str(total)),
-            "flood": _role(
+            "probe": spawn("_probe", str(port), str(args.rate), str(total)),
+            "logins": spawn("_logins", str(port), str(total)),
+            "flood": spawn(
                 "_flood", str(port), str(args.attackers), str(args.duration), str(args.unknown_sessions)
             ),
         }
@@ -404,9 +431,9 @@ def measure(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         assert stdin is not None
         stdin.write(b"go\n")
         stdin.flush()
-        flood = _result(*roles["flood"], timeout=args.duration + 30.0)
-        probe = _result(*roles["probe"], timeout=RECOVERY + 30.0)
-        logins = _result(*roles["logins"], timeout=30.0)
+        flood = result_of(*roles["flood"], timeout=args.duration + 30.0)
+        probe = result_of(*roles["probe"], timeout=RECOVERY + 30.0)
+        logins = result_of(*roles["logins"], timeout=30.0)
         server_cpu = server.cpu_seconds() - cpu0
     finally:
         server.stop()
@@ -426,6 +453,7 @@ def summarise(
         ("delivery", probe["deliveries"]),
         ("round_trip", probe["round_trips"]),
         ("login", logins["samples"]),
+        ("login_publish", logins["publishes"]),
     ):
         split: dict[str, list[float]] = {"quiet": [], "flood": [], "recovery": []}
         for stamp, latency in samples:
