@@ -382,6 +382,14 @@ def run_flood(port: int, attackers: int, seconds: float, unknown_sessions: bool)
     }  # fmt: skip
 
 
+def loop_wait(pid: int) -> float:
+    """Seconds the server's main thread (its event loop) has been runnable but waiting for a CPU: the
+    noise of this shared machine, and, with scrypt in threads of the same pinned process, their share."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+    return 0.0
+
+
 # -- the driver -------------------------------------------------------------------------------------------
 
 
@@ -425,7 +433,7 @@ def measure(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
             assert stdin is not None
             stdin.write(b"go\n")
             stdin.flush()
-        cpu0 = server.cpu_seconds()
+        cpu0, wait0 = server.cpu_seconds(), loop_wait(server.pid)
         time.sleep(args.quiet)
         stdin = roles["flood"][0].stdin
         assert stdin is not None
@@ -435,9 +443,13 @@ def measure(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         probe = result_of(*roles["probe"], timeout=RECOVERY + 30.0)
         logins = result_of(*roles["logins"], timeout=30.0)
         server_cpu = server.cpu_seconds() - cpu0
+        server_wait = loop_wait(server.pid) - wait0
     finally:
         server.stop()
-    return summarise(mode, probe, logins, flood, server_cpu)
+    result = summarise(mode, probe, logins, flood, server_cpu)
+    result["loop_wait_s"] = server_wait
+    result["loadavg"] = os.getloadavg()
+    return result
 
 
 def summarise(
@@ -494,15 +506,17 @@ def report(results: list[dict[str, Any]]) -> str:
         lines.append(f"| {result['mode']} | {' | '.join(ratios)} |")
     lines += [
         "",
-        "| mode | attacker inits | answers | attacker answer p50 / p99 ms | connections | server CPU s |",
+        "| mode | attacker inits | answers | attacker answer p50 / p99 ms | connections | server CPU s "
+        "| event loop waited for CPU s | load average |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines.append("| --- | ---: | --- | ---: | ---: | ---: |")
     for result in results:
         flood = result["flood"]
         answers = ", ".join(f"{k} {v}" for k, v in sorted(flood["answers"].items()))
         lines.append(
             f"| {result['mode']} | {flood['inits']} | {answers} | {_ms(flood['answer_ms'], 'p50')} / "
-            f"{_ms(flood['answer_ms'], 'p99')} | {flood['connections']} | {result['server_cpu_s']:.1f} |"
+            f"{_ms(flood['answer_ms'], 'p99')} | {flood['connections']} | {result['server_cpu_s']:.1f} | "
+            f"{result['loop_wait_s']:.2f} | {result['loadavg'][0]:.1f} |"
         )
     for result in results:
         if result["lost"] or result["probe_errors"][0] or result["login_failures"][0]:
