@@ -64,6 +64,9 @@ RECV: Final = 65536
 RECOVERY: Final = 2.0
 """Seconds the probe keeps measuring after the flood ends."""
 LOGIN_INTERVAL: Final = 0.5
+COLD_SESSIONS: Final = 40
+"""Extra sessions ``cold-0`` ... whose passwords nobody has used yet: a login into one pays a real scrypt (the
+verified-password cache is empty), as the first login after a restart does."""
 HASH: Final = "v1:" + "0" * 64
 TIMES: Final = "\u00d7"
 
@@ -113,9 +116,10 @@ def run_server(port: int, mode: str, log_level: str) -> None:
         import fastport_anyio.cli
 
         fastport_anyio.cli.Server = InlineVerificationServer  # type: ignore[misc]
+    cold = [SessionSpec(f"cold-{i}", f"cold-password-{i}") for i in range(COLD_SESSIONS)]
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     settings = ServerSettings(
-        host=HOST, port=port, config=ServerConfig(), sessions=(SessionSpec(SESSION, PASSWORD),)
+        host=HOST, port=port, config=ServerConfig(), sessions=(SessionSpec(SESSION, PASSWORD), *cold)
     )
     anyio.run(serve_until_signalled, settings, None, backend="asyncio")
 
@@ -216,7 +220,7 @@ def run_probe(port: int, rate: float, seconds: float) -> dict[str, Any]:
 # -- legitimate logins -----------------------------------------------------------------------------------
 
 
-def _login(port: int) -> tuple[int, int]:
+def _login(port: int, session: str = SESSION, password: str = PASSWORD) -> tuple[int, int]:
     """Connect, upgrade, ``init`` with the right password, publish once: (ns to ``init_response``, ns from
     the publish to its ``publish_response``)."""
     clock = time.perf_counter_ns
@@ -224,7 +228,7 @@ def _login(port: int) -> tuple[int, int]:
     conn = Connection(HOST, port)
     try:
         deadline = time.monotonic() + 10.0
-        conn.send_json({"type": "init", "sessionName": SESSION, "password": PASSWORD})
+        conn.send_json({"type": "init", "sessionName": session, "password": password})
         conn.expect("init_response", deadline)
         logged_in = clock()
         publish = {
@@ -238,9 +242,11 @@ def _login(port: int) -> tuple[int, int]:
         conn.sock.close()
 
 
-def run_logins(port: int, seconds: float) -> dict[str, Any]:
+def run_logins(port: int, seconds: float, cold: bool) -> dict[str, Any]:
     """A fresh legitimate client every :data:`LOGIN_INTERVAL` s (after one unrecorded warm-up login, which
-    pays the one scrypt verification that the server then caches)."""
+    pays the one scrypt verification that the server then caches). With ``cold``, every other login goes
+    into a session never logged into before (:data:`COLD_SESSIONS`), so its password check is a real
+    scrypt, queued with the attackers' ones."""
     _login(port)
     _emit({"ready": True})
     if sys.stdin.readline().strip() != "go":
@@ -248,19 +254,28 @@ def run_logins(port: int, seconds: float) -> dict[str, Any]:
     clock = time.perf_counter_ns
     stop = time.monotonic() + seconds
     samples: list[tuple[int, int]] = []
+    cold_samples: list[tuple[int, int]] = []
     publishes: list[tuple[int, int]] = []
     failures: list[str] = []
+    turn = 0
     while time.monotonic() < stop:
         begin = clock()
+        index, turn = turn // 2, turn + 1
+        into_cold = cold and turn % 2 == 0 and index < COLD_SESSIONS
         try:
-            login_ns, publish_ns = _login(port)
-            samples.append((begin, login_ns))
+            if into_cold:
+                login_ns, publish_ns = _login(port, f"cold-{index}", f"cold-password-{index}")
+                cold_samples.append((begin, login_ns))
+            else:
+                login_ns, publish_ns = _login(port)
+                samples.append((begin, login_ns))
             publishes.append((begin, publish_ns))
         except (OSError, RuntimeError) as exc:
-            failures.append(f"{type(exc).__name__}: {exc}")
+            failures.append(f"{'cold' if into_cold else 'warm'}: {type(exc).__name__}: {exc}")
         time.sleep(max(0.0, LOGIN_INTERVAL - (clock() - begin) / 1e9))
     return {
-        "samples": samples, "publishes": publishes, "failures": failures[:10], "failure_count": len(failures)
+        "samples": samples, "cold_samples": cold_samples, "publishes": publishes, "failures": failures[:10],
+        "failure_count": len(failures),
     }  # fmt: skip
 
 
@@ -420,7 +435,7 @@ def measure(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         total = args.quiet + args.duration + RECOVERY
         roles = {
             "probe": spawn("_probe", str(port), str(args.rate), str(total)),
-            "logins": spawn("_logins", str(port), str(total)),
+            "logins": spawn("_logins", str(port), str(total), "cold"),
             "flood": spawn(
                 "_flood", str(port), str(args.attackers), str(args.duration), str(args.unknown_sessions)
             ),
@@ -465,6 +480,7 @@ def summarise(
         ("delivery", probe["deliveries"]),
         ("round_trip", probe["round_trips"]),
         ("login", logins["samples"]),
+        ("cold_login", logins["cold_samples"]),
         ("login_publish", logins["publishes"]),
     ):
         split: dict[str, list[float]] = {"quiet": [], "flood": [], "recovery": []}
@@ -488,7 +504,7 @@ def report(results: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for result in results:
-        for what in ("delivery", "round_trip", "login"):
+        for what in ("delivery", "round_trip", "login", "cold_login"):
             for phase in ("quiet", "flood", "recovery"):
                 stats = result[what][phase]
                 lines.append(
@@ -536,7 +552,7 @@ def main() -> None:
         if role == "_probe":
             result = run_probe(int(rest[0]), float(rest[1]), float(rest[2]))
         elif role == "_logins":
-            result = run_logins(int(rest[0]), float(rest[1]))
+            result = run_logins(int(rest[0]), float(rest[1]), rest[2:] == ["cold"])
         else:
             result = run_flood(int(rest[0]), int(rest[1]), float(rest[2]), rest[3] == "True")
         _emit(result)
