@@ -242,17 +242,19 @@ def _login(port: int, session: str = SESSION, password: str = PASSWORD) -> tuple
         conn.sock.close()
 
 
-def run_logins(port: int, seconds: float, cold: bool) -> dict[str, Any]:
+def run_logins(port: int, seconds: float, cold_from: float = 0.0, cold_until: float = 0.0) -> dict[str, Any]:
     """A fresh legitimate client every :data:`LOGIN_INTERVAL` s (after one unrecorded warm-up login, which
-    pays the one scrypt verification that the server then caches). With ``cold``, every other login goes
-    into a session never logged into before (:data:`COLD_SESSIONS`), so its password check is a real
-    scrypt, queued with the attackers' ones."""
+    pays the one scrypt verification that the server then caches). From ``cold_from`` to ``cold_until`` s
+    after "go" (the flood), every other login goes into a session never logged into before
+    (:data:`COLD_SESSIONS`), so its password check is a real scrypt, queued with the attackers' ones. (Only
+    then: outside the flood, an inline check would stall the pair and spoil the baseline.)"""
     _login(port)
     _emit({"ready": True})
     if sys.stdin.readline().strip() != "go":
         return {"error": "no go"}
     clock = time.perf_counter_ns
-    stop = time.monotonic() + seconds
+    start = time.monotonic()
+    stop = start + seconds
     samples: list[tuple[int, int]] = []
     cold_samples: list[tuple[int, int]] = []
     publishes: list[tuple[int, int]] = []
@@ -261,7 +263,8 @@ def run_logins(port: int, seconds: float, cold: bool) -> dict[str, Any]:
     while time.monotonic() < stop:
         begin = clock()
         index, turn = turn // 2, turn + 1
-        into_cold = cold and turn % 2 == 0 and index < COLD_SESSIONS
+        elapsed = time.monotonic() - start
+        into_cold = cold_from <= elapsed < cold_until and turn % 2 == 0 and index < COLD_SESSIONS
         try:
             if into_cold:
                 login_ns, publish_ns = _login(port, f"cold-{index}", f"cold-password-{index}")
@@ -435,7 +438,9 @@ def measure(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
         total = args.quiet + args.duration + RECOVERY
         roles = {
             "probe": spawn("_probe", str(port), str(args.rate), str(total)),
-            "logins": spawn("_logins", str(port), str(total), "cold"),
+            "logins": spawn(
+                "_logins", str(port), str(total), str(args.quiet), str(args.quiet + args.duration)
+            ),
             "flood": spawn(
                 "_flood", str(port), str(args.attackers), str(args.duration), str(args.unknown_sessions)
             ),
@@ -552,7 +557,7 @@ def main() -> None:
         if role == "_probe":
             result = run_probe(int(rest[0]), float(rest[1]), float(rest[2]))
         elif role == "_logins":
-            result = run_logins(int(rest[0]), float(rest[1]), rest[2:] == ["cold"])
+            result = run_logins(int(rest[0]), *map(float, rest[1:]))
         else:
             result = run_flood(int(rest[0]), int(rest[1]), float(rest[2]), rest[3] == "True")
         _emit(result)
