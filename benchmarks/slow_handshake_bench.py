@@ -215,8 +215,10 @@ def summarise(
             "never_closed": len(indexes) - len(times),
             "closed_after_s": {key: value / 1000 if key != "n" else value for key, value in stats.items()},
             "closed_after_min_s": min(timed_out) / 1000 if timed_out else None,
+            "refused_after_ms": percentiles([t * 1000 for t in refused]),
         }  # fmt: skip
     out["legit_login_ms"] = percentiles([ns / 1e6 for _, ns in legit["samples"]])
+    out["legit_login_series_ms"] = [ns / 1e6 for _, ns in legit["samples"]]
     out["legit_publish_ms"] = percentiles([ns / 1e6 for _, ns in legit["publishes"]])
     out["legit_failures"] = legit["failure_count"], legit["failures"]
     return out
@@ -248,9 +250,11 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"{group['closed_later']} | {group['never_closed']} | {' | '.join(cells)} |"
         )
     login, publish = result["legit_login_ms"], result["legit_publish_ms"]
+    refused = [f"{result[g]['refused_after_ms'].get('max', 0):.1f} ms" for g in ("spread", "burst")]
     lines += [
         "",
-        f"server log 'refusing connection' lines: {result['server_refusal_lines']}",
+        f"server log 'refusing connection' lines: {result['server_refusal_lines']}; refused sockets closed "
+        f"after at most {', '.join(refused)} (spread, burst)",
         f"legitimate client meanwhile: {login['n']} logins, connect+init p50 {login.get('p50', 0):.1f} ms, "
         f"p99 {login.get('p99', 0):.1f} ms, max {login.get('max', 0):.1f} ms; publish round trip p50 "
         f"{publish.get('p50', 0):.1f} ms, max {publish.get('max', 0):.1f} ms; "
