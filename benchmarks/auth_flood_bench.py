@@ -94,15 +94,17 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def run_server(port: int, mode: str, log_level: str) -> None:
-    """``fastport serve``'s code path with ``ServerConfig()``'s defaults; ``inline`` moves scrypt back onto
-    the event loop (a benchmark-only subclass: the constructor flag ``ServerCore`` already has)."""
+    """What ``fastport serve`` runs (``Server`` on asyncio, logging to stderr, stopped by SIGINT/SIGTERM) with
+    ``ServerConfig()``'s defaults; ``inline`` moves scrypt back onto the event loop (a benchmark-only
+    subclass using the constructor flag ``ServerCore`` already has)."""
+    import signal
+
     import anyio
 
     from fastport_anyio import Server
-    from fastport_anyio.cli import serve_until_signalled
     from fastport_anyio.server import web_files
     from fastport_core.config import ServerConfig
-    from fastport_core.config_file import ServerSettings, SessionSpec
+    from fastport_core.config_file import SessionSpec
     from fastport_core.server import ServerCore
 
     class InlineVerificationServer(Server):
@@ -112,16 +114,18 @@ def run_server(port: int, mode: str, log_level: str) -> None:
                 kwargs.get("config"), offload_verification=False, web_files=web_files(), console_history=True
             )
 
-    if mode == "inline":
-        import fastport_anyio.cli
-
-        fastport_anyio.cli.Server = InlineVerificationServer  # type: ignore[misc]
+    server_class = InlineVerificationServer if mode == "inline" else Server
     cold = [SessionSpec(f"cold-{i}", f"cold-password-{i}") for i in range(COLD_SESSIONS)]
+    sessions = (SessionSpec(SESSION, PASSWORD), *cold)
+
+    async def serve() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with server_class(HOST, port, config=ServerConfig(), sessions=sessions):
+                async for _ in signals:
+                    return  # leaving the block stops the server gracefully
+
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    settings = ServerSettings(
-        host=HOST, port=port, config=ServerConfig(), sessions=(SessionSpec(SESSION, PASSWORD), *cold)
-    )
-    anyio.run(serve_until_signalled, settings, None, backend="asyncio")
+    anyio.run(serve, backend="asyncio")
 
 
 # -- the probe: a paced publisher/subscriber pair ----------------------------------------------------------
