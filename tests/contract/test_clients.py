@@ -550,6 +550,21 @@ def test_with_ack_when_consumed_a_message_whose_handler_raised_is_handed_over_ag
     eventually(lambda: _unacked(server) == 0)  # the third attempt returned: ACKed, no more re-sends
 
 
+def test_with_ack_when_consumed_what_was_never_taken_goes_to_the_next_process_of_a_persistent_subscriber(
+    start_server: Callable[..., ServerHandle], open_client: Opener
+) -> None:
+    server = start_server(make_server_config(default_session_settings=SessionSettings(retry_interval=0.1)))
+    publisher, first = open_client(server.url), open_client(server.url, config=CONSUMED, client_id="worker")
+    stream = first.messages("jobs")
+    sent = publisher.publish("jobs", "job")
+    eventually(lambda: stream.buffered == 1)
+    first.close()  # as a crash would: never taken, so never ACKed
+    second = open_client(server.url, config=CONSUMED, client_id="worker")
+    with second.messages("jobs", timeout=WAIT) as jobs:  # what came before it is left to the server's retry
+        assert next(jobs).message_id == sent
+    eventually(lambda: _unacked(server) == 0)
+
+
 def test_a_publish_is_given_up_at_publish_give_up_after_even_without_a_timeout(
     server: ServerHandle, proxy: Proxy, open_client: Opener
 ) -> None:
