@@ -33,9 +33,16 @@ Delivery semantics (docs/clients.md, "Delivery guarantees")
   still have received it.
 * A publish the server refuses for a passing reason (``session_suspended``, ``session_full``) stays pending
   and is retried like an unanswered one; only other refusals end it with ``PublishRefused``.
+* A publish is re-sent for at most ``publish_give_up_after`` seconds after its first send (then
+  :class:`PublishExpired`): below the server's ``dedupe_ttl``, so no re-send reaches a server that forgot
+  its id and would fan it out a second time.
 * A ``message`` is ACKed every time it arrives (so the server stops re-sending it), but handed to the
   application only once per ``(topic, messageId)`` within a bounded window: at least once on the wire,
   once to the application. A message that fails verification is ACKed and counted, never delivered.
+* With ``ack_when_consumed``, a message handed over is ACKed only by :meth:`~ClientCore.finish_message`
+  (the application is done with it); re-sends meanwhile are dropped un-ACKed, and one the application
+  failed on is forgotten, so the server's next re-send is handed over again: at least once to the
+  application.
 
 Refused ``init``
 ----------------

@@ -20,9 +20,14 @@ and owns what an *application* sees of a client, whichever adapter runs it (anyi
   core no longer lists it); a refusal overtaken by a later request changes nothing (the later answer
   decides).
 * **Flow control**: :attr:`ClientApp.paused` is true while some consumer's queue is at its ``max_buffer``;
-  the adapter then stops *reading* the socket. Nothing is dropped: the core ACKs on receipt, so a dropped
-  message would be lost for good. TCP then pushes back on the server, whose slow-consumer policy applies.
-  :attr:`ClientApp.wake_io` is called when a queue falls below its mark, so the adapter reads again.
+  the adapter then stops *reading* the socket. Nothing is dropped: by default the core ACKs on receipt, so
+  a dropped message would be lost for good. TCP then pushes back on the server, whose slow-consumer
+  policy applies. :attr:`ClientApp.wake_io` is called when a queue falls below its mark, so the adapter
+  reads again, and when an ACK was queued outside an IO call, so the adapter writes it.
+* **When a message is consumed** (``ClientConfig.ack_when_consumed``): each message is held by the
+  consumers it was queued for; an iterator is done with it when :meth:`ClientApp.take` hands it out, a
+  handler when the adapter reports :meth:`ClientApp.done`, a withdrawn consumer with what it had buffered.
+  The last one tells the core to ACK it (or, if a handler raised, to forget it for a redelivery).
 * **The connection state** the application sees (:class:`~fastport_core.client_api.ConnectionState`),
   with repeated states deduplicated, and its callbacks; counters; and the first-connect policy
   (``ClientConfig.retry_first_connect``).
@@ -196,7 +201,8 @@ class ClientApp:
         self.server_errors = 0
         """``error`` frames received (the server could not honour something this client sent)."""
         self.wake_io: Callable[[], object] = lambda: None
-        """Set by the adapter: called when a consumer's queue fell below its mark (read the socket again)."""
+        """Set by the adapter: called when a consumer's queue fell below its mark (read the socket again) or
+        an ACK was queued (write it)."""
         self._auth_error: AuthenticationError | None = None
         self._ever_connected = False
         self._closing = False
