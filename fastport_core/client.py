@@ -630,6 +630,7 @@ class ClientCore:
             return
         self._move(_I.CLOSE)
         self._reconnect_at = None
+        self._give_up = Deadlines()  # abandoned: nothing of them is due any more
         if self._ws is not None and self._ws.is_open:
             # Keep the WebSocket until the server answers (or close_timeout): closing the socket with
             # unread data could reset the connection and lose what we sent last.
@@ -743,6 +744,7 @@ class ClientCore:
         # exception or a state change, and logs it there when nobody is waiting for it.
         logger.info("giving up: %s", reason)
         self._move(_I.GIVE_UP)
+        self._give_up = Deadlines()
         self._events.append(GaveUp(reason))
 
     def _drop_transport(self) -> None:

@@ -260,3 +260,13 @@ def test_an_expired_publish_fails_its_caller_with_a_publish_timeout_even_without
     harness.advance(1.0)
     assert isinstance(ticket.error, PublishTimeoutError) and ticket.error.message_id == ticket.message_id
     assert "publish_give_up_after (30 s)" in str(ticket.error) and harness.app.pending_publishes == 0
+
+
+def test_closing_abandons_the_horizons_of_unconfirmed_publishes() -> None:
+    client, server = ready(config=dataclasses.replace(CONFIG, publish_give_up_after=30.0, ping_interval=None))
+    server.confirm_publishes = False
+    client.publish("t", "x", now=T0, timestamp=1)
+    pump(client, server, T0)
+    client.close(T0)
+    pump(client, server, T0)
+    assert client.state is ClientState.CLOSED and client.next_deadline() is None
