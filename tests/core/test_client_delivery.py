@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastport_core.client import ClientState, MessageReceived, PublishExpired
+from fastport_core.client_api import Message
 from fastport_core.config import DEFAULT_DEDUPE_TTL, ClientConfig, ServerConfig
 from fastport_core.errors import LocalProtocolError, PublishTimeoutError
 
@@ -270,3 +273,63 @@ def test_closing_abandons_the_horizons_of_unconfirmed_publishes() -> None:
     client.close(T0)
     pump(client, server, T0)
     assert client.state is ClientState.CLOSED and client.next_deadline() is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["deliver", "take", "done", "fail", "remove"]), st.integers(0, 2)),
+        max_size=40,
+    )
+)
+def test_a_message_is_acked_once_exactly_when_every_consumer_it_reached_is_done_and_none_failed(
+    ops: list[tuple[str, int]],
+) -> None:
+    harness = manual_harness()
+    specs = [("t", None), ("t", print), ("t/#", print)]  # an iterator, a handler, a filter's handler
+    consumers = [harness.app.subscribe(t, now=harness.now, timeout=5.0, handler=h) for t, h in specs]
+    harness.pump()
+    alive = [True, True, True]
+    queues: list[list[str]] = [[], [], []]
+    running: list[list[str]] = [[], [], []]  # taken by a handler, not yet done
+    waiting: dict[str, int] = {}  # message id -> consumers not done yet
+    failed: set[str] = set()
+    expected: set[str] = set()
+
+    def finish(message_id: str, ok: bool) -> None:
+        if not ok:
+            failed.add(message_id)
+        waiting[message_id] -= 1
+        if not waiting[message_id] and message_id not in failed:
+            expected.add(message_id)
+
+    for number, (op, index) in enumerate(ops):
+        consumer = consumers[index]
+        if op == "deliver":
+            message_id = f"m{number}"
+            harness.deliver(sealed_message("t", "x", message_id))
+            reached = [i for i in range(3) if alive[i]]
+            waiting[message_id] = len(reached)
+            for i in reached:
+                queues[i].append(message_id)
+        elif op == "take" and alive[index] and queues[index]:
+            message = harness.app.take(consumer)
+            assert message is not None and message.message_id == queues[index].pop(0)
+            if consumer.handler is None:
+                finish(message.message_id, True)
+            else:
+                running[index].append(message.message_id)
+        elif op in ("done", "fail") and running[index]:
+            message_id = running[index].pop(0)
+            harness.app.done(Message("t", "x", message_id, 0), handled=op == "done")
+            finish(message_id, op == "done")
+        elif op == "remove" and alive[index]:
+            harness.app.remove(consumer)
+            alive[index] = False
+            for message_id in queues[index]:
+                finish(message_id, True)
+            queues[index].clear()
+        harness.pump()
+    acked = acks(harness.server)
+    assert len(acked) == len(set(acked))  # each at most once
+    assert set(acked) == expected
