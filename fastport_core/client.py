@@ -509,7 +509,7 @@ class ClientCore:
 
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`handle_timeout` must run: keepalive or close timeout, connect timeout,
-        a publish retry, or the reconnect time. ``None``: nothing is timed."""
+        a publish retry or give-up, or the reconnect time. ``None``: nothing is timed."""
         candidates = [self._connect_deadline, self._reconnect_at, self._retries.next(), self._give_up.next()]
         if self._ws is not None:
             candidates.append(self._ws.next_deadline())
