@@ -359,14 +359,18 @@ class Client(ClientViews):
                 message = await self._next(consumer, None)
             except Exception:  # ended: unsubscribed, refused, closed (the subscriber sees the error)
                 return
+            handled = False
             try:
                 result = handler(message)
                 if inspect.isawaitable(result):
                     await result
+                handled = True
             except Exception:
                 logger.exception(
                     "handler for topic %r raised on message %s", consumer.topic, message.message_id
                 )
+            self._app.done(message, handled=handled)  # ACKs it with ack_when_consumed (not if it raised)
+            self._after()
 
     # -- the IO tasks ------------------------------------------------------------------------------------
 
@@ -442,8 +446,10 @@ class Client(ClientViews):
         self._wake.set()
 
     def _on_room(self) -> None:
+        """The core's ``wake_io``: a queue fell below its mark (read again), or an ACK waits to be written."""
         if self._entered:
             self._room.set()
+            self._kick()
 
     def _after(self) -> None:
         """Run the application callbacks the core asked for and wake the io task: after *every* core call."""

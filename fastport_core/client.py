@@ -33,9 +33,16 @@ Delivery semantics (docs/clients.md, "Delivery guarantees")
   still have received it.
 * A publish the server refuses for a passing reason (``session_suspended``, ``session_full``) stays pending
   and is retried like an unanswered one; only other refusals end it with ``PublishRefused``.
+* A publish is re-sent for at most ``publish_give_up_after`` seconds after its first send (then
+  :class:`PublishExpired`): below the server's ``dedupe_ttl``, so no re-send reaches a server that forgot
+  its id and would fan it out a second time.
 * A ``message`` is ACKed every time it arrives (so the server stops re-sending it), but handed to the
   application only once per ``(topic, messageId)`` within a bounded window: at least once on the wire,
   once to the application. A message that fails verification is ACKed and counted, never delivered.
+* With ``ack_when_consumed``, a message handed over is ACKed only by :meth:`~ClientCore.finish_message`
+  (the application is done with it); re-sends meanwhile are dropped un-ACKed, and one the application
+  failed on is forgotten, so the server's next re-send is handed over again: at least once to the
+  application.
 
 Refused ``init``
 ----------------
@@ -112,6 +119,7 @@ __all__ = [
     "IntegrityFailure",
     "MessageReceived",
     "PublishConfirmed",
+    "PublishExpired",
     "PublishRefused",
     "ServerError",
     "SubscribeConfirmed",
@@ -263,6 +271,14 @@ class PublishRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishExpired:
+    """``publish_give_up_after`` passed since the publish was first sent: it is no longer re-sent (a later
+    re-send could reach a server that forgot its id, and be fanned out twice). It may have been delivered."""
+
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageReceived:
     """A verified, decrypted message, handed over once; ``payload`` is ``str`` or ``bytes`` as published."""
 
@@ -298,6 +314,7 @@ ClientEvent = (
     | SubscribeRefused
     | PublishConfirmed
     | PublishRefused
+    | PublishExpired
     | MessageReceived
     | IntegrityFailure
     | ServerError
@@ -391,6 +408,10 @@ class ClientCore:
         self._server_topics: dict[str, None] = {}
         self._pending: dict[str, bytes] = {}  # messageId -> encoded publish packet, in publish order
         self._seen: DedupeWindow[tuple[str, str], bool] = DedupeWindow(config.dedupe_window)
+        # ack_when_consumed: messages handed to the application and not yet finished (finish_message). Kept
+        # apart from the window, which could evict them: a redelivery of one is neither ACKed nor handed out.
+        self._handling: set[tuple[str, str]] = set()
+        self._give_up: Deadlines[str] = Deadlines()  # messageId -> first send + publish_give_up_after
         self._events: list[ClientEvent] = []
         self._out = bytearray()  # bytes not owned by a live WebSocket: the upgrade request, a last Close
 
@@ -488,8 +509,8 @@ class ClientCore:
 
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`handle_timeout` must run: keepalive or close timeout, connect timeout,
-        a publish retry, or the reconnect time. ``None``: nothing is timed."""
-        candidates = [self._connect_deadline, self._reconnect_at, self._retries.next()]
+        a publish retry or give-up, or the reconnect time. ``None``: nothing is timed."""
+        candidates = [self._connect_deadline, self._reconnect_at, self._retries.next(), self._give_up.next()]
         if self._ws is not None:
             candidates.append(self._ws.next_deadline())
         return min((when for when in candidates if when is not None), default=None)
@@ -503,6 +524,11 @@ class ClientCore:
             timeout = self._config.connect_timeout
             reason = f"no successful init within connect_timeout ({timeout:g} s)"
             self._fail(now, reason, close_code=CloseCode.HANDSHAKE_TIMEOUT)
+        for message_id in self._give_up.pop_due(now):  # before the retries: never re-send one past it
+            if self._pending.pop(message_id, None) is not None:
+                self._retries.cancel(message_id)
+                logger.info("publish %r unconfirmed after publish_give_up_after: not re-sent", message_id)
+                self._events.append(PublishExpired(message_id))
         if self._state is _S.READY:
             for message_id in self._retries.pop_due(now):
                 self._send_publish(message_id, now)
@@ -552,6 +578,23 @@ class ClientCore:
         """
         self._pending.pop(message_id, None)
         self._retries.cancel(message_id)
+        self._give_up.cancel(message_id)
+
+    def finish_message(self, topic: str, message_id: str, *, handled: bool, now: float) -> None:
+        """With ``ack_when_consumed``: the application is done with a :class:`MessageReceived`.
+
+        ``handled``: ACK it (now if ``READY``; otherwise its next redelivery is ACKed and dropped). Not
+        ``handled`` (a handler raised): forget it un-ACKed, so the server's next re-send (its retry, or the
+        resume after a reconnection) is handed over again. Unknown or finished messages are ignored.
+        """
+        key = (topic, message_id)
+        if key not in self._handling:
+            return
+        self._handling.remove(key)
+        if handled:
+            self._seen.add(key, True, now)
+            if self._state is _S.READY:
+                self._send(encode(Ack(topic, message_id)))
 
     def subscribe(self, topic: str) -> None:
         """Receive ``topic`` from now on, and after every reconnection (answer: :class:`SubscribeConfirmed`
@@ -587,6 +630,7 @@ class ClientCore:
             return
         self._move(_I.CLOSE)
         self._reconnect_at = None
+        self._give_up = Deadlines()  # abandoned: nothing of them is due any more
         if self._ws is not None and self._ws.is_open:
             # Keep the WebSocket until the server answers (or close_timeout): closing the socket with
             # unread data could reset the connection and lose what we sent last.
@@ -700,6 +744,7 @@ class ClientCore:
         # exception or a state change, and logs it there when nobody is waiting for it.
         logger.info("giving up: %s", reason)
         self._move(_I.GIVE_UP)
+        self._give_up = Deadlines()
         self._events.append(GaveUp(reason))
 
     def _drop_transport(self) -> None:
@@ -731,6 +776,7 @@ class ClientCore:
         if packet is not None:
             self._send(packet)
             self._retries.arm(message_id, now + self._config.publish_retry_interval)
+            self._give_up.arm_earlier(message_id, now + self._config.publish_give_up_after)  # the first send
 
     def _send_topic_request(self, request: Subscribe | Unsubscribe) -> None:
         topic = request.topic
@@ -824,6 +870,7 @@ class ClientCore:
         if self._pending.pop(packet.message_id, None) is None:
             return  # cancelled, or a second confirmation of a publish we re-sent
         self._retries.cancel(packet.message_id)
+        self._give_up.cancel(packet.message_id)
         if packet.success:
             self._events.append(PublishConfirmed(packet.message_id, packet.delivered_to))
         else:
@@ -832,12 +879,29 @@ class ClientCore:
 
     def _on_message(self, message: MessagePacket, now: float) -> None:
         key = (message.topic, message.message_id)
-        # Every copy is ACKed, delivered or not: the ACK is what stops the server from re-sending it.
-        self._send(encode(Ack(message.topic, message.message_id)))
-        if not self.subscriptions_for(message.topic) or self._seen.get(key, now):
-            return  # unsubscribed meanwhile, or a redelivery of what the application already has
+        if key in self._handling:
+            return  # still with the application: ACKed when it is done with it (finish_message), not before
+        subscribed = bool(self.subscriptions_for(message.topic))
+        seen = self._seen.get(key, now)
+        payload = self._open(message) if subscribed and not seen else None
+        # Not handed over (a redelivery, a failed verification, an unsubscribed topic), or by default: ACKed
+        # now, since the ACK is what stops the server from re-sending it. With ack_when_consumed, one for no
+        # subscription is left to the server's next re-send (the application may subscribe meanwhile).
+        manual = self._config.ack_when_consumed
+        if not manual or (payload is None and (seen or subscribed)):
+            self._send(encode(Ack(message.topic, message.message_id)))
+        if payload is None:
+            return
+        if manual:
+            self._handling.add(key)
+        else:
+            self._seen.add(key, True, now)
+        self._events.append(MessageReceived(message.topic, payload, message.message_id, message.timestamp))
+
+    def _open(self, message: MessagePacket) -> str | bytes | None:
+        """The verified, decrypted payload; ``None`` (counted, reported) if verification fails."""
         try:
-            payload = self._suite.open(
+            return self._suite.open(
                 session=self._session,
                 topic=message.topic,
                 message_id=message.message_id,
@@ -853,6 +917,4 @@ class ClientCore:
                 "message %r on %r failed verification: %s", message.message_id, message.topic, exc.message
             )
             self._events.append(IntegrityFailure(message.topic, message.message_id, exc.message))
-            return
-        self._seen.add(key, True, now)
-        self._events.append(MessageReceived(message.topic, payload, message.message_id, message.timestamp))
+            return None

@@ -20,9 +20,14 @@ and owns what an *application* sees of a client, whichever adapter runs it (anyi
   core no longer lists it); a refusal overtaken by a later request changes nothing (the later answer
   decides).
 * **Flow control**: :attr:`ClientApp.paused` is true while some consumer's queue is at its ``max_buffer``;
-  the adapter then stops *reading* the socket. Nothing is dropped: the core ACKs on receipt, so a dropped
-  message would be lost for good. TCP then pushes back on the server, whose slow-consumer policy applies.
-  :attr:`ClientApp.wake_io` is called when a queue falls below its mark, so the adapter reads again.
+  the adapter then stops *reading* the socket. Nothing is dropped: by default the core ACKs on receipt, so
+  a dropped message would be lost for good. TCP then pushes back on the server, whose slow-consumer
+  policy applies. :attr:`ClientApp.wake_io` is called when a queue falls below its mark, so the adapter
+  reads again, and when an ACK was queued outside an IO call, so the adapter writes it.
+* **When a message is consumed** (``ClientConfig.ack_when_consumed``): each message is held by the
+  consumers it was queued for; an iterator is done with it when :meth:`ClientApp.take` hands it out, a
+  handler when the adapter reports :meth:`ClientApp.done`, a withdrawn consumer with what it had buffered.
+  The last one tells the core to ACK it (or, if a handler raised, to forget it for a redelivery).
 * **The connection state** the application sees (:class:`~fastport_core.client_api.ConnectionState`),
   with repeated states deduplicated, and its callbacks; counters; and the first-connect policy
   (``ClientConfig.retry_first_connect``).
@@ -54,6 +59,7 @@ from .client import (
     IntegrityFailure,
     MessageReceived,
     PublishConfirmed,
+    PublishExpired,
     PublishRefused,
     ServerError,
     SubscribeConfirmed,
@@ -195,7 +201,8 @@ class ClientApp:
         self.server_errors = 0
         """``error`` frames received (the server could not honour something this client sent)."""
         self.wake_io: Callable[[], object] = lambda: None
-        """Set by the adapter: called when a consumer's queue fell below its mark (read the socket again)."""
+        """Set by the adapter: called when a consumer's queue fell below its mark (read the socket again) or
+        an ACK was queued (write it)."""
         self._auth_error: AuthenticationError | None = None
         self._ever_connected = False
         self._closing = False
@@ -205,6 +212,9 @@ class ClientApp:
         self._publishes: dict[str, Ticket[str]] = {}
         self._confirming: dict[str, list[Ticket[None]]] = {}
         self._consumers: dict[str, list[Consumer]] = {}
+        # ack_when_consumed: (topic, messageId) -> consumers not yet done with it; those of which one failed.
+        self._holds: dict[tuple[str, str], int] = {}
+        self._failed: set[tuple[str, str]] = set()
         self._deadlines: Deadlines[Ticket[Any]] = Deadlines()
         self._state_callbacks: list[Callable[[StateChange], object]] = []
         self._integrity_callbacks: list[Callable[[IntegrityFailure], object]] = []
@@ -347,11 +357,18 @@ class ClientApp:
             message = items.popleft()
             if len(items) == consumer.max_buffer - 1:
                 self.wake_io()  # it was at its mark: the adapter may read again
+            if consumer.handler is None:
+                self._release(message, handled=True)  # an iterator is done with what it took
             return message
         if consumer.ended:
             error, consumer.error = consumer.error, None
             raise error if error is not None else Ended
         return None
+
+    def done(self, message: Message, *, handled: bool = True) -> None:
+        """A handler returned (``handled``) or raised on ``message`` taken with :meth:`take`. The adapter
+        calls it for every message a handler was given; it matters with ``ack_when_consumed`` only."""
+        self._release(message, handled=handled)
 
     def remove(self, consumer: Consumer) -> None:
         """Withdraw one consumer (iterator closed, block left); the topic goes with its last consumer."""
@@ -399,10 +416,22 @@ class ClientApp:
             match event:
                 case MessageReceived():
                     message = Message(event.topic, event.payload, event.message_id, event.timestamp)
+                    holders = 0
                     for subscription in self.core.subscriptions_for(event.topic):  # filters too
                         for consumer in self._consumers.get(subscription, ()):
                             consumer.items.append(message)
                             consumer._wake()
+                            holders += 1
+                    if self._config.ack_when_consumed:
+                        self._holds[event.topic, event.message_id] = holders + 1
+                        self._release(message, handled=True)  # the + 1: settles one held by nobody
+                case PublishExpired():
+                    if (ticket := self._publishes.pop(event.message_id, None)) is not None:
+                        after = self._config.publish_give_up_after
+                        text = (f"publish {event.message_id} on {ticket.topic!r} not confirmed within "
+                                f"publish_give_up_after ({after:g} s) of its first send; it is no longer "
+                                "re-sent (the server's dedupe window could forget it)")  # fmt: skip
+                        self._settle(ticket, error=PublishTimeoutError(text, message_id=event.message_id))
                 case PublishConfirmed():
                     if (ticket := self._publishes.pop(event.message_id, None)) is not None:
                         self._settle(ticket, result=event.message_id)
@@ -499,10 +528,30 @@ class ClientApp:
         if ticket.waker is not None:
             ticket.waker()
 
+    def _release(self, message: Message, *, handled: bool) -> None:
+        """One consumer is done with ``message`` (ack_when_consumed): the last one settles it in the core,
+        ACKed if every one handled it, else left un-ACKed for the server to deliver again."""
+        key = (message.topic, message.message_id)
+        holders = self._holds.get(key)
+        if holders is None:
+            return  # the default mode, or already settled
+        if not handled:
+            self._failed.add(key)
+        if holders > 1:
+            self._holds[key] = holders - 1
+            return
+        del self._holds[key]
+        ok = key not in self._failed
+        self._failed.discard(key)
+        self.core.finish_message(*key, handled=ok, now=self._now)
+        self.wake_io()  # an ACK to write
+
     def _end(self, consumer: Consumer, error: BaseException | None) -> None:
         if not consumer.ended:
             consumer.ended = True
             consumer.error = error
+            for message in consumer.items:  # withdrawn: done with them (never ACKed once the core closed)
+                self._release(message, handled=True)
             consumer.items.clear()  # effective at once: nothing more is handed out
             consumer._wake()
 

@@ -16,7 +16,14 @@ from typing import Any, ClassVar
 from .errors import LocalProtocolError
 from .peers import TrustedProxies
 
-__all__ = ["ClientConfig", "Limits", "ServerConfig", "SessionSettings", "SlowConsumerPolicy"]
+__all__ = [
+    "DEFAULT_DEDUPE_TTL",
+    "ClientConfig",
+    "Limits",
+    "ServerConfig",
+    "SessionSettings",
+    "SlowConsumerPolicy",
+]
 
 
 class SlowConsumerPolicy(StrEnum):
@@ -27,6 +34,11 @@ class SlowConsumerPolicy(StrEnum):
     expire; an anonymous one's are given up and counted."""
     DROP_OLDEST = "drop_oldest"
     """Give up its oldest un-ACKed delivery (counted) to make room for the new one."""
+
+
+DEFAULT_DEDUPE_TTL = 600.0
+"""The server's default ``dedupe_ttl``: ``ClientConfig.publish_give_up_after`` must stay below it, so a
+client never re-sends a publish after a default server may have forgotten its id (docs/clients.md)."""
 
 
 def _require_positive(owner: object, *names: str) -> None:
@@ -212,7 +224,7 @@ class ServerConfig:
     send_ack_received: bool = True
     """Send the publisher ``ack_received`` once every delivery of its message is ACKed or given up (the
     original fastPort Dart client re-sends a publish until then); ``False`` turns the frame off."""
-    dedupe_ttl: float = 600.0
+    dedupe_ttl: float = DEFAULT_DEDUPE_TTL
     """Seconds a published message id stays in the session's dedupe window (also bounded by count)."""
     password_hash_cost: int = 2**14
     """scrypt's N for session passwords and secret keys (a power of two; r=8, p=1). Doubling it doubles the
@@ -256,6 +268,14 @@ class ClientConfig:
     publishes are refused at once (the server would close on every resend)."""
     max_pending_publishes: int = 10_000
     """Unconfirmed publishes held for resending; past it ``publish`` raises instead of growing."""
+    publish_give_up_after: float = 300.0
+    """Seconds after its first send that an unconfirmed publish stops being re-sent and fails with
+    ``PublishTimeoutError``, whatever its ``timeout``: below the server's ``dedupe_ttl`` (600 s by default),
+    so a re-send always reaches a server that still remembers the id and never fans it out twice."""
+    ack_when_consumed: bool = False
+    """``False`` (the default): a message is ACKed on receipt. ``True``: only once every handler it went to
+    returned (a handler that raises leaves it un-ACKed: the server delivers it again) and every iterator
+    took it, so a crash while handling it does not lose it (docs/clients.md, "Delivery guarantees")."""
     retry_first_connect: bool = False
     """``False`` (the default): ``connect`` raises at once if the *first* connection fails (a wrong URL or
     password shows at start-up instead of hiding behind retries). ``True``: the first connection is retried
@@ -265,5 +285,10 @@ class ClientConfig:
         _require_positive(
             self, "publish_retry_interval", "ping_interval", "ping_timeout", "connect_timeout",
             "reconnect_initial_delay", "reconnect_max_delay", "reconnect_give_up_after", "dedupe_window",
-            "max_message_size", "max_pending_publishes",
+            "max_message_size", "max_pending_publishes", "publish_give_up_after",
         )  # fmt: skip
+        if self.publish_give_up_after >= DEFAULT_DEDUPE_TTL:
+            raise LocalProtocolError(
+                f"publish_give_up_after must be below the server's dedupe_ttl ({DEFAULT_DEDUPE_TTL:g} s), "
+                f"got {self.publish_give_up_after!r}: a later re-send could be fanned out twice"
+            )

@@ -23,12 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Final, TypeVar
 
 from fastport_core.client import Token
-from fastport_core.client_api import (
-    DEFAULT_MAX_BUFFER,
-    DEFAULT_TIMEOUT,
-    Message,
-    describe_error,
-)
+from fastport_core.client_api import DEFAULT_MAX_BUFFER, DEFAULT_TIMEOUT, Message, describe_error
 from fastport_core.client_app import ClientApp, ClientViews, Consumer, Ended, Job, Ticket
 from fastport_core.config import ClientConfig
 from fastport_core.crypto import SuiteName
@@ -281,10 +276,14 @@ class Client(ClientViews):
                         return
                     self._ready.wait()
             callback, argument = job
+            handled = False
             try:
                 callback(argument)
+                handled = True
             except Exception:
                 logger.exception("callback %r raised on %r", callback, argument)
+            if isinstance(argument, Message):  # a handler's: ACK it (with ack_when_consumed) unless it raised
+                self._call(self._app.done, argument, handled=handled)
 
     def _next_job_locked(self) -> Job | None:
         """A state/integrity callback first, else the next message of a handler, taking turns."""

@@ -7,6 +7,7 @@ that both adapters carry them out over real sockets, with faults from the shared
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -27,7 +28,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 import fastport_anyio
 import fastport_threads
 from fastport_core.client_api import ConnectionState, Message
-from fastport_core.config import ClientConfig, Limits
+from fastport_core.config import ClientConfig, Limits, SessionSettings
 from fastport_core.crypto import generate_key
 from fastport_core.errors import (
     AuthenticationError,
@@ -42,7 +43,7 @@ from tests.background import SESSION, WAIT, ServerHandle, in_thread, make_server
 from tests.certificates import make_certificate
 from tests.proxy import Proxy
 
-from .conftest import Collector, Opener, States
+from .conftest import FAST, Collector, Opener, States
 
 
 def eventually(predicate: Callable[[], bool]) -> None:
@@ -465,6 +466,98 @@ def test_a_message_sealed_with_another_key_is_counted_and_not_delivered(
         assert next(messages).message_id == real
     assert [failure.message_id for failure in failures.wait_for(1)] == [forged]
     assert subscriber.integrity_failures == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# At least once to the application (ack_when_consumed), and the publish give-up horizon.
+
+CONSUMED = dataclasses.replace(FAST, ack_when_consumed=True)
+
+
+def _unacked(server: ServerHandle) -> int:
+    return server.call(lambda running: running.core.broker.stats().per_session[SESSION].inflight_deliveries)
+
+
+@pytest.mark.parametrize("ack_when_consumed", [False, True])
+def test_a_message_an_iterator_has_not_taken_is_acked_only_in_the_default_mode(
+    server: ServerHandle, open_client: Opener, ack_when_consumed: bool
+) -> None:
+    publisher = open_client(server.url)
+    subscriber = open_client(
+        server.url, config=dataclasses.replace(FAST, ack_when_consumed=ack_when_consumed)
+    )
+    with subscriber.subscription("t") as messages:
+        publisher.publish("t", "x")
+        eventually(lambda: messages.buffered == 1)
+        sync_subscriptions(subscriber)  # the server has read whatever the subscriber sent before
+        assert _unacked(server) == (1 if ack_when_consumed else 0)
+        assert next(messages).payload == "x"  # taken: ACKed
+        eventually(lambda: _unacked(server) == 0)
+
+
+def test_with_ack_when_consumed_a_message_whose_handler_raised_is_handed_over_again_after_a_reconnection(
+    server: ServerHandle, proxy: Proxy, open_client: Opener
+) -> None:
+    publisher, subscriber = open_client(server.url), open_client(proxy.url, config=CONSUMED)
+    states = states_of(subscriber)
+    received: Collector[Message] = Collector()
+
+    def handler(message: Message) -> None:
+        received(message)
+        if len(received.items) == 1:
+            raise ValueError("crashed while handling")
+
+    subscriber.subscribe("t", handler)
+    work, marker = publisher.publish("t", "work"), publisher.publish("t", "marker")
+    received.wait_for(2)  # the handler is on "marker": it is done with "work" (un-ACKed)
+    proxy.cut()
+    states.wait_state(ConnectionState.CONNECTED)  # resumed: the server re-sends what was not ACKed
+    assert [message.message_id for message in received.wait_for(3)] == [work, marker, work]
+    eventually(lambda: _unacked(server) == 0)
+    assert len(received.items) == 3
+
+
+def test_with_ack_when_consumed_a_message_whose_handler_raised_is_handed_over_again_at_the_servers_retry(
+    start_server: Callable[..., ServerHandle], open_client: Opener
+) -> None:
+    server = start_server(make_server_config(default_session_settings=SessionSettings(retry_interval=0.1)))
+    publisher, subscriber = open_client(server.url), open_client(server.url, config=CONSUMED)
+    attempts: Collector[Message] = Collector()
+
+    def handler(message: Message) -> None:
+        attempts(message)
+        if len(attempts.items) < 3:
+            raise ValueError("not yet")
+
+    subscriber.subscribe("t", handler)
+    message_id = publisher.publish("t", "work")
+    assert [message.message_id for message in attempts.wait_for(3)] == [message_id] * 3
+    eventually(lambda: _unacked(server) == 0)  # the third attempt returned: ACKed, no more re-sends
+
+
+def test_with_ack_when_consumed_what_was_never_taken_goes_to_the_next_process_of_a_persistent_subscriber(
+    start_server: Callable[..., ServerHandle], open_client: Opener
+) -> None:
+    server = start_server(make_server_config(default_session_settings=SessionSettings(retry_interval=0.1)))
+    publisher, first = open_client(server.url), open_client(server.url, config=CONSUMED, client_id="worker")
+    stream = first.messages("jobs")
+    sent = publisher.publish("jobs", "job")
+    eventually(lambda: stream.buffered == 1)
+    first.close()  # as a crash would: never taken, so never ACKed
+    second = open_client(server.url, config=CONSUMED, client_id="worker")
+    with second.messages("jobs", timeout=WAIT) as jobs:  # what came before it is left to the server's retry
+        assert next(jobs).message_id == sent
+    eventually(lambda: _unacked(server) == 0)
+
+
+def test_a_publish_is_given_up_at_publish_give_up_after_even_without_a_timeout(
+    server: ServerHandle, proxy: Proxy, open_client: Opener
+) -> None:
+    client = open_client(proxy.url, config=dataclasses.replace(FAST, publish_give_up_after=0.3))
+    proxy.freeze_downstream()  # the confirmation never arrives
+    with pytest.raises(PublishTimeoutError, match=r"publish_give_up_after \(0\.3 s\)") as caught:
+        client.publish("t", "x", timeout=None)
+    assert caught.value.message_id and client.pending_publishes == 0
 
 
 # --------------------------------------------------------------------------------------------------------

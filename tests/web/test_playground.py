@@ -212,3 +212,24 @@ def test_the_js_suites_reproduce_the_python_known_answer_vectors() -> None:
     report = json.loads(result.stdout)
     assert report["failures"] == []
     assert report["checked"] >= 100
+
+
+def test_the_js_client_gives_a_publish_up_before_the_servers_dedupe_window_forgets_it() -> None:
+    """In Node, with a scripted WebSocket that never confirms: re-sent until ``publishGiveUpAfter``, then
+    rejected and never sent again; a horizon at the server's 600000 ms dedupe window is refused."""
+    result = subprocess.run(
+        [
+            "node",
+            str(ROOT / "tests/js/publish_give_up.mjs"),
+            str(ROOT / "fastport_anyio/web/client/fastport.js"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert "publishGiveUpAfter" in report["refused"]
+    assert "not confirmed within publishGiveUpAfter (200 ms)" in report["error"]
+    assert report["elapsed"] >= 190 and report["publishes"] >= 3
+    assert report["publishesLater"] == report["publishes"]  # nothing re-sent past the horizon

@@ -330,9 +330,12 @@ function newId() {
   return toHex(randomBytes(16));
 }
 
+const SERVER_DEDUPE_TTL = 600000; // ms a default server remembers a published messageId (dedupe_ttl)
+
 const DEFAULTS = {
   suite: "authenticated",
   publishRetryInterval: 5000,
+  publishGiveUpAfter: 300000,
   connectTimeout: 10000,
   reconnectInitialDelay: 500,
   reconnectMaxDelay: 30000,
@@ -348,6 +351,7 @@ const DEFAULTS = {
  * ``WebSocket`` (a WebSocket class; default ``globalThis.WebSocket``); ``clientId``;
  * ``onIntegrityFailure({topic, messageId, error})``; ``onStateChange(state, detail)``;
  * ``onServerError({error, code})``; timings in milliseconds: ``publishRetryInterval`` (5000),
+ * ``publishGiveUpAfter`` (300000, below the server's 600000 ms dedupe window),
  * ``connectTimeout`` (10000), ``reconnectInitialDelay`` (500), ``reconnectMaxDelay`` (30000),
  * ``reconnectGiveUpAfter`` (null: never); ``dedupeWindow`` (10000 ids); ``maxPendingPublishes`` (10000).
  */
@@ -367,6 +371,12 @@ export class Client {
     }
     this.url = url;
     this.options = { ...DEFAULTS, ...options };
+    const giveUp = this.options.publishGiveUpAfter;
+    if (!(typeof giveUp === "number" && giveUp > 0 && giveUp < SERVER_DEDUPE_TTL)) {
+      throw new FastportError(
+        `publishGiveUpAfter must be a number of ms in (0, ${SERVER_DEDUPE_TTL}): the server's dedupe window`,
+      );
+    }
     this.session = options.session;
     this.clientId = options.clientId ?? newId();
     this.state = "disconnected";
@@ -379,7 +389,7 @@ export class Client {
     this._ws = null;
     this._handlers = new Map(); // topic -> handler, in subscription order (re-subscribed in that order)
     this._topicWaiters = new Map(); // topic -> [{resolve, reject, kind}] in request order
-    this._pending = new Map(); // messageId -> {frame, resolve, reject, timer}, in publish order
+    this._pending = new Map(); // messageId -> {frame, resolve, reject, timer, firstSent}, in publish order
     this._seen = new Map(); // "topic\0messageId" -> true, oldest first (bounded dedupe window)
     this._reconnectTimer = null;
     this._connectTimer = null;
@@ -630,9 +640,20 @@ export class Client {
   _sendPublish(id) {
     const entry = this._pending.get(id);
     if (!entry || this.state !== "ready") return;
-    this._ws.send(entry.frame);
+    const now = Date.now();
+    entry.firstSent ??= now;
+    const left = entry.firstSent + this.options.publishGiveUpAfter - now;
     clearTimeout(entry.timer);
-    entry.timer = setTimeout(() => this._sendPublish(id), this.options.publishRetryInterval);
+    if (left <= 0) {
+      // A later re-send could reach a server whose dedupe window forgot the id: it would be fanned out twice.
+      this._pending.delete(id);
+      const after = this.options.publishGiveUpAfter;
+      const text = `publish ${id} not confirmed within publishGiveUpAfter (${after} ms) of its first send`;
+      entry.reject(new FastportError(`${text}; it is no longer re-sent`));
+      return;
+    }
+    this._ws.send(entry.frame);
+    entry.timer = setTimeout(() => this._sendPublish(id), Math.min(this.options.publishRetryInterval, left));
   }
 
   _checkOpen(operation) {
