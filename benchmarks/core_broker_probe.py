@@ -1,8 +1,8 @@
 """Broker-only cost of the hot path (publish → fan-out → ACK), without sockets, frames parsing or JSON in.
 
 Not a test: a probe to run by hand (``.venv/bin/python benchmarks/core_broker_probe.py``) when touching
-``fastport_core/broker.py``. The sink does nothing, so the numbers are the broker's own time: routing,
-delivery bookkeeping, the one ``message`` encoding per publish and the ``publish_response``.
+``fastport_core/broker.py``. Its output is cleared unread, so the numbers are the broker's own time:
+routing, delivery bookkeeping, the one ``message`` encoding per publish and the ``publish_response``.
 
 Prints µs per 1:1 message (publish + ACK) and the extra µs per additional fan-out delivery (each
 subscriber ACKs), the best of several rounds.
@@ -15,27 +15,15 @@ import time
 
 from fastport_core.broker import Broker
 from fastport_core.config import ServerConfig
-from fastport_core.errors import CloseCode
 from fastport_core.protocol import Ack, Init, Publish, Subscribe
 
 DATA = "A" * 44 + ":" + "B" * 64  # the size of a small encrypted payload (iv:ciphertext, base64)
 HASH = "v1:" + "0" * 64
 
 
-class NullSink:
-    def send_payload(self, conn: int, payload: bytes) -> None:
-        pass
-
-    def send_frame(self, conn: int, frame: bytes) -> None:
-        pass
-
-    def close(self, conn: int, code: CloseCode, reason: str) -> None:
-        pass
-
-
 def per_message_us(subscribers: int, messages: int) -> float:
     """Broker µs per published message with ``subscribers`` subscribers, each ACKing every message."""
-    broker = Broker(ServerConfig(password_hash_cost=2), NullSink())
+    broker = Broker(ServerConfig(password_hash_cost=2))
     broker.create_session("bench", "pw", 0.0)
     for conn in range(subscribers + 1):
         broker.connection_opened(conn, 0.0)
@@ -46,11 +34,14 @@ def per_message_us(subscribers: int, messages: int) -> float:
     acks = [Ack("t", f"m{i}") for i in range(messages)]
     receivers = range(1, subscribers + 1)
     handle = broker.handle_packet
+    clear = broker.output.clear  # the answers are data; the server core would apply them
+    clear()
     start = time.process_time()  # CPU time: steadier than wall time on a shared machine
     for publish, ack in zip(publishes, acks, strict=True):
         handle(0, publish, 1.0)
         for conn in receivers:
             handle(conn, ack, 1.0)
+        clear()
     elapsed = time.process_time() - start
     assert broker.stats().stored_messages == 0
     return elapsed / messages * 1e6
