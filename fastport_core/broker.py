@@ -710,30 +710,31 @@ class _Session:
         return delivered
 
     def _shed_backlogs(self, room: int) -> bool:
-        """The session is full: under DROP_OLDEST, give up backlogged deliveries (``overflow``), the oldest
-        of the largest backlog first, until ``pending_bytes`` is at most ``room``; whether it now is.
+        """The session is full: under DROP_OLDEST, give up (``overflow``) the backlogged deliveries of the
+        oldest messages that have any, until ``pending_bytes`` is at most ``room``; whether it now is.
 
-        A resumable subscriber's backlog is bounded by the session's pending bytes (and message expiry).
-        Under DISCONNECT nothing is given up: the publish is refused with ``session_full`` and the
-        publishers wait for the subscribers (nothing confirmed is lost). A shed delivery frees its
-        message's bytes once no other subscriber owes it.
+        A resumable subscriber's backlog is bounded by the session's pending bytes and message expiry.
+        Under DISCONNECT nothing is given up: the publish is refused with ``session_full`` and publishers
+        wait for the subscribers (nothing confirmed is lost). A message's bytes are freed once no
+        subscriber owes it any more; deliveries in a window are never shed (they may be on the wire).
+        Only runs when the session is full under DROP_OLDEST, so walking the messages is acceptable.
         """
         if self._policy is not SlowConsumerPolicy.DROP_OLDEST:
             return False
         subscribers = [c.subscriber for c in self.connections if c.subscriber is not None]
-        subscribers.extend(self.detached)
-        subscribers.sort(key=lambda subscriber: len(subscriber.backlog), reverse=True)
-        for subscriber in subscribers:
-            backlog = subscriber.backlog
-            if not backlog:
-                break
-            if subscriber.connection is not None:
-                self._metrics.inc("slow_consumers", self.name, SlowConsumerPolicy.DROP_OLDEST.value)
-            while backlog and self.pending_bytes > room:
-                self._give_up(next(iter(backlog.values())), GiveUpReason.OVERFLOW)
+        if not any(subscriber.backlog for subscriber in [*subscribers, *self.detached]):
+            return False
+        shed = 0
+        for message in list(self.messages.values()):
+            message_id = message.publish.message_id
+            for delivery in [d for d in message.deliveries if d.subscriber.backlog.get(message_id) is d]:
+                self._give_up(delivery, GiveUpReason.OVERFLOW)
+                shed += 1
             if self.pending_bytes <= room:
-                return True
-        return False
+                break
+        if shed:
+            _log.info("session %r is full: gave up %d backlogged delivery(ies)", self.name, shed)
+        return self.pending_bytes <= room
 
     def _settle_now(self, publisher: _Subscriber, p: Publish) -> None:
         """Owe ``ack_received`` for a message that has no delivery left to wait for."""
