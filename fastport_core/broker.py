@@ -99,7 +99,7 @@ _log = logging.getLogger(__name__)
 SECRET_KEY_BYTES: Final = 32
 """Random bytes in a generated secret key (shown once, base64url without padding: 43 characters)."""
 _UNBOUNDED: Final = 1 << 62
-"""The byte credit of an anonymous subscriber: its window is bounded by count only (its slow-consumer policy)."""
+"""The byte credit of an anonymous subscriber: its window is bounded by count only (its policy)."""
 TOKEN_KEY_BYTES: Final = 32
 """Random bytes in a session's token key (the HS256 key of its tokens; shown as standard base64)."""
 
@@ -213,7 +213,16 @@ def _encode_publish_ok(message_id: str, delivered_to: int) -> bytes:
 class _Message:
     """A published message, stored once per session until no subscriber owes an ACK for it."""
 
-    __slots__ = ("delivered_to", "deliveries", "expires_at", "frame_size", "owed", "publish", "publisher", "size")
+    __slots__ = (
+        "delivered_to",
+        "deliveries",
+        "expires_at",
+        "frame_size",
+        "owed",
+        "publish",
+        "publisher",
+        "size",
+    )
 
     def __init__(self, publish: Publish, expires_at: float, publisher: _Connection | None) -> None:
         self.publish = publish
@@ -247,7 +256,16 @@ class _Delivery:
 class _Subscriber:
     """What receives messages: a connection's, or a ``clientId``'s across connections (resumable)."""
 
-    __slots__ = ("backlog", "client_id", "connection", "credit", "detached_at", "inflight", "persistent", "topics")
+    __slots__ = (
+        "backlog",
+        "client_id",
+        "connection",
+        "credit",
+        "detached_at",
+        "inflight",
+        "persistent",
+        "topics",
+    )
 
     def __init__(self, connection: _Connection, client_id: str | None, persistent: bool, window: int) -> None:
         self.client_id = client_id
@@ -775,9 +793,9 @@ class _Session:
             inflight = subscriber.inflight
             connection = subscriber.connection
             delivery = _Delivery(message, subscriber, due)
-            if (len(inflight) >= cap or subscriber.credit < size or subscriber.backlog) and self._beyond_window(
-                delivery, slow
-            ):
+            if (
+                len(inflight) >= cap or subscriber.credit < size or subscriber.backlog
+            ) and self._beyond_window(delivery, slow):
                 continue
             inflight[message_id] = delivery
             subscriber.credit -= size

@@ -700,7 +700,9 @@ class World:
             return Outcome("accepted", 0, or_else=sticky)
         room = LIMITS.max_pending_bytes_per_session - _charged(packet.frame)
         if self._pending_bytes(session) > room:
-            if self.policy is SlowConsumerPolicy.DROP_OLDEST and any(self.backlog[c] for c in MEMBERS[session]):
+            if self.policy is SlowConsumerPolicy.DROP_OLDEST and any(
+                self.backlog[c] for c in MEMBERS[session]
+            ):
                 if self._pending_after_shedding(session, room) <= room:
                     return Outcome("accepted", len(recipients), or_else=sticky, shed=True)
                 return Outcome("refused", code=ErrorCode.SESSION_FULL.value, or_else=sticky, shed=True)
