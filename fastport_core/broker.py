@@ -97,6 +97,8 @@ _log = logging.getLogger(__name__)
 
 SECRET_KEY_BYTES: Final = 32
 """Random bytes in a generated secret key (shown once, base64url without padding: 43 characters)."""
+_UNBOUNDED: Final = 1 << 62
+"""The byte credit of an anonymous subscriber: its window is bounded by count only (its policy)."""
 TOKEN_KEY_BYTES: Final = 32
 """Random bytes in a session's token key (the HS256 key of its tokens; shown as standard base64)."""
 
@@ -153,7 +155,8 @@ class GiveUpReason(StrEnum):
     EXPIRED = "expired"
     """The message outlived its session's ``message_expiry_time``."""
     OVERFLOW = "overflow"
-    """Its subscriber held ``max_inflight_per_subscriber`` deliveries and the oldest made room."""
+    """Its anonymous subscriber held ``max_inflight_per_subscriber`` deliveries and the oldest made room; or,
+    under ``drop_oldest``, a full session gave up a resumable subscriber's oldest backlogged delivery."""
     DISCONNECTED = "disconnected"
     """Its subscriber's connection closed and had no ``clientId`` to resume with."""
     DETACHED = "detached"
@@ -176,6 +179,8 @@ class SessionStats:
     inflight_deliveries: int
     pending_bytes: int
     suspended: bool
+    backlogged_deliveries: int = 0
+    """Deliveries waiting beyond their resumable subscriber's window (not sent yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +196,7 @@ class BrokerStats:
     pending_bytes: int
     throttled_peers: int
     per_session: Mapping[str, SessionStats]
+    backlogged_deliveries: int = 0
 
 
 def _encode_publish_ok(message_id: str, delivered_to: int) -> bytes:
@@ -214,7 +220,16 @@ def _encode_ack_received(message_id: str, topic: str) -> bytes:
 class _Message:
     """A published message, stored once per session until no subscriber owes an ACK for it."""
 
-    __slots__ = ("delivered_to", "deliveries", "expires_at", "owed", "publish", "publisher", "size")
+    __slots__ = (
+        "delivered_to",
+        "deliveries",
+        "expires_at",
+        "frame_size",
+        "owed",
+        "publish",
+        "publisher",
+        "size",
+    )
 
     def __init__(self, publish: Publish, expires_at: float, publisher: _Connection | None) -> None:
         self.publish = publish
@@ -228,6 +243,8 @@ class _Message:
         self.owed = 0
         """Deliveries still in some subscriber's ``inflight``; the message is freed when it reaches 0."""
         self.delivered_to = 0
+        self.frame_size = 0
+        """Bytes of its encoded ``message`` frame: what one delivery costs its subscriber's byte window."""
 
 
 class _Delivery:
@@ -246,9 +263,18 @@ class _Delivery:
 class _Subscriber:
     """What receives messages: a connection's, or a ``clientId``'s across connections (resumable)."""
 
-    __slots__ = ("client_id", "connection", "detached_at", "inflight", "persistent", "topics")
+    __slots__ = (
+        "backlog",
+        "client_id",
+        "connection",
+        "credit",
+        "detached_at",
+        "inflight",
+        "persistent",
+        "topics",
+    )
 
-    def __init__(self, connection: _Connection, client_id: str | None, persistent: bool) -> None:
+    def __init__(self, connection: _Connection, client_id: str | None, persistent: bool, window: int) -> None:
         self.client_id = client_id
         self.persistent = persistent
         """Kept across a clean close too (``init``'s ``persistent``; the latest resuming ``init`` decides)."""
@@ -257,7 +283,13 @@ class _Subscriber:
         self.detached_at = 0.0
         self.topics: set[str] = set()
         self.inflight: dict[str, _Delivery] = {}
-        """Un-ACKed deliveries by message id, oldest first (insertion order)."""
+        """Un-ACKed deliveries in its window (sent, or re-sent on resume), by message id, oldest first."""
+        self.backlog: OrderedDict[str, _Delivery] = OrderedDict()
+        """A resumable subscriber's deliveries beyond its window: never sent yet, not retried; they move
+        into ``inflight`` (and are sent), oldest first, as ACKs free the window."""
+        self.credit = window if client_id is not None else _UNBOUNDED
+        """Bytes its window may still take (``_Session.window_bytes`` minus the ``frame_size`` of each
+        delivery in ``inflight``); an anonymous subscriber's window is bounded by count only."""
 
 
 class _Connection:
@@ -323,6 +355,7 @@ class _Session:
         "_publishes",
         "_retries",
         "_settled",
+        "_starved",
         "clients",
         "connections",
         "dedupe",
@@ -339,6 +372,7 @@ class _Session:
         "suspended",
         "token_key",
         "topics",
+        "window_bytes",
     )  # fmt: skip
 
     def __init__(
@@ -386,6 +420,11 @@ class _Session:
         self.detached: OrderedDict[_Subscriber, None] = OrderedDict()
         self.dedupe: DedupeWindow[str, int] = DedupeWindow(self._limits.dedupe_window, ttl=config.dedupe_ttl)
         self.idle_since: float | None = None
+        self.window_bytes = self._limits.max_output_buffer // 2
+        """The byte window of a resumable subscriber: frame bytes it may hold sent and un-ACKed. Half the
+        output bound, so a resume or a round of retries never overflows its connection's buffer (4002)."""
+        self._starved: dict[_Subscriber, None] = {}
+        """Subscribers with a backlog whose window a give-up freed: filled again after the timers ran."""
         self._start_idle(now)
 
     # -- timers --------------------------------------------------------------------------------------------
@@ -422,6 +461,14 @@ class _Session:
         self._expire_messages(now)
         self._expire_detached(now)
         self._retry_due(now)
+        self._feed_starved(now)
+
+    def _feed_starved(self, now: float) -> None:
+        starved = self._starved
+        while starved:
+            subscriber = next(iter(starved))
+            del starved[subscriber]
+            self._feed(subscriber, now)
 
     def _expire_messages(self, now: float) -> None:
         messages = self.messages
@@ -432,7 +479,7 @@ class _Session:
             message_id = message.publish.message_id
             given_up = 0
             for delivery in list(message.deliveries):  # the last give-up clears the list
-                if delivery.subscriber.inflight.get(message_id) is delivery:
+                if _holds(delivery, message_id):
                     self._give_up(delivery, GiveUpReason.EXPIRED)
                     given_up += 1
             _log.info(
@@ -510,6 +557,42 @@ class _Session:
             self._resend(delivery, conn, now)
         if subscriber.inflight:
             self._arm(now + self.settings.retry_interval)
+        self._feed(subscriber, now)
+
+    def _feed(self, subscriber: _Subscriber, now: float) -> None:
+        """Send ``subscriber``'s backlog, oldest first, as far as its window has room (count and bytes).
+
+        Only while it can be sent: a detached subscriber or a suspended session keeps its backlog, and a
+        resume or an unsuspend feeds it. A window that is empty takes one delivery whatever its size.
+        """
+        backlog = subscriber.backlog
+        connection = subscriber.connection
+        if not backlog or connection is None or self.suspended:
+            return
+        inflight = subscriber.inflight
+        cap = self._limits.max_inflight_per_subscriber
+        due = now + self.settings.retry_interval
+        queue = self.retry_queue
+        send = self._frames.append
+        sent = 0
+        while backlog:
+            message_id, delivery = next(iter(backlog.items()))
+            message = delivery.message
+            if inflight and (len(inflight) >= cap or subscriber.credit < message.frame_size):
+                break
+            del backlog[message_id]
+            inflight[message_id] = delivery
+            subscriber.credit -= message.frame_size
+            p = message.publish
+            send((connection.conn, encode_text_frame(
+                encode_message(p.topic, p.data, p.hash, p.timestamp, message_id, p.encoding)
+            )))  # fmt: skip
+            delivery.due = due
+            queue[delivery] = None
+            sent += 1
+        if sent:
+            self._deliveries.value += sent
+            self._arm(due)
 
     # -- delivery bookkeeping ----------------------------------------------------------------------------
 
@@ -526,14 +609,23 @@ class _Session:
             message.deliveries.clear()
 
     def _give_up(self, delivery: _Delivery, reason: GiveUpReason) -> None:
-        del delivery.subscriber.inflight[delivery.message.publish.message_id]
+        subscriber = delivery.subscriber
+        message_id = delivery.message.publish.message_id
+        if subscriber.inflight.get(message_id) is delivery:
+            del subscriber.inflight[message_id]
+            subscriber.credit += delivery.message.frame_size
+            if subscriber.backlog:
+                self._starved[subscriber] = None
+        else:
+            del subscriber.backlog[message_id]
         self.retry_queue.pop(delivery, None)
         self._release(delivery.message)
         self._metrics.inc("deliveries_given_up", self.name, reason.value)
 
     def _give_up_all(self, subscriber: _Subscriber, reason: GiveUpReason) -> None:
-        count = len(subscriber.inflight)
-        for delivery in list(subscriber.inflight.values()):
+        count = len(subscriber.inflight) + len(subscriber.backlog)
+        # The backlog first, so that emptying the window does not make the subscriber look starved.
+        for delivery in [*subscriber.backlog.values(), *subscriber.inflight.values()]:
             self._give_up(delivery, reason)
         if count:
             _log.info("session %r: gave up %d delivery(ies) of a subscriber: %s", self.name, count, reason)
@@ -541,15 +633,19 @@ class _Session:
     def _give_up_oldest(self, subscriber: _Subscriber) -> None:
         self._give_up(next(iter(subscriber.inflight.values())), GiveUpReason.OVERFLOW)
 
-    def ack(self, subscriber: _Subscriber, message_id: str) -> None:
-        """Complete ``subscriber``'s own delivery of ``message_id`` (anything else is an unknown ACK)."""
+    def ack(self, subscriber: _Subscriber, message_id: str, now: float) -> None:
+        """Complete ``subscriber``'s own delivery of ``message_id`` (anything else is an unknown ACK, a
+        backlogged delivery included: it was never sent), and send from its backlog into the freed slot."""
         delivery = subscriber.inflight.pop(message_id, None)
         if delivery is None:
             self._acks_unknown.value += 1
             return
         self.retry_queue.pop(delivery, None)
+        subscriber.credit += delivery.message.frame_size
         self._release(delivery.message)
         self._acks.value += 1
+        if subscriber.backlog:
+            self._feed(subscriber, now)
 
     # -- routing -----------------------------------------------------------------------------------------
 
@@ -610,7 +706,7 @@ class _Session:
             return 0
         limit = self._limits.max_pending_bytes_per_session
         message = _Message(p, now + self.settings.message_expiry_time, publisher.connection)
-        if self.pending_bytes + message.size > limit:
+        if self.pending_bytes + message.size > limit and not self._shed_backlogs(limit - message.size):
             raise RemoteProtocolError(
                 f"the session holds {self.pending_bytes} bytes of un-ACKed messages (limit {limit})",
                 code=ErrorCode.SESSION_FULL,
@@ -638,6 +734,33 @@ class _Session:
                     self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
         return delivered
 
+    def _shed_backlogs(self, room: int) -> bool:
+        """The session is full: under DROP_OLDEST, give up (``overflow``) the backlogged deliveries of the
+        oldest messages that have any, until ``pending_bytes`` is at most ``room``; whether it now is.
+
+        A resumable subscriber's backlog is bounded by the session's pending bytes and message expiry.
+        Under DISCONNECT nothing is given up: the publish is refused with ``session_full`` and publishers
+        wait for the subscribers (nothing confirmed is lost). A message's bytes are freed once no
+        subscriber owes it any more; deliveries in a window are never shed (they may be on the wire).
+        Only runs when the session is full under DROP_OLDEST, so walking the messages is acceptable.
+        """
+        if self._policy is not SlowConsumerPolicy.DROP_OLDEST:
+            return False
+        subscribers = [c.subscriber for c in self.connections if c.subscriber is not None]
+        if not any(subscriber.backlog for subscriber in [*subscribers, *self.detached]):
+            return False
+        shed = 0
+        for message in list(self.messages.values()):
+            message_id = message.publish.message_id
+            for delivery in [d for d in message.deliveries if d.subscriber.backlog.get(message_id) is d]:
+                self._give_up(delivery, GiveUpReason.OVERFLOW)
+                shed += 1
+            if self.pending_bytes <= room:
+                break
+        if shed:
+            _log.info("session %r is full: gave up %d backlogged delivery(ies)", self.name, shed)
+        return self.pending_bytes <= room
+
     def _settle_now(self, publisher: _Subscriber, p: Publish) -> None:
         """Owe ``ack_received`` for a message that has no delivery left to wait for."""
         if self._settled is not None and publisher.connection is not None:
@@ -664,6 +787,7 @@ class _Session:
         frame = encode_text_frame(
             encode_message(p.topic, p.data, p.hash, p.timestamp, message_id, p.encoding)
         )
+        size = message.frame_size = len(frame)
         queue = self.retry_queue
         due = now + self.settings.retry_interval
         cap = self._limits.max_inflight_per_subscriber
@@ -676,17 +800,12 @@ class _Session:
             inflight = subscriber.inflight
             connection = subscriber.connection
             delivery = _Delivery(message, subscriber, due)
-            if len(inflight) >= cap:
-                if connection is not None and self._policy is SlowConsumerPolicy.DISCONNECT:
-                    self._metrics.inc("slow_consumers", self.name, SlowConsumerPolicy.DISCONNECT.value)
-                    inflight[message_id] = delivery
-                    deliveries.append(delivery)
-                    slow.append(connection)
-                    continue
-                if connection is not None:
-                    self._metrics.inc("slow_consumers", self.name, SlowConsumerPolicy.DROP_OLDEST.value)
-                self._give_up_oldest(subscriber)
+            if (
+                len(inflight) >= cap or subscriber.credit < size or subscriber.backlog
+            ) and self._beyond_window(delivery, slow):
+                continue
             inflight[message_id] = delivery
+            subscriber.credit -= size
             deliveries.append(delivery)
             if connection is not None:
                 send((connection.conn, frame))
@@ -694,6 +813,37 @@ class _Session:
                 sent += 1
         if sent:
             self._deliveries.value += sent
+
+    def _beyond_window(self, delivery: _Delivery, slow: list[_Connection]) -> bool:
+        """A delivery for a subscriber whose window is full (or that has a backlog): ``True`` if it was
+        recorded here, ``False`` if the caller still records and sends it (after any room was made).
+
+        A resumable subscriber's delivery waits in its backlog (in order: behind any backlog), unless its
+        window is empty (a message larger than the byte window still goes, alone). An anonymous one's
+        meets the slow-consumer policy: under DISCONNECT it is recorded but not sent and the connection
+        goes to ``slow``; under DROP_OLDEST its oldest delivery is given up to make room.
+        """
+        subscriber = delivery.subscriber
+        message = delivery.message
+        message_id = message.publish.message_id
+        if subscriber.client_id is not None:
+            if not subscriber.backlog and not subscriber.inflight:
+                return False
+            subscriber.backlog[message_id] = delivery
+            message.deliveries.append(delivery)
+            return True
+        connection = subscriber.connection
+        assert connection is not None, "only a resumable subscriber outlives its connection"
+        if self._policy is SlowConsumerPolicy.DISCONNECT:
+            self._metrics.inc("slow_consumers", self.name, SlowConsumerPolicy.DISCONNECT.value)
+            subscriber.inflight[message_id] = delivery
+            subscriber.credit -= message.frame_size
+            message.deliveries.append(delivery)
+            slow.append(connection)
+            return True
+        self._metrics.inc("slow_consumers", self.name, SlowConsumerPolicy.DROP_OLDEST.value)
+        self._give_up_oldest(subscriber)
+        return False
 
     # -- subscribers and connections -----------------------------------------------------------------------
 
@@ -708,7 +858,7 @@ class _Session:
         connection.session = self
         subscriber = self.clients.get(client_id) if client_id is not None else None
         if subscriber is None:
-            subscriber = _Subscriber(connection, client_id, persistent)
+            subscriber = _Subscriber(connection, client_id, persistent, self.window_bytes)
             if client_id is not None:
                 self.clients[client_id] = subscriber
             connection.subscriber = subscriber
@@ -728,7 +878,7 @@ class _Session:
         deliveries were made by whoever held the ``clientId`` before, perhaps with the password)."""
         for topic in [topic for topic in subscriber.topics if not scope.may_subscribe(topic)]:
             self.unsubscribe(subscriber, topic)
-        for delivery in list(subscriber.inflight.values()):
+        for delivery in [*subscriber.inflight.values(), *subscriber.backlog.values()]:
             if not scope.may_subscribe(delivery.message.publish.topic):
                 self._give_up(delivery, GiveUpReason.SCOPE)
 
@@ -759,8 +909,6 @@ class _Session:
         subscriber.connection = None
         subscriber.detached_at = now
         self.detached[subscriber] = None
-        while len(subscriber.inflight) > self._limits.max_inflight_per_subscriber:
-            self._give_up_oldest(subscriber)
         if len(self.detached) > self._limits.max_detached_per_session:
             self._forget_detached(next(iter(self.detached)))
         self._arm(now + self.settings.message_expiry_time)
@@ -791,6 +939,7 @@ class _Session:
             inflight_deliveries=sum(len(s.inflight) for s in subscribers),
             pending_bytes=self.pending_bytes,
             suspended=self.suspended,
+            backlogged_deliveries=sum(len(s.backlog) for s in subscribers),
         )
 
 
@@ -939,7 +1088,7 @@ class Broker:
             else:
                 self._send(conn, _encode_publish_ok(packet.message_id, delivered))
         elif isinstance(packet, Ack):
-            session.ack(subscriber, packet.message_id)
+            session.ack(subscriber, packet.message_id, now)
         elif isinstance(packet, Subscribe):
             self._on_subscribe(connection, session, subscriber, packet.topic)
         elif isinstance(packet, Unsubscribe):
@@ -1323,7 +1472,14 @@ class Broker:
             pending_bytes=sum(s.pending_bytes for s in values),
             throttled_peers=len(self._throttle),
             per_session=per_session,
+            backlogged_deliveries=sum(s.backlogged_deliveries for s in values),
         )
+
+
+def _holds(delivery: _Delivery, message_id: str) -> bool:
+    """Whether ``delivery`` (of ``message_id``) is still owed: in its subscriber's window or backlog."""
+    subscriber = delivery.subscriber
+    return subscriber.inflight.get(message_id) is delivery or subscriber.backlog.get(message_id) is delivery
 
 
 def _check_publish(scope: TokenScope | None, topic: str) -> None:

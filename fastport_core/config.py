@@ -27,13 +27,18 @@ __all__ = [
 
 
 class SlowConsumerPolicy(StrEnum):
-    """What happens to a subscriber that reaches ``max_inflight_per_subscriber`` un-ACKed deliveries."""
+    """What happens to an anonymous subscriber (no ``clientId``) that reaches ``max_inflight_per_subscriber``
+    un-ACKed deliveries, and to resumable subscribers' backlogs when their session's pending bytes are full.
+
+    A resumable subscriber (``clientId``) is never closed or trimmed for its window: deliveries beyond it
+    wait in its backlog and are sent as it ACKs."""
 
     DISCONNECT = "disconnect"
-    """Close it with 4002; a resumable subscriber's (``clientId``) deliveries wait for it to resume, or
-    expire; an anonymous one's are given up and counted."""
+    """Close an anonymous subscriber with 4002 (its deliveries are given up and counted); a full session
+    refuses publishes (``session_full``) until resumable subscribers' backlogs drain or expire."""
     DROP_OLDEST = "drop_oldest"
-    """Give up its oldest un-ACKed delivery (counted) to make room for the new one."""
+    """Give up an anonymous subscriber's oldest un-ACKed delivery (counted) to make room for the new one;
+    a full session gives up the oldest backlogged deliveries of the largest backlog to make room."""
 
 
 DEFAULT_DEDUPE_TTL = 600.0
@@ -145,7 +150,9 @@ class Limits:
     max_connections_per_session: int = 1000
     """Initialised connections one session may hold; further inits are refused."""
     max_inflight_per_subscriber: int = 1000
-    """Un-ACKed deliveries one subscriber may hold before the slow-consumer policy applies."""
+    """Un-ACKed deliveries sent to one subscriber (its window). Past it an anonymous subscriber meets the
+    slow-consumer policy; a resumable one's (``clientId``) deliveries wait in its backlog and are sent as it
+    ACKs (its window is also bounded to half ``max_output_buffer`` of frame bytes)."""
     max_pending_bytes_per_session: int = 64 * 1024 * 1024
     """Bytes of un-ACKed messages a session may hold: each message's topic, id, hash and data in UTF-8 plus
     a fixed 512 bytes of bookkeeping (``accounting.MESSAGE_OVERHEAD``); a publish past it is refused with
@@ -193,7 +200,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     default_session_settings: SessionSettings = field(default_factory=SessionSettings)
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
-    """What happens to a subscriber at ``max_inflight_per_subscriber`` (``disconnect`` or ``drop_oldest``)."""
+    """What happens to an anonymous subscriber at ``max_inflight_per_subscriber``, and to resumable
+    subscribers' backlogs in a session whose pending bytes are full (``disconnect`` or ``drop_oldest``)."""
     ping_interval: float | None = 20.0
     """Seconds of silence after which the server pings a connection; ``None`` disables keepalive."""
     ping_timeout: float = 20.0

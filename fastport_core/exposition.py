@@ -38,6 +38,7 @@ GAUGES: Final[dict[str, str]] = {
     "inflight_deliveries": "Deliveries sent and not yet ACKed.",
     "pending_bytes": "Payload bytes of the stored messages.",
     "throttled_peers": "Peer addresses the failed-auth throttle remembers.",
+    "backlogged_deliveries": "Deliveries waiting beyond their resumable subscriber's window, not sent yet.",
 }
 
 #: SessionStats field → help text of the gauge ``fastport_session_<field>``, labelled ``session``.
@@ -47,6 +48,7 @@ SESSION_GAUGES: Final[dict[str, str]] = {
     "detached_subscribers": "Resumable subscribers (clientId) waiting for a connection, per session.",
     "stored_messages": "Messages stored until every subscriber ACKed them or they expire, per session.",
     "inflight_deliveries": "Deliveries sent and not yet ACKed, per session.",
+    "backlogged_deliveries": "Deliveries waiting beyond their resumable subscriber's window, per session.",
     "pending_bytes": "Payload bytes of the stored messages, per session (bounded by max_pending_bytes).",
     "suspended": "1 while the session is suspended, else 0.",
 }

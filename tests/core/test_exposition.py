@@ -56,13 +56,13 @@ def test_every_broker_statistic_is_a_gauge() -> None:
 
 def test_gauges_carry_the_broker_statistics() -> None:
     per_session = {
-        "a": SessionStats(1, 2, 3, 4, 5, 6, suspended=False),
+        "a": SessionStats(1, 2, 3, 4, 5, 6, suspended=False, backlogged_deliveries=7),
         'b"\n': SessionStats(10, 20, 30, 40, 50, 60, suspended=True),
     }
-    families = scrape(Metrics(), BrokerStats(2, 11, 22, 44, 55, 66, 7, per_session))
+    families = scrape(Metrics(), BrokerStats(2, 11, 22, 44, 55, 66, 7, per_session, backlogged_deliveries=8))
     assert {name: families[PREFIX + name] for name in GAUGES} == {
         name: [(PREFIX + name, {}, value)]
-        for name, value in zip(GAUGES, (2.0, 11.0, 22.0, 44.0, 55.0, 66.0, 7.0), strict=True)
+        for name, value in zip(GAUGES, (2.0, 11.0, 22.0, 44.0, 55.0, 66.0, 7.0, 8.0), strict=True)
     }
     for name in SESSION_GAUGES:
         family = f"{PREFIX}session_{name}"

@@ -6,7 +6,7 @@ A hypothesis :class:`~hypothesis.stateful.RuleBasedStateMachine` drives the real
 would wire them (DESIGN §1) but with every byte in memory and time a float the rules advance: no socket,
 thread or sleep. Sessions ``alpha`` (clients a0, a1, a2) and ``beta`` (b0, b1) use the same topic names,
 the same end-to-end key and different delivery settings; the server's limits are small enough to be hit
-(4 in-flight deliveries per subscriber, ~5 messages of pending bytes per session, 3 connections per
+(2 in-flight deliveries per subscriber, ~5 messages of pending bytes per session, 3 connections per
 session), and the slow-consumer policy and the first subscriptions are drawn per example.
 
 The network (:mod:`tests.core.simnet`) cuts each direction of each connection into WebSocket frames.
@@ -29,8 +29,10 @@ is one ``receive_data`` call, so every counter change is attributed to one frame
 connection of which client the broker holds as initialised, when a resumable subscriber (``clientId``)
 was detached and when it must be forgotten, the exact routing table (the subscribe/unsubscribe frames the
 server processed), and every delivery, tracked on its own with the documented rules (DESIGN §3.1, §3.5,
-§3.6): in the retry queue or waiting, when it is due, how many re-sends it had, and how it ended (ACKed,
-or given up for a reason: expiry, retry limit, in-flight bound, forgotten subscriber). So the model knows,
+§3.6): in its subscriber's window or its backlog (beyond the window: not sent yet, sent oldest first as
+ACKs free the window), in the retry queue or waiting, when it is due, how many re-sends it had, and how it
+ended (ACKed, or given up for a reason: expiry, retry limit, a full session shedding backlogs under
+``drop_oldest``, forgotten subscriber). So the model knows,
 for every server call, which ``message`` frames must go out (with which ``retry``), which ACKs complete a
 delivery, and how many deliveries each session gives up, for which reason.
 
@@ -43,8 +45,9 @@ Invariants, on every server call and after every step
 2. Once to the application: ``MessageReceived`` never repeats a message id for a client, and a ``message``
    frame that reaches a ready, subscribed client is handed to its application.
 3. Per-subscriber delivery: exactly the due deliveries are sent (first sends, timer re-sends after
-   ``retry_interval``, everything again on resume, what waited on unsuspend), never after an ACK, expiry or
-   give-up, never in a suspended session; ``retry`` counts re-sends; ``deliveredTo`` is the routing count;
+   ``retry_interval``, the window again on resume, what waited on unsuspend, the backlog as the window
+   frees), never after an ACK, expiry or give-up, never in a suspended session; a resumable subscriber is
+   never closed as a slow consumer; ``retry`` counts re-sends; ``deliveredTo`` is the routing count;
    the give-up counters move exactly as the model's deliveries end.
 4. Publisher retries do not duplicate: each publish frame is, as predicted, accepted once (``publishes``),
    a duplicate within the dedupe window (``publish_duplicates``), refused (suspended, full) or ignored;
@@ -52,7 +55,7 @@ Invariants, on every server call and after every step
    fanned out.
 5. Bounded memory: in-flight deliveries, stored messages and pending bytes equal the model's and stay
    within the limits, connections too; every delivery is accounted for:
-   ``created == acks + given_up + in_flight`` per session.
+   ``created == acks + given_up + in_flight + backlogged`` per session.
 6. No core call raises, ``internal_errors`` stays 0, no ``error`` frame, integrity failure or ``GaveUp``
    happens, and ``handle_timeout(now)`` never leaves a deadline at or before ``now`` (an adapter would spin).
 
@@ -123,7 +126,7 @@ CLIENTS: Final = {"a0": "alpha", "a1": "alpha", "a2": "alpha", "b0": "beta", "b1
 MEMBERS: Final = {s: tuple(c for c, cs in CLIENTS.items() if cs == s) for s in SESSIONS}
 TOPICS: Final = ("t0", "t1")
 LIMITS: Final = Limits(
-    max_inflight_per_subscriber=4,
+    max_inflight_per_subscriber=2,  # below the ~5 messages of pending bytes, so backlogs form
     # A stored message here is charged MESSAGE_OVERHEAD + ~50 bytes of payload + ~50 of hash, id, topic.
     max_pending_bytes_per_session=5 * MESSAGE_OVERHEAD + 500,  # ~5 messages
     max_connections_per_session=3,  # alpha's 3 clients fill it (a resume replaces, so it is never refused)
@@ -184,7 +187,8 @@ class Delivery:
     app_expected: bool
     """The client's application was subscribed to the topic when the server accepted the publish."""
     state: str = "open"
-    """``open`` (in the subscriber's in-flight table), ``acked`` or ``gone`` (given up, see ``reason``)."""
+    """``open`` (in the subscriber's window or its backlog), ``acked`` or ``gone`` (given up, see
+    ``reason``)."""
     reason: str = ""
     retries: int = 0
     """Re-sends so far: the ``retry`` field of the last one."""
@@ -230,6 +234,9 @@ class Outcome:
     code: str = ""
     or_else: Outcome | None = None
     """Also allowed: the same refusal again, for a retry of a refused id (a server may keep refusals)."""
+    shed: bool = False
+    """The session is full under ``drop_oldest``: backlogged deliveries are given up first (accepted if
+    that made room, else refused)."""
 
 
 @dataclass
@@ -309,9 +316,11 @@ class World:
         self.resolved: Outcome | None = None
         """The outcome of the publish frame the server call in progress processed."""
         self.inflight: dict[str, dict[Delivery, None]] = {name: {} for name in CLIENTS}
-        """Each client's open deliveries, oldest first (the broker's per-subscriber in-flight table)."""
-        self.slow: set[int] = set()
-        """Connections the broker must close as slow consumers."""
+        """Each client's deliveries in its window, oldest first (the broker's per-subscriber in-flight table)."""
+        self.backlog: dict[str, dict[Delivery, None]] = {name: {} for name in CLIENTS}
+        """Each client's deliveries beyond its window, oldest first: not sent yet, sent as it ACKs."""
+        self.starved: dict[str, None] = {}
+        """Clients with a backlog whose window a give-up freed: fed after the broker's timers ran."""
         self.dial_disconnected()
 
     # -- driving the cores -------------------------------------------------------------------------------
@@ -689,9 +698,41 @@ class World:
         recipients = [c for c in MEMBERS[session] if c != name and topic in self.routing[c]]
         if not recipients:
             return Outcome("accepted", 0, or_else=sticky)
-        if self._pending_bytes(session) + _charged(packet.frame) > LIMITS.max_pending_bytes_per_session:
+        room = LIMITS.max_pending_bytes_per_session - _charged(packet.frame)
+        if self._pending_bytes(session) > room:
+            if self.policy is SlowConsumerPolicy.DROP_OLDEST and any(
+                self.backlog[c] for c in MEMBERS[session]
+            ):
+                if self._pending_after_shedding(session, room) <= room:
+                    return Outcome("accepted", len(recipients), or_else=sticky, shed=True)
+                return Outcome("refused", code=ErrorCode.SESSION_FULL.value, or_else=sticky, shed=True)
             return Outcome("refused", code=ErrorCode.SESSION_FULL.value, or_else=sticky)
         return Outcome("accepted", len(recipients), or_else=sticky)
+
+    def _sheddable(self, session: str) -> list[tuple[Publication, list[Delivery]]]:
+        """The stored messages in publish order, each with its backlogged deliveries (the broker's walk)."""
+        stored = sorted(self._stored(session), key=lambda p: p.tick)
+        return [(p, [d for d in p.deliveries.values() if d in self.backlog[d.client]]) for p in stored]
+
+    def _pending_after_shedding(self, session: str, room: int) -> int:
+        pending = self._pending_bytes(session)
+        for publication, backlogged in self._sheddable(session):
+            owed = [d for d in publication.deliveries.values() if d.state == "open"]
+            if backlogged and len(backlogged) == len(owed):
+                pending -= _charged(publication.frame)
+            if pending <= room:
+                break
+        return pending
+
+    def _shed(self, session: str, room: int, effects: Effects) -> None:
+        """The broker's ``drop_oldest`` answer to a full session: give up backlogged deliveries, oldest
+        message first, until the publish fits."""
+        for _publication, backlogged in self._sheddable(session):
+            for delivery in backlogged:
+                self._give_up(delivery, GiveUpReason.OVERFLOW, effects)
+                self.notes["backlog shed"] += 1
+            if self._pending_bytes(session) <= room:
+                return
 
     def _observe(
         self,
@@ -772,23 +813,41 @@ class World:
         effects.sends[delivery] = 0 if first else delivery.retries
 
     def _give_up(self, delivery: Delivery, reason: GiveUpReason, effects: Effects) -> None:
-        self._end(delivery, "gone", reason.value)
+        name = delivery.client
+        if self._end(delivery, "gone", reason.value) and self.backlog[name]:
+            self.starved[name] = None
         effects.given_up[delivery.publication.session, reason.value] += 1
 
-    def _end(self, delivery: Delivery, state: str, reason: str = "") -> None:
+    def _end(self, delivery: Delivery, state: str, reason: str = "") -> bool:
+        """End an open delivery; whether it was in its subscriber's window (rather than its backlog)."""
         assert delivery.state == "open"
         delivery.state = state
         delivery.reason = reason
         delivery.queued = False
-        del self.inflight[delivery.client][delivery]
+        inflight = self.inflight[delivery.client]
+        if delivery in inflight:
+            del inflight[delivery]
+            return True
+        del self.backlog[delivery.client][delivery]
+        return False
+
+    def _feed(self, name: str, effects: Effects) -> None:
+        """Send from ``name``'s backlog, oldest first, while its window has room (and it can be sent)."""
+        backlog = self.backlog[name]
+        inflight = self.inflight[name]
+        if self.attached[name] is None or self.suspended[CLIENTS[name]]:
+            return
+        while backlog and len(inflight) < LIMITS.max_inflight_per_subscriber:
+            delivery = next(iter(backlog))
+            del backlog[delivery]
+            inflight[delivery] = None
+            self._send(delivery, effects, first=True)
+            self.notes["sent from the backlog"] += 1
 
     def _detach(self, name: str, effects: Effects) -> None:
-        """The broker let go of ``name``'s connection: its resumable subscriber waits, at most at its bound."""
+        """The broker let go of ``name``'s connection: its resumable subscriber waits, backlog and all."""
         self.attached[name] = None
         self.detached_at[name] = self.now
-        inflight = self.inflight[name]
-        while len(inflight) > LIMITS.max_inflight_per_subscriber:
-            self._give_up(next(iter(inflight)), GiveUpReason.OVERFLOW, effects)
 
     def _forget_connection(self, conn: int, effects: Effects) -> None:
         for name, attached in self.attached.items():
@@ -803,6 +862,7 @@ class World:
                     if not delivery.queued:
                         self._send(delivery, effects, first=False)
                         self.notes["re-sent after the session resumed"] += 1
+                self._feed(name, effects)
 
     def _run_broker_timers(self, effects: Effects) -> None:
         """Per session, in this order: expire messages, forget long-detached subscribers, retry what is due."""
@@ -820,7 +880,7 @@ class World:
                     self.detached_at[name] = None
                     self.routing[name] = set()
                     self.notes["detached subscriber forgotten"] += 1
-                    for delivery in list(self.inflight[name]):
+                    for delivery in [*self.backlog[name], *self.inflight[name]]:
                         self._give_up(delivery, GiveUpReason.DETACHED, effects)
             for name in MEMBERS[session]:
                 for delivery in list(self.inflight[name]):
@@ -834,6 +894,9 @@ class World:
                     else:
                         self._send(delivery, effects, first=False)
                         self.notes["message re-sent on time"] += 1
+            for name in [name for name in self.starved if CLIENTS[name] == session]:
+                del self.starved[name]
+                self._feed(name, effects)
 
     def _observe_input(
         self, link: Link, packet: Packet, outcome: Outcome | None, delta: Counters, effects: Effects
@@ -859,7 +922,7 @@ class World:
         if kind == "publish":
             self._observe_publish(name, frame, outcome, delta, effects)
         elif kind == "ack":
-            self._observe_ack(name, frame, packet.forged, delta)
+            self._observe_ack(name, frame, packet.forged, delta, effects)
         elif kind == "subscribe":
             self.routing[name].add(frame["topic"])
         elif kind == "unsubscribe":
@@ -877,14 +940,15 @@ class World:
             self._detach(name, effects)
             self.notes["connection replaced"] += 1
         if not resumed:
-            assert not self.inflight[name]
+            assert not self.inflight[name] and not self.backlog[name]
             self.routing[name] = set()
         self.attached[name] = link.conn
         self.detached_at[name] = None
         self.notes["resumed" if resumed else "fresh subscriber"] += 1
-        if resumed:  # everything in flight again, at once, in order, as retries
+        if resumed:  # its window again, at once, in order, as retries; then its backlog as far as it fits
             for delivery in self.inflight[name]:
                 self._send(delivery, effects, first=False)
+            self._feed(name, effects)
 
     def _observe_publish(
         self, name: str, frame: dict[str, Any], outcome: Outcome | None, delta: Counters, effects: Effects
@@ -897,6 +961,8 @@ class World:
             labels[1]: value for (metric, labels), value in delta.items() if metric == "publishes_refused"
         }
         got = "accepted" if accepted else "duplicate" if duplicate else "refused" if refused else "ignored"
+        if outcome.shed and got in {"accepted", "refused"}:  # before a refusal repeated for a retry
+            self._shed(session, LIMITS.max_pending_bytes_per_session - _charged(frame), effects)
         assert accepted + duplicate + sum(refused.values()) <= 1, delta
         if (
             outcome.or_else is not None
@@ -933,9 +999,9 @@ class World:
         self.created[session] += publication.delivered_to
 
     def _fan_out(self, publication: Publication, effects: Effects) -> None:
-        """A delivery per routed subscriber but the publisher; the in-flight bound and its policy."""
+        """A delivery per routed subscriber but the publisher: in its window (sent if it is connected), or,
+        past its window or behind a backlog, in its backlog (every subscriber here is resumable)."""
         cap = LIMITS.max_inflight_per_subscriber
-        slow = []
         topic = publication.topic
         for name in MEMBERS[publication.session]:
             if name == publication.publisher or topic not in self.routing[name]:
@@ -943,22 +1009,13 @@ class World:
             delivery = Delivery(publication, name, app_expected=topic in self.clients[name].topics)
             publication.deliveries[name] = delivery
             inflight = self.inflight[name]
-            connected = self.attached[name] is not None
-            if len(inflight) >= cap:
-                if connected and self.policy is SlowConsumerPolicy.DISCONNECT:
-                    inflight[delivery] = None  # recorded, not sent: its subscriber is closed (4002)
-                    slow.append(name)
-                    continue
-                self._give_up(next(iter(inflight)), GiveUpReason.OVERFLOW, effects)
+            if self.backlog[name] or len(inflight) >= cap:
+                self.backlog[name][delivery] = None
+                self.notes["backlogged"] += 1
+                continue
             inflight[delivery] = None
-            if connected:
+            if self.attached[name] is not None:
                 self._send(delivery, effects, first=True)
-        for name in slow:
-            conn = self.attached[name]
-            assert conn is not None
-            self.slow.add(conn)
-            self._detach(name, effects)
-            self.notes["slow consumer disconnected"] += 1
 
     @staticmethod
     def _refused_yet_accepted(name: str, message_id: str) -> None:
@@ -968,12 +1025,15 @@ class World:
             " it (a retry of the same messageId sent before the refusal arrived) and fanned it out"
         )
 
-    def _observe_ack(self, name: str, frame: dict[str, Any], forged: bool, delta: Counters) -> None:
+    def _observe_ack(
+        self, name: str, frame: dict[str, Any], forged: bool, delta: Counters, effects: Effects
+    ) -> None:
         session = CLIENTS[name]
         delivery = self._delivery(session, frame["messageId"], name)
         acked = delta.get(("acks", (session,)), 0)
         unknown = delta.get(("acks_unknown", (session,)), 0)
-        expected = (1, 0) if delivery is not None and delivery.state == "open" else (0, 1)
+        sent = delivery is not None and delivery in self.inflight[name]  # a backlogged one was never sent
+        expected = (1, 0) if sent else (0, 1)
         assert (acked, unknown) == expected, (
             f"{name}'s ACK of {frame['messageId']} counted {acked} ack, {unknown} unknown; the delivery is"
             f" {delivery.state + ' ' + delivery.reason if delivery else 'nonexistent'}"
@@ -983,6 +1043,7 @@ class World:
             self._end(delivery, "acked")
             if forged:  # the attacker completed it: the application will not see it
                 delivery.app_expected = False
+            self._feed(name, effects)
 
     def _delivery(self, session: str, message_id: str, client: str) -> Delivery | None:
         """``client``'s delivery of ``message_id`` in ``session``: the open one if any, else the latest."""
@@ -1019,8 +1080,8 @@ class World:
         name = link.client
         session = CLIENTS[name]
         if packet.close is not None:
-            if packet.close[0] == CloseCode.SLOW_CONSUMER:
-                assert link.conn in self.slow, f"{name} closed as a slow consumer, not over its bound"
+            # A resumable subscriber is never a slow consumer: past its window its deliveries wait.
+            assert packet.close[0] != CloseCode.SLOW_CONSUMER, f"{name} (resumable) closed as a slow consumer"
             return
         if packet.kind != "data":
             return
@@ -1146,24 +1207,29 @@ class World:
                 attached + detached,
             ), f"{session}: broker gauges {s}, model: {attached} attached, {detached} detached"
             acks = metrics.value("acks", session)
-            assert self.created[session] == acks + given_up(self.server, session) + s.inflight_deliveries, (
+            held = s.inflight_deliveries + s.backlogged_deliveries
+            assert self.created[session] == acks + given_up(self.server, session) + held, (
                 f"{session}: {self.created[session]} deliveries created, {acks} ACKed,"
-                f" {given_up(self.server, session)} given up, {s.inflight_deliveries} in flight"
+                f" {given_up(self.server, session)} given up, {s.inflight_deliveries} in flight,"
+                f" {s.backlogged_deliveries} backlogged"
             )
             assert metrics.value("publishes", session) == self.accepted[session]
             assert metrics.value("publish_duplicates", session) == self.duplicates[session]
             assert metrics.value("deliveries", session) <= self.created[session]
             # Memory, exactly: what the model says the broker must still hold, and nothing more.
             inflight = sum(len(self.inflight[c]) for c in MEMBERS[session])
+            backlogged = sum(len(self.backlog[c]) for c in MEMBERS[session])
             stored = self._stored(session)
             pending = sum(_charged(p.frame) for p in stored)
-            assert (s.inflight_deliveries, s.stored_messages, s.pending_bytes) == (
+            assert (s.inflight_deliveries, s.backlogged_deliveries, s.stored_messages, s.pending_bytes) == (
                 inflight,
+                backlogged,
                 len(stored),
                 pending,
             ), (
-                f"{session}: the broker holds {s.inflight_deliveries} deliveries, {s.stored_messages} messages,"
-                f" {s.pending_bytes} bytes; the model: {inflight}, {len(stored)}, {pending}"
+                f"{session}: the broker holds {s.inflight_deliveries} deliveries in windows,"
+                f" {s.backlogged_deliveries} in backlogs, {s.stored_messages} messages, {s.pending_bytes} bytes;"
+                f" the model: {inflight}, {backlogged}, {len(stored)}, {pending}"
             )
             for name in MEMBERS[session]:
                 assert len(self.inflight[name]) <= LIMITS.max_inflight_per_subscriber
@@ -1175,7 +1241,10 @@ class World:
             return False
         stats = self.server.stats()
         return stats.connections == len(self.clients) and all(
-            s.inflight_deliveries == 0 and s.stored_messages == 0 and s.detached_subscribers == 0
+            s.inflight_deliveries == 0
+            and s.backlogged_deliveries == 0
+            and s.stored_messages == 0
+            and s.detached_subscribers == 0
             for s in stats.per_session.values()
         )
 
