@@ -1,9 +1,9 @@
 """A bounded soak: publishers and resumable subscribers through a proxy that cuts every connection at
 random, one subscriber whose handler is slow (its client pauses reading), and bad input from other peers
 mixed in. At the end every confirmed message reached every resumable subscriber's application exactly
-once, and once the clients are gone the broker holds nothing for them any more (no stored message, no
-delivery in flight or in a backlog, no pending bytes). A few seconds by default; ``FASTPORT_SOAK_SECONDS``
-makes the faulty phase longer."""
+once, and then the broker holds nothing for them any more (no stored message, no delivery in flight or
+in a backlog, no pending bytes). A few seconds by default; ``FASTPORT_SOAK_SECONDS`` makes the faulty
+phase longer."""
 
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ async def _soak(server: Server) -> None:
                     for index in range(PUBLISHERS):
                         producers.start_soon(publish, index)
                 done.set()
-                faults.cancel_scope.cancel()
+                # kill and bad_peers see done and end by themselves (cancelling a raw peer mid-handshake
+                # would leak its socket)
             want = set(confirmed)
             assert want
             while not all(want <= set(got) for got in received.values()):
@@ -117,15 +118,9 @@ async def _soak(server: Server) -> None:
             # ACKed again): then the broker holds nothing any more. Its state has no event to wait on.
             while server.core.stats().stored_messages:
                 await anyio.sleep(0.01)
+            stats = server.core.stats()  # nothing left for anyone: no delivery in flight or backlogged
+            assert (stats.inflight_deliveries, stats.backlogged_deliveries, stats.pending_bytes) == (0, 0, 0)
     for name, got in received.items():
         assert len(got) == len(set(got)), f"{name} saw a message twice"
         assert set(got) == want, f"{name} missed {len(want - set(got))} confirmed message(s)"
-    # The clients closed cleanly: once the server has seen every close, it holds nothing for them (the
-    # persistent subscribers stay, detached, with empty windows and backlogs).
-    with anyio.fail_after(10):
-        while server.core.stats().connections:
-            await anyio.sleep(0.01)  # the server's side of the closes: no event to wait on from here
-    stats = server.core.stats()
-    assert (stats.stored_messages, stats.inflight_deliveries, stats.backlogged_deliveries) == (0, 0, 0)
-    assert stats.pending_bytes == 0
     assert server.core.metrics.value("internal_errors") == 0
