@@ -171,8 +171,9 @@ class Limits:
     """Password verifications (scrypt) queued for the adapter's worker threads at once; past it an ``init``
     that needs one is refused with ``server_busy`` (transient: the client retries)."""
     max_uninitialised_per_address: int = 64
-    """Connections one peer address may hold that have not completed a successful ``init`` (TLS, HTTP
-    upgrade or admin requests included); past it new ones from that address are closed at once."""
+    """Connections one peer address (IPv6: one /64) may hold that have not completed a successful ``init``
+    (TLS, HTTP upgrade or admin requests included); past it new ones from it are closed at once. A trusted
+    proxy (``trusted_proxies``) is exempt: it carries many clients."""
     dedupe_window: int = 10_000
     """Recent message ids remembered per session (server) or per client (client) to drop duplicates."""
     max_detached_per_session: int = 1000
