@@ -12,6 +12,7 @@ Two pieces, both sans-IO:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import math
@@ -106,6 +107,23 @@ class PasswordHash:
     def remember(self, candidate: str) -> None:
         """Cache ``candidate`` as verified (only after :meth:`verify_slow` said so)."""
         self._verified_tag = self._tag(candidate)
+
+    def encode(self) -> str:
+        """``scrypt$N$r$p$salt$digest`` (base64): what a store keeps; :meth:`decode` reads it back."""
+        salt = base64.b64encode(self._salt).decode("ascii")
+        digest = base64.b64encode(self._digest).decode("ascii")
+        return f"scrypt${self._n}${SCRYPT_R}${SCRYPT_P}${salt}${digest}"
+
+    @classmethod
+    def decode(cls, text: str) -> PasswordHash:
+        """Read :meth:`encode`'s form; raises :class:`ValueError` for anything else (a damaged store)."""
+        parts = text.split("$")
+        if len(parts) != 6 or parts[0] != "scrypt" or (int(parts[2]), int(parts[3])) != (SCRYPT_R, SCRYPT_P):
+            raise ValueError("not an scrypt password hash this version writes")
+        n = int(parts[1])
+        if n < 2 or n & (n - 1):
+            raise ValueError(f"scrypt N must be a power of two, got {n}")
+        return cls(base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True), n=n)
 
     def __repr__(self) -> str:
         return f"PasswordHash(scrypt n={self._n} r={SCRYPT_R} p={SCRYPT_P})"

@@ -51,7 +51,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Final, cast
 
 import orjson
 
@@ -66,6 +66,7 @@ from .peers import throttle_key
 from .protocol import (
     Ack,
     ClientPacket,
+    Encoding,
     Init,
     InitResponse,
     Publish,
@@ -77,6 +78,16 @@ from .protocol import (
     encode,
     encode_error,
     encode_message,
+)
+from .storage import (
+    DeliveryRecord,
+    Journal,
+    MessageRecord,
+    PublishRecord,
+    SessionRecord,
+    Snapshot,
+    StoreBatch,
+    SubscriberRecord,
 )
 from .timers import Deadlines
 from .tokens import TokenScope, decode_token_key, verify_token
@@ -90,6 +101,7 @@ __all__ = [
     "GiveUpReason",
     "SessionExistsError",
     "SessionStats",
+    "StoreUnavailableError",
     "UnknownSessionError",
 ]
 
@@ -112,11 +124,14 @@ class BrokerOutput:
     queues a frame for it afterwards.
     """
 
-    __slots__ = ("closes", "frames", "initialised", "verifications")
+    __slots__ = ("closes", "confirmations", "frames", "initialised", "verifications")
 
     def __init__(self) -> None:
         self.frames: list[tuple[int, bytes]] = []
         """``(conn, encoded unmasked WebSocket text frame)``, in the order they must be sent."""
+        self.confirmations: list[tuple[int, bytes]] = []
+        """With a store only: frames that promise durability (a successful ``publish_response``,
+        ``ack_received``), to send once everything the broker journalled so far is committed."""
         self.closes: list[tuple[int, CloseCode, str]] = []
         """``(conn, code, reason)``: start the closing handshake (the broker has already forgotten it)."""
         self.initialised: list[int] = []
@@ -126,10 +141,13 @@ class BrokerOutput:
         comes back through :meth:`Broker.verification_done`."""
 
     def __bool__(self) -> bool:
-        return bool(self.frames or self.closes or self.initialised or self.verifications)
+        return bool(
+            self.frames or self.closes or self.initialised or self.verifications or self.confirmations
+        )
 
     def clear(self) -> None:
         self.frames.clear()
+        self.confirmations.clear()
         self.closes.clear()
         self.initialised.clear()
         self.verifications.clear()
@@ -145,6 +163,10 @@ class UnknownSessionError(LocalProtocolError):
 
 class AccessDeniedError(LocalProtocolError):
     """A session operation with a wrong password or secret key."""
+
+
+class StoreUnavailableError(LocalProtocolError):
+    """A session operation while the store cannot be written (it would not survive a restart)."""
 
 
 class GiveUpReason(StrEnum):
@@ -228,6 +250,7 @@ class _Message:
         "owed",
         "publish",
         "publisher",
+        "saved",
         "size",
     )
 
@@ -245,16 +268,20 @@ class _Message:
         self.delivered_to = 0
         self.frame_size = 0
         """Bytes of its encoded ``message`` frame: what one delivery costs its subscriber's byte window."""
+        self.saved = False
+        """A taken store batch wrote it (the store deletes it once no delivery refers to it)."""
 
 
 class _Delivery:
     """One (message, subscriber) pair awaiting the subscriber's ACK."""
 
-    __slots__ = ("due", "message", "retries", "subscriber")
+    __slots__ = ("due", "message", "retries", "saved", "subscriber")
 
     def __init__(self, message: _Message, subscriber: _Subscriber, due: float) -> None:
         self.message = message
         self.subscriber = subscriber
+        self.saved = False
+        """A taken store batch wrote it (a resumable subscriber's delivery) and none deleted it since."""
         self.retries = 0
         self.due = due
         """When the next re-send is due; meaningful while the delivery is in the retry queue."""
@@ -271,11 +298,23 @@ class _Subscriber:
         "detached_at",
         "inflight",
         "persistent",
+        "saved",
+        "session",
         "topics",
     )
 
-    def __init__(self, connection: _Connection, client_id: str | None, persistent: bool, window: int) -> None:
+    def __init__(
+        self,
+        session: _Session,
+        connection: _Connection | None,
+        client_id: str | None,
+        persistent: bool,
+        window: int,
+    ) -> None:
+        self.session = session
         self.client_id = client_id
+        self.saved = False
+        """A taken store batch wrote it (resumable subscribers only) and none deleted it since."""
         self.persistent = persistent
         """Kept across a clean close too (``init``'s ``persistent``; the latest resuming ``init`` decides)."""
         self.connection: _Connection | None = connection
@@ -312,7 +351,7 @@ class _Connection:
 class _Context:
     """What the broker shares with each of its sessions."""
 
-    __slots__ = ("config", "deadlines", "disconnect", "metrics", "output", "settled")
+    __slots__ = ("config", "deadlines", "disconnect", "journal", "metrics", "output", "settled")
 
     def __init__(
         self,
@@ -320,8 +359,11 @@ class _Context:
         output: BrokerOutput,
         metrics: Metrics,
         disconnect: Callable[[_Connection, CloseCode, str, float], None],
+        journal: Journal | None,
     ) -> None:
         self.config = config
+        self.journal = journal
+        """Changes to durable state since the last store batch; ``None``: the broker runs in memory."""
         self.output = output
         self.metrics = metrics
         self.deadlines: Deadlines[_Session | _Connection] = Deadlines()
@@ -348,6 +390,7 @@ class _Session:
         "_deliveries",
         "_disconnect",
         "_frames",
+        "_journal",
         "_limits",
         "_metrics",
         "_policy",
@@ -367,6 +410,7 @@ class _Session:
         "password",
         "pending_bytes",
         "retry_queue",
+        "saved",
         "secret",
         "settings",
         "suspended",
@@ -407,6 +451,9 @@ class _Session:
         self._deadlines = context.deadlines
         self._disconnect = context.disconnect
         self._settled = context.settled
+        self._journal = context.journal
+        self.saved = False
+        """A taken store batch wrote it and none deleted it since."""
         self.suspended = False
         self.connections: dict[_Connection, None] = {}
         self.topics: dict[str, dict[_Subscriber, None]] = {}
@@ -528,6 +575,8 @@ class _Session:
         ``frames`` caches the encoded frames of the running retry round, shared by its subscribers.
         """
         delivery.retries += 1
+        if self._journal is not None and delivery.subscriber.client_id is not None:
+            self._journal.put(delivery)  # its retry count survives a restart
         p = delivery.message.publish
         key = (p.message_id, delivery.retries)
         frame = frames.get(key) if frames is not None else None
@@ -585,7 +634,7 @@ class _Session:
             subscriber.credit -= message.frame_size
             p = message.publish
             send((connection.conn, encode_text_frame(
-                encode_message(p.topic, p.data, p.hash, p.timestamp, message_id, p.encoding)
+                encode_message(p.topic, p.data, p.hash, p.timestamp, message_id, p.encoding, delivery.retries)
             )))  # fmt: skip
             delivery.due = due
             queue[delivery] = None
@@ -618,6 +667,8 @@ class _Session:
                 self._starved[subscriber] = None
         else:
             del subscriber.backlog[message_id]
+        if self._journal is not None and subscriber.client_id is not None:
+            self._journal.drop(delivery, delivery.saved)
         self.retry_queue.pop(delivery, None)
         self._release(delivery.message)
         self._metrics.inc("deliveries_given_up", self.name, reason.value)
@@ -642,6 +693,8 @@ class _Session:
             return
         self.retry_queue.pop(delivery, None)
         subscriber.credit += delivery.message.frame_size
+        if self._journal is not None and subscriber.client_id is not None:
+            self._journal.drop(delivery, delivery.saved)
         self._release(delivery.message)
         self._acks.value += 1
         if subscriber.backlog:
@@ -652,6 +705,8 @@ class _Session:
     def subscribe(self, subscriber: _Subscriber, topic: str) -> None:
         """Route ``topic`` (a topic, or a well-formed filter) to ``subscriber``."""
         subscriber.topics.add(topic)
+        if self._journal is not None and subscriber.client_id is not None:
+            self._journal.put(subscriber)
         if has_wildcard(topic):
             self.filters.add(topic, subscriber)
         else:
@@ -661,6 +716,8 @@ class _Session:
         """Stop routing ``topic`` (spelled as subscribed) to ``subscriber``; its in-flight deliveries still
         await their ACKs."""
         subscriber.topics.discard(topic)
+        if self._journal is not None and subscriber.client_id is not None:
+            self._journal.put(subscriber)
         if has_wildcard(topic):
             self.filters.discard(topic, subscriber)
             return
@@ -701,6 +758,8 @@ class _Session:
                 subscribers = matched
         if subscribers is None or (len(subscribers) == 1 and publisher in subscribers):
             self.dedupe.add(message_id, 0, now)
+            if self._journal is not None:
+                self._journal.publishes.append((self, message_id, 0, now))
             self._publishes.value += 1
             self._settle_now(publisher, p)
             return 0
@@ -727,6 +786,11 @@ class _Session:
             else:
                 self._settle_now(publisher, p)
             self.dedupe.add(message_id, delivered, now)
+            if (journal := self._journal) is not None:
+                journal.publishes.append((self, message_id, delivered, now))
+                for delivery in message.deliveries:
+                    if delivery.subscriber.client_id is not None:
+                        journal.put(delivery)
             self._publishes.value += 1
             if slow:
                 reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
@@ -858,14 +922,18 @@ class _Session:
         connection.session = self
         subscriber = self.clients.get(client_id) if client_id is not None else None
         if subscriber is None:
-            subscriber = _Subscriber(connection, client_id, persistent, self.window_bytes)
+            subscriber = _Subscriber(self, connection, client_id, persistent, self.window_bytes)
             if client_id is not None:
                 self.clients[client_id] = subscriber
+                if self._journal is not None:
+                    self._journal.put(subscriber)
             connection.subscriber = subscriber
             return
         assert subscriber.connection is None, "the broker disconnects the previous connection first"
         del self.detached[subscriber]
         subscriber.connection = connection
+        if subscriber.persistent != persistent and self._journal is not None:
+            self._journal.put(subscriber)
         subscriber.persistent = persistent
         connection.subscriber = subscriber
         self._metrics.inc("subscribers_resumed", self.name)
@@ -897,8 +965,7 @@ class _Session:
             self._unroute(subscriber)
             self._give_up_all(subscriber, GiveUpReason.DISCONNECTED)
         elif clean and not subscriber.persistent:
-            del self.clients[client_id]
-            self._unroute(subscriber)
+            self._forget_client(subscriber)
             self._give_up_all(subscriber, GiveUpReason.RELEASED)
         else:
             self._detach(subscriber, now)
@@ -915,10 +982,16 @@ class _Session:
 
     def _forget_detached(self, subscriber: _Subscriber) -> None:
         del self.detached[subscriber]
+        self._forget_client(subscriber)
+        self._give_up_all(subscriber, GiveUpReason.DETACHED)
+
+    def _forget_client(self, subscriber: _Subscriber) -> None:
+        """A resumable subscriber ends: no ``init`` resumes its ``clientId`` any more."""
         assert subscriber.client_id is not None
         del self.clients[subscriber.client_id]
         self._unroute(subscriber)
-        self._give_up_all(subscriber, GiveUpReason.DETACHED)
+        if self._journal is not None:
+            self._journal.drop(subscriber, subscriber.saved)
 
     def set_suspended(self, suspended: bool, now: float) -> None:
         """Suspend (deliveries wait) or resume (re-send whatever waited, in order)."""
@@ -959,7 +1032,10 @@ class Broker:
         metrics: Metrics | None = None,
         random: Callable[[int], bytes] = os.urandom,
         offload_verification: bool = False,
+        durable: bool = False,
     ) -> None:
+        """``durable``: a store keeps the broker's state; the broker journals every change to it (see
+        :meth:`take_store_batch`) and queues frames that promise durability on ``output.confirmations``."""
         self._config = config
         self._offload = offload_verification
         """Queue scrypt checks on :attr:`output` (``verifications``) instead of running them inline."""
@@ -972,7 +1048,12 @@ class Broker:
         self._random = random
         self._sessions: dict[str, _Session] = {}
         self._connections: dict[int, _Connection] = {}
-        self._context = _Context(config, self.output, self.metrics, self._disconnect)
+        self._journal = Journal() if durable else None
+        self._confirm = self.output.confirmations if durable else self.output.frames
+        """Where a successful ``publish_response`` and ``ack_received`` go (held until durable, or not)."""
+        self._store_ok = True
+        """``False`` while the store cannot be written: publishes and session changes are refused."""
+        self._context = _Context(config, self.output, self.metrics, self._disconnect, self._journal)
         self._deadlines = self._context.deadlines
         self._throttle = AuthThrottle(
             config.auth_throttle_base,
@@ -982,6 +1063,8 @@ class Broker:
             window=config.auth_throttle_window,
         )
         self._decoy: PasswordHash | None = None
+        self._message_seq = 0
+        """The last ``seq`` given to a stored message (publish order across restarts)."""
         self._epoch_offset = 0.0
         """Wall-clock seconds minus ``now`` (see :meth:`set_wall_clock`); tokens' ``exp`` are wall-clock."""
 
@@ -998,6 +1081,187 @@ class Broker:
         clock adjustments). Until then ``now`` is taken as wall-clock time.
         """
         self._epoch_offset = epoch - now
+
+    # -- the store (DESIGN §7; see fastport_core.storage) ----------------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        """Whether a store keeps the broker's state (it journals its changes)."""
+        return self._journal is not None
+
+    def set_store_available(self, available: bool) -> None:
+        """The store failed a commit (``False``: refuse publishes and session changes with
+        ``store_unavailable`` until it works again) or committed again (``True``)."""
+        if available != self._store_ok:
+            _log.warning(
+                "the store is %s", "writable again" if available else "unavailable: refusing publishes"
+            )
+        self._store_ok = available
+
+    def _check_store(self) -> None:
+        if not self._store_ok:
+            raise StoreUnavailableError("the broker cannot write its store: retry shortly")
+
+    def journal_seq(self) -> int:
+        """The number of the last batch :meth:`take_store_batch` returned (0: none yet, or no store)."""
+        return self._journal.taken if self._journal is not None else 0
+
+    def store_pending(self) -> bool:
+        """Whether changes wait in the journal for :meth:`take_store_batch`."""
+        return bool(self._journal)
+
+    def take_store_batch(self) -> StoreBatch | None:
+        """The net change to durable state since the previous batch (``None``: nothing, or no store).
+
+        Objects of a session dropped meanwhile are left out: the session's deletion covers them.
+        """
+        journal = self._journal
+        if not journal:
+            return None
+        assert journal is not None
+        journal.taken += 1
+        batch = StoreBatch(journal.taken)
+        sessions = self._sessions
+        offset = self._epoch_offset
+        for obj, put in journal.changed.items():
+            if isinstance(obj, _Delivery):
+                subscriber = obj.subscriber
+                session = subscriber.session
+                if sessions.get(session.name) is not session:
+                    continue
+                message = obj.message
+                client_id = subscriber.client_id
+                assert client_id is not None
+                if put:
+                    if not message.saved:
+                        message.saved = True
+                        batch.messages.append(
+                            _message_record(session.name, message, self._next_seq(), offset)
+                        )
+                    obj.saved = True
+                    batch.deliveries.append(
+                        DeliveryRecord(session.name, message.publish.message_id, client_id, obj.retries)
+                    )
+                else:
+                    obj.saved = False
+                    batch.deliveries_dropped.append((session.name, message.publish.message_id, client_id))
+            elif isinstance(obj, _Subscriber):
+                session = obj.session
+                client_id = obj.client_id
+                if sessions.get(session.name) is not session or client_id is None:
+                    continue
+                obj.saved = put
+                if put:
+                    record = SubscriberRecord(
+                        session.name, client_id, obj.persistent, tuple(sorted(obj.topics))
+                    )
+                    batch.subscribers.append(record)
+                else:
+                    batch.subscribers_dropped.append((session.name, client_id))
+            else:
+                assert isinstance(obj, _Session)
+                obj.saved = put
+                if not put:
+                    batch.sessions_dropped.append(obj.name)
+                elif sessions.get(obj.name) is obj:
+                    batch.sessions.append(_session_record(obj))
+        journal.changed.clear()
+        for owner, message_id, delivered, at in journal.publishes:
+            session = cast(_Session, owner)
+            if sessions.get(session.name) is session:
+                batch.publishes.append(PublishRecord(session.name, message_id, delivered, at + offset))
+        journal.publishes.clear()
+        return batch
+
+    def _next_seq(self) -> int:
+        self._message_seq += 1
+        return self._message_seq
+
+    def restore(self, snapshot: Snapshot, now: float) -> None:
+        """Load what a store held (at start, before any connection; after :meth:`set_wall_clock`).
+
+        Every resumable subscriber comes back detached, owing its stored deliveries in publish order (as
+        a backlog: a resume sends them paced by its window, with their retry counts); expiry continues
+        from the stored wall-clock deadlines, so a message that expired while the server was down is
+        given up (``expired``) at the first timer.
+        """
+        if self._journal is None:
+            raise LocalProtocolError("restore() needs a durable broker")
+        offset = self._epoch_offset
+        sessions: dict[str, _Session] = {}
+        for record in snapshot.sessions:
+            session = _Session(
+                record.name,
+                PasswordHash.decode(record.password_hash),
+                PasswordHash.decode(record.secret_hash),
+                record.settings,
+                token_key=record.token_key,
+                context=self._context,
+                now=now,
+            )
+            session.suspended = record.suspended
+            session.saved = True
+            sessions[record.name] = self._sessions[record.name] = session
+        subscribers: dict[tuple[str, str], _Subscriber] = {}
+        for sub in snapshot.subscribers:
+            if (owner := sessions.get(sub.session)) is None:
+                continue
+            subscriber = _Subscriber(owner, None, sub.client_id, sub.persistent, session.window_bytes)
+            subscriber.saved = True
+            subscriber.detached_at = now
+            owner.clients[sub.client_id] = subscriber
+            owner.detached[subscriber] = None
+            for topic in sub.topics:
+                owner.subscribe(subscriber, topic)
+            subscribers[sub.session, sub.client_id] = subscriber
+        messages: dict[tuple[str, str], _Message] = {}
+        for rec in snapshot.messages:
+            if rec.session not in sessions:
+                continue
+            publish = Publish(
+                rec.topic, rec.data, rec.hash, rec.timestamp, rec.message_id, _encoding(rec.encoding)
+            )
+            message = _Message(publish, rec.expires_at - offset, None)
+            message.saved = True
+            message.frame_size = len(
+                encode_text_frame(
+                    encode_message(
+                        rec.topic, rec.data, rec.hash, rec.timestamp, rec.message_id, publish.encoding
+                    )
+                )
+            )
+            messages[rec.session, rec.message_id] = message
+            self._message_seq = max(self._message_seq, rec.seq)
+        for entry in snapshot.deliveries:
+            stored = messages.get((entry.session, entry.message_id))
+            waiting = subscribers.get((entry.session, entry.client_id))
+            if stored is None or waiting is None:
+                continue
+            delivery = _Delivery(stored, waiting, now)
+            delivery.retries = entry.retries
+            delivery.saved = True
+            stored.deliveries.append(delivery)
+            waiting.backlog[entry.message_id] = delivery
+        for (name, message_id), message in messages.items():  # publish order
+            if message.deliveries:
+                session = sessions[name]
+                message.owed = message.delivered_to = len(message.deliveries)
+                session.messages[message_id] = message
+                session.pending_bytes += message.size
+        for subscriber in subscribers.values():  # their backlogs in publish order, whatever the load order
+            seq = {id(m): i for i, m in enumerate(subscriber.session.messages.values())}
+            ordered = sorted(subscriber.backlog.items(), key=lambda item: seq[id(item[1].message)])
+            subscriber.backlog = OrderedDict(ordered)
+        for published in snapshot.publishes:
+            if (target := sessions.get(published.session)) is not None:
+                target.dedupe.add(published.message_id, published.delivered_to, published.at - offset)
+        for session in sessions.values():
+            if (due := session.next_due()) is not None:
+                self._deadlines.arm_earlier(session, due)
+        _log.info(
+            "restored %d session(s), %d resumable subscriber(s), %d message(s) from the store",
+            len(sessions), len(subscribers), sum(len(s.messages) for s in sessions.values()),
+        )  # fmt: skip
 
     # -- connection lifecycle ------------------------------------------------------------------------------
 
@@ -1039,7 +1303,9 @@ class Broker:
             for publisher, message_id, topic in settled:
                 # Only to a publisher still connected (it may have gone, or been replaced meanwhile).
                 if connections.get(publisher.conn) is publisher:
-                    self._send(publisher.conn, _encode_ack_received(message_id, topic))
+                    self._confirm.append(
+                        (publisher.conn, encode_text_frame(_encode_ack_received(message_id, topic)))
+                    )
             settled.clear()
 
     def _forget(self, connection: _Connection, now: float, clean: bool = False) -> None:
@@ -1080,13 +1346,19 @@ class Broker:
                 self._error(connection, ErrorCode.NOT_INITIALISED, "send init first")
         elif isinstance(packet, Publish):
             try:
+                if not self._store_ok:
+                    raise RemoteProtocolError(
+                        "the broker cannot write its store: retry shortly", code=ErrorCode.STORE_UNAVAILABLE
+                    )
                 if connection.scope is not None or has_wildcard(packet.topic):
                     _check_publish(connection.scope, packet.topic)
                 delivered = session.publish(subscriber, packet, now)
             except RemoteProtocolError as refusal:
                 self._refuse_publish(connection, session, packet, refusal)
             else:
-                self._send(conn, _encode_publish_ok(packet.message_id, delivered))
+                self._confirm.append(
+                    (conn, encode_text_frame(_encode_publish_ok(packet.message_id, delivered)))
+                )
         elif isinstance(packet, Ack):
             session.ack(subscriber, packet.message_id, now)
         elif isinstance(packet, Subscribe):
@@ -1370,7 +1642,8 @@ class Broker:
         key = self._random(TOKEN_KEY_BYTES) if token_key is None else decode_token_key(token_key)
         if secret_key is None:
             secret_key = base64.urlsafe_b64encode(self._random(SECRET_KEY_BYTES)).rstrip(b"=").decode("ascii")
-        self._sessions[name] = _Session(
+        self._check_store()
+        self._sessions[name] = session = _Session(
             name,
             self._hash(password),
             self._hash(secret_key),
@@ -1379,6 +1652,8 @@ class Broker:
             context=self._context,
             now=now,
         )
+        if self._journal is not None:
+            self._journal.put(session)
         self.metrics.inc("sessions_created")
         _log.info("session %r created", name)
         return secret_key
@@ -1407,7 +1682,10 @@ class Broker:
         """Replace the session's token key with a fresh one (returned, base64): tokens signed with the old
         key no longer ``init``, and connections that authenticated with one are closed with 4008."""
         session = self._authorised(name, password, secret_key)
+        self._check_store()
         session.token_key = self._random(TOKEN_KEY_BYTES)
+        if self._journal is not None:
+            self._journal.put(session)
         holders = [connection for connection in session.connections if connection.scope is not None]
         for connection in holders:
             self._disconnect(connection, CloseCode.TOKEN_REVOKED, "the session's token key was rotated", now)
@@ -1418,10 +1696,14 @@ class Broker:
 
     def drop_session(self, name: str, password: str, secret_key: str, now: float) -> None:
         """Drop a session: close its connections with 4001 and free all its state and metrics series."""
-        self._drop(self._authorised(name, password, secret_key), "dropped", CloseCode.SESSION_DROPPED)
+        session = self._authorised(name, password, secret_key)
+        self._check_store()
+        self._drop(session, "dropped", CloseCode.SESSION_DROPPED)
 
     def _drop(self, session: _Session, reason: str, code: CloseCode) -> None:
         del self._sessions[session.name]
+        if self._journal is not None:
+            self._journal.drop(session, session.saved)
         self._deadlines.cancel(session)
         connections = list(session.connections)
         for connection in connections:
@@ -1437,6 +1719,7 @@ class Broker:
 
     def drop_session_as_admin(self, name: str, now: float) -> None:
         """:meth:`drop_session` for a caller with admin rights (the web console): no session secrets."""
+        self._check_store()
         self._drop(self._existing(name), "dropped", CloseCode.SESSION_DROPPED)
 
     def suspend_session(self, name: str, password: str, secret_key: str, suspend: bool, now: float) -> None:
@@ -1448,6 +1731,9 @@ class Broker:
         self._set_suspended(self._existing(name), suspend, now)
 
     def _set_suspended(self, session: _Session, suspend: bool, now: float) -> None:
+        self._check_store()
+        if self._journal is not None and session.suspended != suspend:
+            self._journal.put(session)
         name = session.name
         session.set_suspended(suspend, now)  # resuming may close slow consumers, settling messages
         self._queue_settled()
@@ -1474,6 +1760,38 @@ class Broker:
             per_session=per_session,
             backlogged_deliveries=sum(s.backlogged_deliveries for s in values),
         )
+
+
+def _session_record(session: _Session) -> SessionRecord:
+    return SessionRecord(
+        session.name,
+        session.password.encode(),
+        session.secret.encode(),
+        session.token_key,
+        session.settings,
+        session.suspended,
+    )
+
+
+def _message_record(session: str, message: _Message, seq: int, offset: float) -> MessageRecord:
+    p = message.publish
+    return MessageRecord(
+        session,
+        p.message_id,
+        seq,
+        p.topic,
+        p.data,
+        p.hash,
+        p.timestamp,
+        p.encoding,
+        message.expires_at + offset,
+    )
+
+
+def _encoding(value: str) -> Encoding:
+    if value not in ("text", "binary"):
+        raise ValueError(f"unknown message encoding {value!r} in the store")
+    return cast(Encoding, value)
 
 
 def _holds(delivery: _Delivery, message_id: str) -> bool:

@@ -133,7 +133,9 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------
 # States and transitions.
 
-_TRANSIENT_REFUSALS: Final = frozenset({ErrorCode.SESSION_SUSPENDED.value, ErrorCode.SESSION_FULL.value})
+_TRANSIENT_REFUSALS: Final = frozenset(
+    {ErrorCode.SESSION_SUSPENDED.value, ErrorCode.SESSION_FULL.value, ErrorCode.STORE_UNAVAILABLE.value}
+)
 """``publish_response`` refusals that pass by themselves: the publish is retried, not failed."""
 
 

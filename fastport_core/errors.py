@@ -82,6 +82,10 @@ class ErrorCode(StrEnum):
         "server_busy",
         "Too many password verifications are queued (``max_pending_verifications``): retry shortly.",
     )
+    STORE_UNAVAILABLE = (
+        "store_unavailable",
+        "The broker cannot write its store (a full disk, an I/O error): nothing was accepted; retry shortly.",
+    )
     INVALID_TOPIC = (
         "invalid_topic",
         "A publish topic holds ``+`` or ``#``, which only subscription filters may use.",

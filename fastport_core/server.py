@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -51,6 +52,7 @@ from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics, close_code_label
 from .peers import TrustedProxies, client_address, throttle_key
 from .protocol import CLIENT_PACKETS, Init, PacketParser, encode_error
+from .storage import Snapshot, StoreBatch
 from .timers import Deadlines
 from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
 
@@ -108,15 +110,21 @@ class ServerCore:
         web_files: Mapping[str, bytes] | None = None,
         secure_cookies: bool = False,
         console_history: bool = False,
+        durable: bool = False,
     ) -> None:
         """``web_files``: the web console's pages by relative path (``admin/index.html``: bytes), read by the
         adapter from the package (:mod:`.console`); ``secure_cookies``: the server runs TLS;
         ``console_history``: sample the broker for the console's charts (a timer every few seconds, so
-        off by default for tests that step the core's deadlines one by one)."""
+        off by default for tests that step the core's deadlines one by one); ``durable``: a store keeps the
+        broker's state (the adapter takes :meth:`take_store_batch` and reports :meth:`store_committed`)."""
         self.config = config = config or ServerConfig()
         self.metrics = Metrics()
         self.broker = Broker(
-            config, metrics=self.metrics, random=random, offload_verification=offload_verification
+            config,
+            metrics=self.metrics,
+            random=random,
+            offload_verification=offload_verification,
+            durable=durable,
         )
         self._offload = offload_verification
         self._verifications: list[PasswordCheck] = []
@@ -153,6 +161,13 @@ class ServerCore:
         """When the shutdown grace period ends (every connection left is then aborted)."""
         self._output_total = 0
         """Bytes queued on every WebSocket and not yet taken by the adapter (``max_total_output_buffer``)."""
+        self._committed = 0
+        """The last store batch the adapter reported durable (:meth:`store_committed`)."""
+        self._awaiting: deque[tuple[int, list[tuple[int, bytes]]]] = deque()
+        """Confirmations (``publish_response``, ``ack_received``) held until the store batch they depend on
+        is durable: ``(batch, frames)``, in batch order."""
+        self._held_http: dict[int, int] = {}
+        """Admin connections whose answers wait for a store batch (they changed a session): conn -> batch."""
 
     # -- adapter API -------------------------------------------------------------------------------------
 
@@ -210,7 +225,7 @@ class ServerCore:
             else:
                 self._receive_websocket(conn, connection, connection.ws, data, now)
             output = self._output
-            if output.frames or output.closes or output.initialised or output.verifications:
+            if output:
                 self._apply(now)
         except Exception:
             self._contain(conn, "processing its input", now)
@@ -218,7 +233,7 @@ class ServerCore:
     def data_to_send(self, conn: int) -> bytes:
         """Everything queued for ``conn``, as one buffer for one write."""
         connection = self._connections.get(conn)
-        if connection is None:
+        if connection is None or conn in self._held_http:
             return b""
         data = connection.prefix
         connection.prefix = b""
@@ -238,6 +253,8 @@ class ServerCore:
         connection = self._connections.get(conn)
         if connection is None:
             return True
+        if conn in self._held_http:
+            return False
         if connection.ws is not None:
             return connection.ws.state is WebSocketState.CLOSED
         return connection.transport_done
@@ -283,6 +300,45 @@ class ServerCore:
         except Exception:
             self._contain(conn, "finishing a password check", now)
 
+    # -- the store (with ``durable``) ---------------------------------------------------------------------
+
+    def restore(self, snapshot: Snapshot, now: float) -> None:
+        """Load the store's content into the broker (at start, after :meth:`set_wall_clock`)."""
+        self.broker.restore(snapshot, now)
+
+    def take_store_batch(self) -> StoreBatch | None:
+        """The next batch of durable changes to commit (numbered in order), or ``None`` if nothing changed.
+
+        Take it after every call that may have changed something (the adapter calls this where it takes
+        dirty connections); commit batches in order, several in one transaction if it likes, then report
+        the last one with :meth:`store_committed`.
+        """
+        return self.broker.take_store_batch()
+
+    def store_committed(self, seq: int, now: float) -> None:
+        """Every batch up to ``seq`` is durable: send the confirmations and admin answers that waited."""
+        self.broker.set_store_available(True)
+        self._committed = max(self._committed, seq)
+        awaiting = self._awaiting
+        frames = self._output.frames
+        while awaiting and awaiting[0][0] <= self._committed:
+            frames += awaiting.popleft()[1]
+        for conn, needed in list(self._held_http.items()):
+            if needed <= self._committed:
+                del self._held_http[conn]
+                self._dirty.add(conn)
+        if self._output:
+            self._apply(now)
+
+    def store_failed(self, now: float) -> None:
+        """A commit failed (a full disk, an I/O error); the adapter retries the same batches. Meanwhile
+        publishes and session changes are refused with ``store_unavailable``; what waited keeps waiting."""
+        self.broker.set_store_available(False)
+
+    def _needed_batch(self) -> int:
+        """The batch whose commit makes everything decided so far durable (the one being journalled)."""
+        return self.broker.journal_seq() + (1 if self.broker.store_pending() else 0)
+
     def write_blocked(self, conn: int, now: float) -> None:
         """The adapter's write to ``conn`` did not complete at once: start its write deadline (unless one
         runs already). The connection is dropped if that write has not completed by then."""
@@ -306,6 +362,7 @@ class ServerCore:
         for deadlines in (self._deadlines, self._handshake, self._writes):
             deadlines.cancel(conn)
         self._dirty.discard(conn)
+        self._held_http.pop(conn, None)
         self._output_total -= connection.accounted
         self._leave_uninitialised(connection)
         ws = connection.ws
@@ -423,12 +480,25 @@ class ServerCore:
         """
         output = self._output
         frames = output.frames
+        if output.confirmations:
+            self._await_store(output.confirmations)
         while True:
             overflowed = self._apply_frames(frames) if frames else None
             if output.closes or output.initialised or output.verifications or overflowed:
                 self._apply_rest(output, overflowed, now)
             if not (frames or output.closes or output.initialised or output.verifications):
                 return
+
+    def _await_store(self, confirmations: list[tuple[int, bytes]]) -> None:
+        """Queue ``confirmations`` behind the store batch they depend on (or send them: it is durable)."""
+        needed = self._needed_batch()
+        if needed <= self._committed:
+            self._output.frames += confirmations
+        elif self._awaiting and self._awaiting[-1][0] == needed:
+            self._awaiting[-1][1].extend(confirmations)
+        else:
+            self._awaiting.append((needed, confirmations[:]))
+        confirmations.clear()
 
     def _apply_frames(self, frames: list[tuple[int, bytes]]) -> list[int] | None:
         """Append each frame to its connection's queue; returns the connections aborted for overflow."""
@@ -687,6 +757,8 @@ class ServerCore:
             # A client may pipeline requests: the next one may already be buffered behind the answered one.
             events = [] if http.should_close else http.next_events()
         connection.prefix = b"".join(answers)
+        if answered and (needed := self._needed_batch()) > self._committed:
+            self._held_http[conn] = needed  # an admin call changed a session: answer once that is durable
         if http.should_close or queued > self.config.limits.max_output_buffer or served > pipeline:
             self._finish_transport(conn, connection, "HTTP connection done", now)
         elif answered:

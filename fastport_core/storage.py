@@ -1,0 +1,192 @@
+"""What the broker asks a store to make durable, as data (DESIGN §7): records, batches and a snapshot.
+
+The core never calls a database. With a store configured, the broker notes every change to its durable
+state in a :class:`Journal` (which object changed, not how to write it); the server core takes the
+journal's content as a :class:`StoreBatch` of plain records whenever the adapter asks, numbered in order;
+the adapter commits batches in that order (one transaction each, or several together) on its own thread
+and reports the number of the last durable one back. Frames that promise durability (a successful
+``publish_response``, ``ack_received``) wait until then. At start the adapter loads a :class:`Snapshot`
+and the broker restores itself from it.
+
+What is durable: sessions (with their password, secret and token key), resumable subscribers (``clientId``)
+with their subscriptions, every message some resumable subscriber still owes an ACK for, with each such
+delivery's retry count, and the publish dedupe window. Anonymous subscribers are not: their deliveries end
+with their connection anyway, and a restart ends every connection.
+
+Coalescing is the point of journalling objects rather than logging operations: a message published and
+ACKed between two batches changes nothing durable but its dedupe entry, so under load most deliveries
+never reach the disk, and a delivery re-sent three times is written once, with its last retry count.
+
+All times in records are wall-clock seconds since the epoch (the broker converts with its wall-clock
+offset), so expiry continues across a restart, however long the server was down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from .config import SessionSettings
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DeliveryKey",
+    "DeliveryRecord",
+    "Journal",
+    "MessageRecord",
+    "PublishRecord",
+    "SessionRecord",
+    "Snapshot",
+    "StoreBatch",
+    "SubscriberKey",
+    "SubscriberRecord",
+]
+
+SCHEMA_VERSION: Final = 1
+"""The version of what the records mean; a store keeps it and migrates older layouts on open."""
+
+SubscriberKey = tuple[str, str]
+"""``(session, clientId)``."""
+DeliveryKey = tuple[str, str, str]
+"""``(session, messageId, clientId)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session: its name, secrets (as hashes, except the token key an HMAC needs in clear), settings."""
+
+    name: str
+    password_hash: str
+    """:meth:`~fastport_core.auth.PasswordHash.encode` of the password."""
+    secret_hash: str
+    token_key: bytes
+    settings: SessionSettings
+    suspended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberRecord:
+    """A resumable subscriber (``clientId``) and what it subscribed to."""
+
+    session: str
+    client_id: str
+    persistent: bool
+    topics: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """A published message some resumable subscriber still owes an ACK for."""
+
+    session: str
+    message_id: str
+    seq: int
+    """Publish order across the whole broker (recovery restores each session's messages in this order)."""
+    topic: str
+    data: str
+    hash: str
+    timestamp: int
+    encoding: str
+    expires_at: float
+    """Wall-clock seconds: when every delivery of it is given up (``expired``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One resumable subscriber's un-ACKed delivery of a stored message."""
+
+    session: str
+    message_id: str
+    client_id: str
+    retries: int
+    """Re-sends so far (the next send carries ``retry`` = this + 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRecord:
+    """One entry of a session's publish dedupe window: the id was taken, and how many it reached."""
+
+    session: str
+    message_id: str
+    delivered_to: int
+    at: float
+    """Wall-clock seconds when it was published (the entry expires ``dedupe_ttl`` later)."""
+
+
+@dataclass(slots=True)
+class StoreBatch:
+    """The net change to durable state since the previous batch: upserts, and deletions as keys.
+
+    A store applies, in one transaction: session deletions (cascading to everything of the session),
+    session upserts, subscriber deletions and upserts, message inserts, delivery deletions and upserts,
+    publish inserts; then it deletes every message no delivery refers to any more. Order matters only
+    for a session dropped and created again in one batch, which appears in both ``sessions_dropped`` and
+    ``sessions``: the deletion comes first.
+    """
+
+    seq: int
+    """Batches are numbered from 1, in the order they must commit."""
+    sessions: list[SessionRecord] = field(default_factory=list)
+    sessions_dropped: list[str] = field(default_factory=list)
+    subscribers: list[SubscriberRecord] = field(default_factory=list)
+    subscribers_dropped: list[SubscriberKey] = field(default_factory=list)
+    messages: list[MessageRecord] = field(default_factory=list)
+    deliveries: list[DeliveryRecord] = field(default_factory=list)
+    deliveries_dropped: list[DeliveryKey] = field(default_factory=list)
+    publishes: list[PublishRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        """Records in the batch (what a commit writes)."""
+        return (
+            len(self.sessions) + len(self.sessions_dropped) + len(self.subscribers)
+            + len(self.subscribers_dropped) + len(self.messages) + len(self.deliveries)
+            + len(self.deliveries_dropped) + len(self.publishes)
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything a store holds, as the broker restores it at start (loaded by the adapter).
+
+    ``messages`` in publish order (``seq``); ``publishes`` oldest first. Records of a session that is not
+    in ``sessions`` are ignored.
+    """
+
+    sessions: list[SessionRecord] = field(default_factory=list)
+    subscribers: list[SubscriberRecord] = field(default_factory=list)
+    messages: list[MessageRecord] = field(default_factory=list)
+    deliveries: list[DeliveryRecord] = field(default_factory=list)
+    publishes: list[PublishRecord] = field(default_factory=list)
+
+
+class Journal:
+    """The broker's changes to durable state since the last batch, by object (see the module doc).
+
+    ``changed`` maps a live broker object (a session, a resumable subscriber, a delivery) to ``True``
+    (write its current record) or ``False`` (delete it); the broker turns it into a :class:`StoreBatch`.
+    An object no taken batch wrote that is deleted again simply leaves the journal: nothing to write,
+    nothing to delete (each object knows whether it was ``saved``).
+    """
+
+    __slots__ = ("changed", "publishes", "taken")
+
+    def __init__(self) -> None:
+        self.changed: dict[object, bool] = {}
+        self.publishes: list[tuple[object, str, int, float]] = []
+        """``(session, messageId, deliveredTo, now)`` per accepted publish: its dedupe entry."""
+        self.taken = 0
+        """The number of the last batch taken (0: none yet)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.publishes)
+
+    def put(self, obj: object) -> None:
+        """``obj``'s durable record changed (or it is new)."""
+        self.changed[obj] = True
+
+    def drop(self, obj: object, saved: bool) -> None:
+        """``obj`` is gone from durable state; ``saved``: some taken batch wrote it."""
+        if saved:
+            self.changed[obj] = False
+        else:
+            self.changed.pop(obj, None)
