@@ -50,6 +50,7 @@ from fastport_core.errors import LocalProtocolError
 
 from . import cli_pubsub, cli_token
 from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, debug_requested, report_failure
+from .durability import Store
 from .server import Server
 
 __all__ = [
@@ -117,6 +118,12 @@ def add_serve_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     parser.add_argument("--certfile", metavar="PEM", help="TLS certificate chain: serve wss:// and https://")
     parser.add_argument("--keyfile", metavar="PEM", help="TLS private key, if not in --certfile")
     parser.add_argument(
+        "--store",
+        metavar="PATH",
+        help="SQLite database that keeps sessions, resumable subscribers and un-ACKed messages across "
+        "restarts, created when missing (env FASTPORT_STORE; default: in memory)",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
@@ -149,6 +156,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         port=args.port,
         certfile=args.certfile,
         keyfile=args.keyfile,
+        store=args.store,
         log_level=args.log_level,
         admin_user=args.admin_user,
         admin_password=args.admin_password,
@@ -219,6 +227,7 @@ async def serve_until_signalled(
     ssl_context: ssl.SSLContext | None,
     *,
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+    store: Store | None = None,
 ) -> None:
     """Run a server for ``settings`` until one of ``signals``; then stop it gracefully.
 
@@ -232,6 +241,7 @@ async def serve_until_signalled(
         admin=settings.admin,
         ssl_context=ssl_context,
         shutdown_timeout=settings.shutdown_timeout,
+        store=store,
     ) as server:
         with anyio.open_signal_receiver(*signals) as received:
             async with anyio.create_task_group() as task_group:

@@ -62,6 +62,7 @@ from fastport_core.config import ServerConfig
 from fastport_core.config_file import SessionSpec
 from fastport_core.server import ServerCore
 
+from .durability import Store, StoreWriter
 from .fastpath import direct_send, feed_by_callback
 
 __all__ = ["Server", "SessionSpec", "serve"]
@@ -186,6 +187,7 @@ class Server:
         admin: AdminCredentials | None = None,
         ssl_context: ssl.SSLContext | None = None,
         shutdown_timeout: float = 5.0,
+        store: Store | None = None,
     ) -> None:
         self.core = ServerCore(
             config,
@@ -194,7 +196,10 @@ class Server:
             web_files=web_files(),
             secure_cookies=ssl_context is not None,
             console_history=True,
+            durable=store is not None,
         )
+        self._store = store
+        self._store_writer: StoreWriter | None = None
         self._verify_limiter = anyio.CapacityLimiter(VERIFY_WORKERS)
         self.host = host
         self._requested_port = port
@@ -235,8 +240,11 @@ class Server:
         self._now = _loop_clock()
         now = self._now()
         self.core.set_wall_clock(time.time(), now)  # token expiry is wall-clock time
+        if self._store is not None:
+            self._store_writer = StoreWriter(self.core, self._store, self._now, self._flush)
+            self.core.restore(await self._store_writer.load(), now)
         for spec in self._sessions:
-            self.core.create_session(
+            self.core.broker.configure_session(
                 spec.name,
                 spec.password,
                 now,
@@ -263,6 +271,8 @@ class Server:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(self._run_timer)
+                if self._store_writer is not None:
+                    task_group.start_soon(self._store_writer.run)
                 for socket_listener in self._listeners:
                     task_group.start_soon(self._accept_loop, socket_listener, task_group)
                 task_status.started(task_group)
@@ -299,7 +309,9 @@ class Server:
         if self._connections:
             await self._all_closed.wait()
         if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()  # the timer
+            self._task_group.cancel_scope.cancel()  # the timer (and the store writer, between commits)
+        if self._store_writer is not None:
+            await self._store_writer.finish()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -314,6 +326,8 @@ class Server:
         for check in core.take_verifications():
             assert self._task_group is not None
             self._task_group.start_soon(self._verify, check)
+        if self._store_writer is not None and core.broker.store_pending():
+            self._store_writer.wake()
         for conn in core.take_dirty():
             connection = self._connections.get(conn)
             if connection is None:
@@ -582,6 +596,7 @@ async def serve(
     admin: AdminCredentials | None = None,
     ssl_context: ssl.SSLContext | None = None,
     shutdown_timeout: float = 5.0,
+    store: Store | None = None,
     task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a broker until cancelled or until :meth:`Server.shutdown` is called.
@@ -597,6 +612,7 @@ async def serve(
         admin=admin,
         ssl_context=ssl_context,
         shutdown_timeout=shutdown_timeout,
+        store=store,
     ) as server:
         task_status.started(server)
         await server.wait_stopped()

@@ -1658,6 +1658,38 @@ class Broker:
         _log.info("session %r created", name)
         return secret_key
 
+    def configure_session(
+        self,
+        name: str,
+        password: str,
+        now: float,
+        settings: SessionSettings | None = None,
+        *,
+        secret_key: str | None = None,
+        token_key: str | None = None,
+    ) -> None:
+        """:meth:`create_session`, or bring an existing (restored) session in line with its configuration.
+
+        A session the config file defines and the store restored keeps its messages and subscribers; the
+        file decides its password and settings, and its secret and token keys where the file gives them.
+        """
+        session = self._sessions.get(name)
+        if session is None:
+            self.create_session(name, password, now, settings, secret_key=secret_key, token_key=token_key)
+            return
+        limits = self._config.limits
+        _check_length("password", password, limits.max_password_length)
+        if not session.password.verify(password):
+            session.password = self._hash(password)
+        if secret_key is not None and not session.secret.verify(secret_key):
+            _check_length("secret key", secret_key, limits.max_password_length)
+            session.secret = self._hash(secret_key)
+        if token_key is not None:
+            session.token_key = decode_token_key(token_key)
+        session.settings = settings if settings is not None else self._config.default_session_settings
+        if self._journal is not None:
+            self._journal.put(session)
+
     def _existing(self, name: str) -> _Session:
         session = self._sessions.get(name)
         if session is None:

@@ -7,7 +7,7 @@ Pure parsing (``tomllib``, no sockets, no logging set-up): :func:`load_settings`
 
 The file can declare everything, so that ``fastport serve --config FILE`` needs no admin API call::
 
-    [server]     host, port, certfile, keyfile, log_level, shutdown_timeout, and every scalar field of
+    [server]     host, port, certfile, keyfile, store, log_level, shutdown_timeout, and every scalar field of
                  ServerConfig by its name (ping_interval, handshake_timeout, slow_consumer_policy, ...);
                  durations in seconds, as ServerConfig has them
     [limits]     every Limits field by its name (bytes and counts)
@@ -59,6 +59,7 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, str]] = {
     "FASTPORT_HOST": "host",
     "FASTPORT_PORT": "port",
     "FASTPORT_LOG_LEVEL": "log_level",
+    "FASTPORT_STORE": "store",
     "FASTPORT_ADMIN_USER": "admin_user",
     "FASTPORT_ADMIN_PASSWORD": "admin_password",
 }
@@ -106,6 +107,9 @@ class ServerSettings:
     """PEM certificate chain; set, the server speaks ``wss://`` and ``https://`` only."""
     keyfile: Path | None = None
     """PEM private key, when it is not in ``certfile``."""
+    store: Path | None = None
+    """The SQLite database that keeps sessions, resumable subscribers and un-ACKed messages across
+    restarts; ``None``: the broker runs in memory."""
     log_level: str = "INFO"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds a graceful stop waits for clients to answer the 1001 close before dropping them."""
@@ -121,6 +125,7 @@ class Overrides:
     port: int | str | None = None
     certfile: str | Path | None = None
     keyfile: str | Path | None = None
+    store: str | Path | None = None
     log_level: str | None = None
     admin_user: str | None = None
     admin_password: str | None = None
@@ -135,7 +140,8 @@ class Overrides:
 
 #: ``[server]`` keys that belong to the adapter rather than to :class:`ServerConfig`.
 _ADAPTER_KEYS: Final[Mapping[str, type]] = {
-    "host": str, "port": int, "certfile": str, "keyfile": str, "log_level": str, "shutdown_timeout": float,
+    "host": str, "port": int, "certfile": str, "keyfile": str, "store": str, "log_level": str,
+    "shutdown_timeout": float,
 }  # fmt: skip
 
 
@@ -279,7 +285,7 @@ def _parse(document: Mapping[str, Any], source: str, base_dir: Path | None) -> _
         for key, kind in _ADAPTER_KEYS.items()
         if key in server
     }
-    for key in ("certfile", "keyfile"):
+    for key in ("certfile", "keyfile", "store"):
         if key in adapter and base_dir is not None:
             adapter[key] = base_dir / adapter[key]
     for key in ("user", "password"):
@@ -410,6 +416,7 @@ def load_settings(
             raise ConfigError(f"{origin('admin_user')}: {exc}") from None
     certfile = Path(merged["certfile"]) if "certfile" in merged else None
     keyfile = Path(merged["keyfile"]) if "keyfile" in merged else None
+    store = Path(merged["store"]) if merged.get("store") else None
     if keyfile is not None and certfile is None:
         raise ConfigError(f"{origin('keyfile')}: a keyfile needs a certfile")
     shutdown_timeout = float(merged.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT))
@@ -430,6 +437,7 @@ def load_settings(
         admin=admin,
         certfile=certfile,
         keyfile=keyfile,
+        store=store,
         log_level=log_level,
         shutdown_timeout=shutdown_timeout,
         source=path,

@@ -1,0 +1,325 @@
+"""The durable broker in memory (issue 9): the core journals, holds confirmations until a commit, restores.
+
+A "restart" here is a new :class:`ServerCore` restored from a :class:`ModelStore` that holds exactly the
+batches committed so far: the process died right after its last commit (``kill -9``), whatever was
+journalled or in a commit that had not returned is lost, as it would be.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from fastport_core.config import ServerConfig, SessionSettings
+from fastport_core.errors import CloseCode
+from fastport_core.server import ServerCore
+from tests.store_model import ModelStore
+
+from .test_server import ADMIN
+from .wire import RawPeer, basic_auth, http_request
+
+EPOCH = 1_800_000_000.0
+"""The wall clock at ``now == 0`` (records hold wall-clock times)."""
+
+
+def durable_core(store: ModelStore | None = None, now: float = 0.0, **config: Any) -> ServerCore:
+    """A durable core, restored from ``store`` when given, with session "demo" (configured, like the CLI)."""
+    config.setdefault("password_hash_cost", 2)
+    core = ServerCore(ServerConfig(**config), admin_credentials=ADMIN, durable=True)
+    core.set_wall_clock(EPOCH + now, now)
+    if store is not None:
+        core.restore(store.load(), now)
+    core.broker.configure_session("demo", "pw", now, SessionSettings(retry_interval=5.0))
+    return core
+
+
+def commit(core: ServerCore, store: ModelStore, now: float = 0.0) -> None:
+    """What the adapter's writer does: take every pending batch, commit them together, report."""
+    batches = []
+    while (batch := core.take_store_batch()) is not None:
+        batches.append(batch)
+    if batches:
+        store.commit(batches)
+        core.store_committed(batches[-1].seq, now)
+
+
+def peer(core: ServerCore, now: float = 0.0, **init: Any) -> RawPeer:
+    p = RawPeer(core, now)
+    p.init("demo", "pw", now, **init)
+    assert of_type(p.received, "init_response")[0]["success"] is True
+    return p
+
+
+def subscribed(core: ServerCore, topic: str = "t", now: float = 0.0, **init: Any) -> RawPeer:
+    p = peer(core, now, **init)
+    p.send({"type": "subscribe", "topic": topic}, now)
+    assert p.pump(now)[-1]["success"] is True
+    return p
+
+
+def of_type(frames: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [f for f in frames if f["type"] == kind]
+
+
+def ack(p: RawPeer, message: dict[str, Any], now: float = 0.0) -> None:
+    p.send({"type": "ack", "topic": message["topic"], "messageId": message["messageId"]}, now)
+
+
+# -- confirmations wait for the commit ---------------------------------------------------------------------
+
+
+def test_a_publish_is_confirmed_only_once_its_batch_is_committed() -> None:
+    store = ModelStore()
+    core = durable_core()
+    commit(core, store)
+    sub = subscribed(core, clientId="dev")
+    pub = peer(core)
+    pub.publish("t", "m1")
+    assert of_type(sub.pump(), "message")[0]["messageId"] == "m1"  # delivery does not wait
+    assert of_type(pub.pump(), "publish_response") == []
+    commit(core, store)
+    (response,) = of_type(pub.pump(), "publish_response")
+    assert response == {"type": "publish_response", "success": True, "messageId": "m1", "deliveredTo": 1}
+    assert store.message_ids == {"m1"}
+
+
+def test_a_publish_acked_before_the_commit_never_reaches_the_store_but_its_dedupe_entry_does() -> None:
+    store = ModelStore()
+    core = durable_core()
+    sub = subscribed(core, clientId="dev")
+    commit(core, store)
+    pub = peer(core)
+    pub.publish("t", "m1")
+    ack(sub, of_type(sub.pump(), "message")[0])
+    batch = core.take_store_batch()
+    assert batch is not None
+    assert (batch.messages, batch.deliveries, batch.deliveries_dropped) == ([], [], [])
+    assert [p.message_id for p in batch.publishes] == ["m1"]
+    store.commit([batch])
+    core.store_committed(batch.seq, 0.0)
+    kinds = [f["type"] for f in pub.pump()]
+    assert kinds == ["publish_response", "ack_received"]  # in that order, both after the commit
+
+
+def test_a_duplicate_publish_is_confirmed_after_the_original_is_durable() -> None:
+    store = ModelStore()
+    core = durable_core()
+    subscribed(core, clientId="dev")
+    commit(core, store)
+    pub = peer(core)
+    pub.publish("t", "m1")
+    pub.publish("t", "m1")  # the client retried before hearing back
+    assert of_type(pub.pump(), "publish_response") == []
+    commit(core, store)
+    assert [r["deliveredTo"] for r in of_type(pub.pump(), "publish_response")] == [1, 1]
+
+
+def test_a_refused_publish_is_answered_at_once() -> None:
+    core = durable_core()
+    pub = peer(core)
+    pub.publish("t/+", "m1")
+    (response,) = of_type(pub.pump(), "publish_response")
+    assert response["success"] is False and response["code"] == "invalid_topic"
+
+
+def test_an_admin_answer_that_changed_a_session_waits_for_the_commit() -> None:
+    store = ModelStore()
+    core = durable_core()
+    commit(core, store)
+    conn = core.open_connection(0.0)
+    auth = (("Authorization", basic_auth("admin", "secret")),)
+    body = orjson.dumps({"sessionName": "fleet", "password": "p"})
+    core.receive_data(conn, http_request("POST", "/api/createSession", body, auth), 0.0)
+    assert core.data_to_send(conn) == b""
+    assert not core.should_close(conn)
+    commit(core, store)
+    assert core.data_to_send(conn).startswith(b"HTTP/1.1 200")
+    assert "fleet" in store.sessions
+    core.receive_data(conn, http_request("GET", "/healthz"), 0.0)  # changed nothing: answered at once
+    assert core.data_to_send(conn).startswith(b"HTTP/1.1 200")
+
+
+def test_a_failed_commit_refuses_publishes_with_store_unavailable_until_a_commit_works() -> None:
+    store = ModelStore()
+    core = durable_core()
+    sub = subscribed(core, clientId="dev")
+    commit(core, store)
+    pub = peer(core)
+    pub.publish("t", "m1")
+    batch = core.take_store_batch()
+    assert batch is not None
+    store.fail = True
+    try:
+        store.commit([batch])
+    except OSError:
+        core.store_failed(0.0)
+    pub.publish("t", "m2")
+    (refused,) = of_type(pub.pump(), "publish_response")
+    assert refused["messageId"] == "m2" and refused["code"] == "store_unavailable"
+    store.fail = False
+    store.commit([batch])  # the writer retries the same batch
+    core.store_committed(batch.seq, 0.0)
+    assert [r["messageId"] for r in of_type(pub.pump(), "publish_response")] == ["m1"]
+    pub.publish("t", "m2")
+    commit(core, store)
+    assert of_type(pub.pump(), "publish_response")[-1]["success"] is True
+    assert [m["messageId"] for m in of_type(sub.pump(), "message")] == ["m1", "m2"]
+
+
+# -- restart -----------------------------------------------------------------------------------------------
+
+
+def test_a_resumable_subscriber_gets_every_confirmed_message_after_a_restart() -> None:
+    store = ModelStore()
+    core = durable_core()
+    subscribed(core, clientId="dev")
+    pub = peer(core)
+    for i in range(5):
+        pub.publish("t", f"m{i}")
+    commit(core, store)
+    assert len(of_type(pub.pump(), "publish_response")) == 5
+    pub.publish("t", "lost")  # journalled, never committed: the process dies now
+    del core
+
+    core = durable_core(store, now=100.0)
+    again = peer(core, 100.0, clientId="dev")
+    messages = of_type(again.received, "message")
+    assert [m["messageId"] for m in messages] == [f"m{i}" for i in range(5)]
+    for message in messages:
+        ack(again, message, 100.0)
+    commit(core, store, 100.0)
+    assert store.messages == {} and store.deliveries == {}
+
+
+def test_the_subscription_survives_so_new_publishes_after_a_restart_reach_the_subscriber() -> None:
+    store = ModelStore()
+    core = durable_core()
+    sub = subscribed(core, "sensors/+", clientId="dev", persistent=True)
+    sub.ws.close(CloseCode.NORMAL, "bye", 0.0)
+    sub.send_raw(sub.ws.data_to_send())
+    commit(core, store)
+    core = durable_core(store)
+    peer(core).publish("sensors/1", "m1")
+    commit(core, store)
+    assert ("demo", "m1", "dev") in store.deliveries
+    again = peer(core, clientId="dev")
+    assert [m["messageId"] for m in of_type(again.received, "message")] == ["m1"]
+
+
+def test_an_acked_delivery_does_not_come_back_after_a_restart() -> None:
+    store = ModelStore()
+    core = durable_core()
+    sub = subscribed(core, clientId="dev")
+    pub = peer(core)
+    pub.publish("t", "m1")
+    pub.publish("t", "m2")
+    commit(core, store)
+    first, _second = of_type(sub.pump(), "message")
+    ack(sub, first)
+    commit(core, store)
+    core = durable_core(store, now=1.0)
+    again = peer(core, 1.0, clientId="dev")
+    assert [m["messageId"] for m in of_type(again.received, "message")] == ["m2"]
+
+
+def test_retry_counts_survive_a_restart() -> None:
+    store = ModelStore()
+    core = durable_core()
+    sub = subscribed(core, clientId="dev")
+    peer(core).publish("t", "m1")
+    for now in (5.0, 10.0):
+        core.handle_timeout(now)
+    assert [m.get("retry") for m in of_type(sub.pump(10.0), "message")] == [None, 1, 2]
+    commit(core, store, 10.0)
+    core = durable_core(store, now=20.0)
+    again = peer(core, 20.0, clientId="dev")
+    assert [m.get("retry") for m in of_type(again.received, "message")] == [2]
+
+
+def test_a_republish_after_a_restart_is_deduplicated() -> None:
+    store = ModelStore()
+    core = durable_core()
+    subscribed(core, clientId="dev")
+    peer(core).publish("t", "m1")
+    commit(core, store)
+    core = durable_core(store, now=1.0)
+    pub = peer(core, 1.0)
+    pub.publish("t", "m1", now=1.0)
+    commit(core, store, 1.0)
+    (response,) = of_type(pub.pump(1.0), "publish_response")
+    assert response["deliveredTo"] == 1
+    assert core.metrics.value("publish_duplicates", "demo") == 1
+
+
+def test_expiry_continues_across_a_restart_on_the_wall_clock() -> None:
+    store = ModelStore()
+    core = durable_core()
+    core.broker.configure_session("demo", "pw", 0.0, SessionSettings(message_expiry_time=60.0))
+    subscribed(core, clientId="dev")
+    peer(core).publish("t", "m1")
+    commit(core, store)
+    # The server was down for 100 s; its monotonic clock starts again from 0.
+    core = ServerCore(ServerConfig(password_hash_cost=2), durable=True)
+    core.set_wall_clock(EPOCH + 100.0, 0.0)
+    core.restore(store.load(), 0.0)
+    core.handle_timeout(0.0)
+    assert core.metrics.value("deliveries_given_up", "demo", "expired") == 1
+    commit(core, store)
+    assert store.messages == {}
+
+
+def test_sessions_created_dropped_and_suspended_through_the_admin_api_survive() -> None:
+    store = ModelStore()
+    core = durable_core()
+    secret = core.broker.create_session("fleet", "pw-fleet", 0.0)
+    doomed = core.broker.create_session("doomed", "pw", 0.0)
+    core.broker.suspend_session("fleet", "pw-fleet", secret, True, 0.0)
+    commit(core, store)
+    core.broker.drop_session("doomed", "pw", doomed, 0.0)
+    commit(core, store)
+    core = durable_core(store, now=1.0)
+    assert core.session_names() == ["demo", "fleet"]
+    refused = RawPeer(core, 1.0).init("fleet", "pw-fleet", 1.0)
+    assert refused["code"] == "session_suspended"
+    core.broker.suspend_session("fleet", "pw-fleet", secret, False, 1.0)  # the secret key still works
+    assert RawPeer(core, 1.0).init("fleet", "pw-fleet", 1.0)["success"] is True
+    assert RawPeer(core, 1.0).init("fleet", "wrong", 1.0)["success"] is False
+
+
+def test_the_config_file_decides_the_password_of_a_restored_session() -> None:
+    store = ModelStore()
+    core = durable_core()
+    commit(core, store)
+    core = ServerCore(ServerConfig(password_hash_cost=2), durable=True)
+    core.restore(store.load(), 0.0)
+    core.broker.configure_session("demo", "new-pw", 0.0)
+    assert RawPeer(core).init("demo", "pw")["success"] is False
+    assert RawPeer(core).init("demo", "new-pw")["success"] is True
+    commit(core, store)
+    assert store.sessions["demo"].password_hash != ""
+
+
+def test_a_session_dropped_and_created_again_in_one_batch_starts_empty() -> None:
+    store = ModelStore()
+    core = durable_core()
+    secret = core.broker.create_session("s", "pw", 0.0)
+    commit(core, store)
+    p = RawPeer(core)
+    assert p.init("s", "pw", clientId="dev")["success"] is True
+    p.send({"type": "subscribe", "topic": "t"})
+    core.broker.drop_session("s", "pw", secret, 0.0)
+    core.broker.create_session("s", "pw2", 0.0)
+    commit(core, store)
+    assert "s" in store.sessions
+    assert [k for k in store.subscribers if k[0] == "s"] == []
+
+
+def test_an_in_memory_core_journals_nothing() -> None:
+    core = ServerCore(ServerConfig(password_hash_cost=2))
+    core.create_session("demo", "pw", 0.0)
+    assert core.take_store_batch() is None
+    pub = RawPeer(core)
+    assert pub.init("demo", "pw")["success"] is True
+    pub.publish("t", "m1")
+    assert of_type(pub.pump(), "publish_response")[0]["success"] is True
