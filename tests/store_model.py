@@ -7,6 +7,7 @@ from :meth:`ModelStore.load` is a ``kill -9`` after the last commit.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from fastport_core.storage import (
@@ -31,6 +32,10 @@ class ModelStore:
         """The ``seq`` of the last batch committed (numbered per process: a restart counts from 1 again)."""
         self.fail = False
         """Make :meth:`commit` raise (a full disk) until cleared."""
+        self.failures = 0
+        self.retried = threading.Event()
+        """Set at the second failed commit: the first failure has been reported to the core by then (the
+        writer reports a failure before it retries)."""
 
     def load(self) -> Snapshot:
         return Snapshot(
@@ -43,6 +48,9 @@ class ModelStore:
 
     def commit(self, batches: Sequence[StoreBatch]) -> None:
         if self.fail:
+            self.failures += 1
+            if self.failures >= 2:
+                self.retried.set()
             raise OSError("database or disk is full")
         seqs = [batch.seq for batch in batches]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "batches commit in order"
