@@ -253,6 +253,8 @@ def test_the_example_config_declares_the_demo_session() -> None:
     settings = load_settings(EXAMPLE, environ={})
     assert [(s.name, s.password) for s in settings.sessions] == [("demo", "demo-password")]
     assert (settings.host, settings.port, settings.admin) == ("127.0.0.1", 3000, None)
+    assert settings.store is not None
+    assert settings.store.resolve() == (EXAMPLE.parent.parent / "data" / "fastport.db").resolve()
 
 
 @pytest.mark.anyio

@@ -18,7 +18,9 @@ from .conftest import FAST_CONFIG, SESSIONS, RawClient, publish_frame
 
 async def member(port: int, **init: Any) -> RawClient:
     client = await RawClient.connect(port)
-    answer = await client.request({"type": "init", "sessionName": "alpha", "password": "alpha-password", **init})
+    answer = await client.request(
+        {"type": "init", "sessionName": "alpha", "password": "alpha-password", **init}
+    )
     assert answer["success"] is True, answer
     return client
 
@@ -28,8 +30,9 @@ async def test_confirmed_messages_survive_a_restart_and_reach_the_resumable_subs
 ) -> None:
     store = ModelStore()
     async with Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, store=store) as server:
-        async with await member(server.port, clientId="dev", persistent=True) as sub:
-            assert (await sub.subscribe("t"))["success"] is True
+        sub = await member(server.port, clientId="dev", persistent=True)
+        assert (await sub.subscribe("t"))["success"] is True
+        await sub.aclose()  # away while the messages are published
         async with await member(server.port) as pub:
             for i in range(20):
                 answer = await pub.request(publish_frame("t", f"payload {i}", f"m{i}"))
@@ -38,36 +41,40 @@ async def test_confirmed_messages_survive_a_restart_and_reach_the_resumable_subs
                 }  # fmt: skip
                 # Confirmed means committed: the store holds it already.
                 assert f"m{i}" in store.message_ids
-    async with Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, store=store) as server:
-        async with await member(server.port, clientId="dev", persistent=True) as sub:
-            got = []
-            for _ in range(20):
-                message = await sub.receive()
-                assert message["type"] == "message"
-                got.append(message["messageId"])
-                await sub.send_json({"type": "ack", "topic": "t", "messageId": message["messageId"]})
-            assert got == [f"m{i}" for i in range(20)]
-            # A round trip after the last ACK: the server has handled every ACK before it answers.
-            assert (await sub.subscribe("t"))["success"] is True
+    async with (
+        Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, store=store) as server,
+        await member(server.port, clientId="dev", persistent=True) as sub,
+    ):
+        got = []
+        for _ in range(20):
+            message = await sub.receive()
+            assert message["type"] == "message"
+            got.append(message["messageId"])
+            await sub.send_json({"type": "ack", "topic": "t", "messageId": message["messageId"]})
+        assert got == [f"m{i}" for i in range(20)]
+        # A round trip after the last ACK: the server has handled every ACK before it answers.
+        assert (await sub.subscribe("t"))["success"] is True
     assert store.messages == {} and store.deliveries == {}
 
 
 async def test_a_failing_store_refuses_publishes_until_it_commits_again(anyio_backend: str) -> None:
     store = ModelStore()
-    async with Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, store=store) as server:
-        async with await member(server.port, clientId="dev") as sub:
-            assert (await sub.subscribe("t"))["success"] is True
-            async with await member(server.port) as pub:
-                store.fail = True
-                await pub.send_json(publish_frame("t", "x", "m1"))  # journalled; its commit fails
-                message = await sub.receive()  # delivery does not wait for the disk
-                assert message["messageId"] == "m1"
-                assert await anyio.to_thread.run_sync(store.retried.wait, 10.0)
-                answer = await pub.request(publish_frame("t", "x", "m2"))
-                assert answer["code"] == "store_unavailable" and answer["success"] is False
-                store.fail = False  # space was freed: the writer's retry commits m1, then it is confirmed
-                with anyio.fail_after(10):
-                    while (answer := await pub.receive())["type"] != "publish_response":
-                        pass
-                assert answer["messageId"] == "m1" and answer["success"] is True
-                assert "m1" in store.message_ids
+    async with (
+        Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, store=store) as server,
+        await member(server.port, clientId="dev") as sub,
+    ):
+        assert (await sub.subscribe("t"))["success"] is True
+        async with await member(server.port) as pub:
+            store.fail = True
+            await pub.send_json(publish_frame("t", "x", "m1"))  # journalled; its commit fails
+            message = await sub.receive()  # delivery does not wait for the disk
+            assert message["messageId"] == "m1"
+            assert await anyio.to_thread.run_sync(store.retried.wait, 10.0)
+            answer = await pub.request(publish_frame("t", "x", "m2"))
+            assert answer["code"] == "store_unavailable" and answer["success"] is False
+            store.fail = False  # space was freed: the writer's retry commits m1, then it is confirmed
+            with anyio.fail_after(10):
+                while (answer := await pub.receive())["type"] != "publish_response":
+                    pass
+            assert answer["messageId"] == "m1" and answer["success"] is True
+            assert "m1" in store.message_ids
