@@ -52,7 +52,13 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import CollectorRegistry
 
 from .auth import AuthThrottle
-from .broker import AccessDeniedError, BrokerStats, SessionExistsError, UnknownSessionError
+from .broker import (
+    AccessDeniedError,
+    BrokerStats,
+    SessionExistsError,
+    StoreUnavailableError,
+    UnknownSessionError,
+)
 from .config import ServerConfig, SessionSettings
 from .errors import LocalProtocolError
 from .exposition import CoreCollector
@@ -174,6 +180,11 @@ class AdminErrorCode(HttpErrorCode):
         "The endpoint exists but takes another method (named in ``Allow``).",
     )
     SESSION_EXISTS = "session_exists", HTTPStatus.CONFLICT, "A session of that name already exists."
+    STORE_UNAVAILABLE = (
+        "store_unavailable",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "The broker cannot write its store (a full disk, an I/O error): nothing changed; retry shortly.",
+    )
     AUTH_THROTTLED = (
         "auth_throttled",
         HTTPStatus.TOO_MANY_REQUESTS,
@@ -198,6 +209,7 @@ _BROKER_REFUSALS: Final[tuple[tuple[type[LocalProtocolError], AdminErrorCode], .
     (SessionExistsError, AdminErrorCode.SESSION_EXISTS),
     (UnknownSessionError, AdminErrorCode.UNKNOWN_SESSION),
     (AccessDeniedError, AdminErrorCode.ACCESS_DENIED),
+    (StoreUnavailableError, AdminErrorCode.STORE_UNAVAILABLE),
 )
 
 

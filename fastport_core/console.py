@@ -61,7 +61,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from .admin import AdminApi, HttpErrorCode, HttpResponse, LoginOutcome
-from .broker import BrokerStats, UnknownSessionError
+from .broker import BrokerStats, StoreUnavailableError, UnknownSessionError
 from .errors import LocalProtocolError
 from .metrics import Metrics
 
@@ -187,6 +187,11 @@ class ConsoleErrorCode(HttpErrorCode):
     )
     INVALID_REQUEST = "invalid_request", HTTPStatus.BAD_REQUEST, "The body is not the JSON object expected."
     UNKNOWN_SESSION = "unknown_session", HTTPStatus.NOT_FOUND, "No session of that name."
+    STORE_UNAVAILABLE = (
+        "store_unavailable",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "The broker cannot write its store (a full disk, an I/O error): nothing changed; retry shortly.",
+    )
     METHOD_NOT_ALLOWED = (
         "method_not_allowed",
         HTTPStatus.METHOD_NOT_ALLOWED,
@@ -590,6 +595,8 @@ class Console:
             self._broker.drop_session_as_admin(name, now)
         except UnknownSessionError as exc:
             raise _Refused(ConsoleErrorCode.UNKNOWN_SESSION, str(exc)) from None
+        except StoreUnavailableError as exc:
+            raise _Refused(ConsoleErrorCode.STORE_UNAVAILABLE, str(exc)) from None
         return self._json({"success": True, "sessionName": name})
 
     def _suspend_session(
@@ -604,6 +611,8 @@ class Console:
             self._broker.suspend_session_as_admin(name, suspend, now)
         except UnknownSessionError as exc:
             raise _Refused(ConsoleErrorCode.UNKNOWN_SESSION, str(exc)) from None
+        except StoreUnavailableError as exc:
+            raise _Refused(ConsoleErrorCode.STORE_UNAVAILABLE, str(exc)) from None
         return self._json({"success": True, "sessionName": name, "suspended": suspend})
 
 
