@@ -1106,6 +1106,10 @@ class Broker:
         """The number of the last batch :meth:`take_store_batch` returned (0: none yet, or no store)."""
         return self._journal.taken if self._journal is not None else 0
 
+    def session_changes(self) -> int:
+        """How many session-level changes (create, drop, suspend, keys) were journalled so far."""
+        return self._journal.changes if self._journal is not None else 0
+
     def store_pending(self) -> bool:
         """Whether changes wait in the journal for :meth:`take_store_batch`."""
         return bool(self._journal)
@@ -1654,6 +1658,7 @@ class Broker:
         )
         if self._journal is not None:
             self._journal.put(session)
+            self._journal.changes += 1
         self.metrics.inc("sessions_created")
         _log.info("session %r created", name)
         return secret_key
@@ -1718,6 +1723,7 @@ class Broker:
         session.token_key = self._random(TOKEN_KEY_BYTES)
         if self._journal is not None:
             self._journal.put(session)
+            self._journal.changes += 1
         holders = [connection for connection in session.connections if connection.scope is not None]
         for connection in holders:
             self._disconnect(connection, CloseCode.TOKEN_REVOKED, "the session's token key was rotated", now)
@@ -1736,6 +1742,7 @@ class Broker:
         del self._sessions[session.name]
         if self._journal is not None:
             self._journal.drop(session, session.saved)
+            self._journal.changes += 1
         self._deadlines.cancel(session)
         connections = list(session.connections)
         for connection in connections:
@@ -1766,6 +1773,7 @@ class Broker:
         self._check_store()
         if self._journal is not None and session.suspended != suspend:
             self._journal.put(session)
+            self._journal.changes += 1
         name = session.name
         session.set_suspended(suspend, now)  # resuming may close slow consumers, settling messages
         self._queue_settled()

@@ -717,6 +717,7 @@ class ServerCore:
         served = 0
         pipeline = self.config.limits.max_http_pipeline
         events = http.receive_data(data)
+        changes = self.broker.session_changes()
         while events:
             if served >= pipeline:
                 served += 1  # marks the overflow for the close below
@@ -757,8 +758,9 @@ class ServerCore:
             # A client may pipeline requests: the next one may already be buffered behind the answered one.
             events = [] if http.should_close else http.next_events()
         connection.prefix = b"".join(answers)
-        if answered and (needed := self._needed_batch()) > self._committed:
-            self._held_http[conn] = needed  # an admin call changed a session: answer once that is durable
+        if self.broker.session_changes() != changes:
+            # An admin (or console) call changed a session: answer once that is durable.
+            self._held_http[conn] = self._needed_batch()
         if http.should_close or queued > self.config.limits.max_output_buffer or served > pipeline:
             self._finish_transport(conn, connection, "HTTP connection done", now)
         elif answered:

@@ -168,7 +168,7 @@ class Journal:
     nothing to delete (each object knows whether it was ``saved``).
     """
 
-    __slots__ = ("changed", "publishes", "taken")
+    __slots__ = ("changed", "changes", "publishes", "taken")
 
     def __init__(self) -> None:
         self.changed: dict[object, bool] = {}
@@ -176,6 +176,8 @@ class Journal:
         """``(session, messageId, deliveredTo, now)`` per accepted publish: its dedupe entry."""
         self.taken = 0
         """The number of the last batch taken (0: none yet)."""
+        self.changes = 0
+        """Session-level changes journalled so far (what an admin answer that must wait for them detects)."""
 
     def __bool__(self) -> bool:
         return bool(self.changed or self.publishes)

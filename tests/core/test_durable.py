@@ -323,3 +323,16 @@ def test_an_in_memory_core_journals_nothing() -> None:
     assert pub.init("demo", "pw")["success"] is True
     pub.publish("t", "m1")
     assert of_type(pub.pump(), "publish_response")[0]["success"] is True
+
+
+def test_session_changes_are_refused_with_503_while_the_store_cannot_be_written() -> None:
+    core = durable_core()
+    core.store_failed(0.0)
+    conn = core.open_connection(0.0)
+    auth = (("Authorization", basic_auth("admin", "secret")),)
+    body = orjson.dumps({"sessionName": "fleet", "password": "p"})
+    core.receive_data(conn, http_request("POST", "/api/createSession", body, auth), 0.0)
+    head, _, payload = core.data_to_send(conn).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503")
+    assert orjson.loads(payload)["code"] == "store_unavailable"
+    assert core.session_names() == ["demo"]
