@@ -80,6 +80,8 @@ class Params:
     cap: float = 60.0
     """Wall-clock seconds after which the role stops and reports what it has (``timed_out``)."""
     mask_key: str = "5a3c9e71"
+    resumable: bool = False
+    """Subscribers ``init`` with a ``clientId`` (what a durable broker stores deliveries for)."""
 
 
 # -- a minimal WebSocket client ------------------------------------------------------------------------
@@ -239,6 +241,10 @@ def run_publisher(params: Params) -> dict[str, Any]:
     count, window = params.count, params.window
     interval_ns = int(1e9 / params.rate) if params.rate > 0 else 0
     sent = confirmed = errors = reads = 0
+    sent_ns = array("q", bytes(8 * count))
+    """When each publish was written, by sequence number: publish-to-confirmation latency."""
+    confirm_latencies: array[int] = array("q")
+    skip = len(params.prefix)
     first_error: Any = None
     timed_out = False
     buffer = conn.buffer
@@ -253,7 +259,8 @@ def run_publisher(params: Params) -> dict[str, Any]:
         if allowed > 0:
             out = []
             for seq in range(sent, sent + allowed):
-                out.append(frame(head + b"%019d" % clock() + middle + b"%07d" % seq + tail))
+                stamp = sent_ns[seq] = clock()
+                out.append(frame(head + b"%019d" % stamp + middle + b"%07d" % seq + tail))
             sock.sendall(b"".join(out))
             sent += allowed
             next_ns += allowed * interval_ns
@@ -281,6 +288,9 @@ def run_publisher(params: Params) -> dict[str, Any]:
                 obj = _LOADS(payload)
                 if obj.get("type") == "publish_response" and obj.get("success"):
                     confirmed += 1
+                    confirm_latencies.append(clock() - sent_ns[int(obj["messageId"][skip:])])
+                elif obj.get("type") == "ack_received":
+                    pass  # the message settled (fastport tells its publisher; the original did not)
                 else:
                     errors += 1
                     first_error = first_error or obj
@@ -296,7 +306,7 @@ def run_publisher(params: Params) -> dict[str, Any]:
     return {
         "role": "publisher", "sent": sent, "confirmed": confirmed, "errors": errors,
         "first_error": first_error, "start_ns": start_ns, "end_ns": end_ns, "cpu_s": cpu,
-        "timed_out": timed_out, "reads": reads,
+        "timed_out": timed_out, "reads": reads, "confirm_us": _percentiles(confirm_latencies),
     }  # fmt: skip
 
 
@@ -308,7 +318,10 @@ def run_subscribers(params: Params) -> dict[str, Any]:
     deadline = time.monotonic() + params.cap
     conns = [Connection(params.host, params.port, index) for index in range(params.connections)]
     for conn in conns:  # pipelined: every init and subscribe first, then the answers
-        conn.send_json({"type": "init", "sessionName": params.session, "password": params.password})
+        init = {"type": "init", "sessionName": params.session, "password": params.password}
+        if params.resumable:
+            init["clientId"] = f"{params.prefix}sub{conn.index}"
+        conn.send_json(init)
         conn.send_json({"type": "subscribe", "topic": TOPIC})
     for conn in conns:
         conn.expect("init_response", deadline)

@@ -241,7 +241,8 @@ class ServerProcess:
         self._log.close()
 
 
-def start_fastport(workdir: Path, backend: str) -> ServerProcess:
+def start_fastport(workdir: Path, backend: str, store: Path | None = None) -> ServerProcess:
+    """``fastport serve`` on a free port; with ``store``, durable (named ``fastport-durable``)."""
     config = workdir / "fastport.toml"
     config.write_text(FASTPORT_CONFIG)
     fastport = Path(PYTHON).parent / "fastport"
@@ -250,7 +251,11 @@ def start_fastport(workdir: Path, backend: str) -> ServerProcess:
         str(fastport), "serve", "--host", HOST, "--port", str(port), "--config", str(config),
         "--backend", backend,
     ]  # fmt: skip
-    server = ServerProcess("fastport", command, port, workdir / "fastport.log")
+    name = "fastport"
+    if store is not None:
+        command += ["--store", str(store)]
+        name = "fastport-durable"
+    server = ServerProcess(name, command, port, workdir / f"{name}.log")
     server.wait_listening()
     return server
 
@@ -339,11 +344,13 @@ def measure(
     mode: Mode,
     rep: int,
     around: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Measurement:
     """Run ``scenario`` once against ``server``; the processes are started and ended here.
 
     ``around``, if given, is entered once every connection is set up and left when the interval is over
     (a profiler or a syscall counter attaches there, so that set-up and teardown stay out of it).
+    ``extra``: more load-generator parameters (``resumable``: subscribers with a ``clientId``).
     """
     global _run_counter  # noqa: PLW0603 - one counter per driver run: message ids never repeat
     _run_counter += 1
@@ -352,7 +359,7 @@ def measure(
     params = {
         "host": HOST, "port": server.port, "session": SESSION, "password": PASSWORD,
         "prefix": f"r{_run_counter}-{os.getpid()}-", "count": count, "window": scenario.window,
-        "rate": scenario.rate, "connections": scenario.subscribers, "cap": mode.cap,
+        "rate": scenario.rate, "connections": scenario.subscribers, "cap": mode.cap, **(extra or {}),
     }  # fmt: skip
     processes: list[subprocess.Popen[bytes]] = []
     try:
