@@ -108,6 +108,11 @@ class BrokerLike(Protocol):
         """``(sessions, connections)``, in O(1): ``/healthz`` is open and may be polled hard."""
         ...
 
+    @property
+    def store_available(self) -> bool:
+        """``False`` while a durable broker cannot write its store (``/healthz`` answers 503)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AdminCredentials:
@@ -491,6 +496,10 @@ class AdminApi:
 
     def _healthz(self, body: bytes, now: float) -> HttpResponse:
         sessions, connections = self._broker.health()
+        if not self._broker.store_available:
+            # A load balancer should send clients elsewhere: this node refuses publishes meanwhile.
+            fields = {"status": "store_unavailable", "sessions": sessions, "connections": connections}
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, fields)
         return _json(HTTPStatus.OK, {"status": "ok", "sessions": sessions, "connections": connections})
 
     def _metrics(self, body: bytes, now: float) -> HttpResponse:

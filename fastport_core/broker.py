@@ -1098,6 +1098,11 @@ class Broker:
             )
         self._store_ok = available
 
+    @property
+    def store_available(self) -> bool:
+        """Whether the store takes commits (always, in memory); ``/healthz`` reports it."""
+        return self._store_ok
+
     def _check_store(self) -> None:
         if not self._store_ok:
             raise StoreUnavailableError("the broker cannot write its store: retry shortly")

@@ -110,6 +110,8 @@ class FakeBroker:
         self.calls.append(("stats",))
         return BrokerStats(len(self.sessions), self.connections, 0, 0, 0, 0, 0, {})
 
+    store_available = True
+
     def health(self) -> tuple[int, int]:
         return len(self.sessions), self.connections
 

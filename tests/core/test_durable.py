@@ -336,3 +336,16 @@ def test_session_changes_are_refused_with_503_while_the_store_cannot_be_written(
     assert head.startswith(b"HTTP/1.1 503")
     assert orjson.loads(payload)["code"] == "store_unavailable"
     assert core.session_names() == ["demo"]
+
+
+def test_healthz_answers_503_while_the_store_cannot_be_written() -> None:
+    core = durable_core()
+    core.store_failed(0.0)
+    conn = core.open_connection(0.0)
+    core.receive_data(conn, http_request("GET", "/healthz"), 0.0)
+    head, _, payload = core.data_to_send(conn).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and orjson.loads(payload)["status"] == "store_unavailable"
+    store = ModelStore()
+    commit(core, store)
+    core.receive_data(conn, http_request("GET", "/healthz"), 0.0)
+    assert core.data_to_send(conn).startswith(b"HTTP/1.1 200")
