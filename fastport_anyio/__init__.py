@@ -24,6 +24,7 @@ from fastport_core.errors import (
 
 from .client import Client, MessageStream, connect
 from .server import Server, serve
+from .store import SqliteStore, StoreError, StoreReport, StoreUnavailable
 
 __all__ = [
     "AuthenticationError",
@@ -43,7 +44,11 @@ __all__ = [
     "Server",
     "ServerSettings",
     "SessionSpec",
+    "SqliteStore",
     "StateChange",
+    "StoreError",
+    "StoreReport",
+    "StoreUnavailable",
     "SubscribeRefusedError",
     "SubscribeTimeoutError",
     "connect",

@@ -48,7 +48,7 @@ from fastport_core.config_file import ConfigError, Overrides, ServerSettings, lo
 from fastport_core.crypto import generate_key
 from fastport_core.errors import LocalProtocolError
 
-from . import cli_pubsub, cli_token
+from . import cli_pubsub, cli_store, cli_token
 from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, debug_requested, report_failure
 from .durability import Store
 from .server import Server
@@ -525,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_session_parser(subparsers)
     cli_pubsub.register(subparsers)  # pub, sub
     cli_token.register(subparsers)  # token mint
+    cli_store.register(subparsers)  # store check, store backup
     _add_debug_flag(parser, default=False)
     return parser
 

@@ -26,6 +26,8 @@ from fastport_core.errors import (
     LocalProtocolError,
 )
 
+from .store import StoreError, StoreUnavailable
+
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
@@ -72,6 +74,10 @@ def describe(error: BaseException) -> tuple[str, int] | None:
     if isinstance(error, CommandError):
         return str(error), error.exit_code
     if isinstance(error, ConfigError | LocalProtocolError):  # the user's input: a flag, a topic, a file
+        return str(error), EXIT_USAGE
+    if isinstance(error, StoreUnavailable):  # may pass (a full disk): a runtime failure
+        return str(error), EXIT_FAILURE
+    if isinstance(error, StoreError):  # a store file the user named that cannot be used
         return str(error), EXIT_USAGE
     if isinstance(error, AuthenticationError):
         return f"authentication refused: {error}", EXIT_FAILURE
