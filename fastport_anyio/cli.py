@@ -25,6 +25,7 @@ import argparse
 import base64
 import dataclasses
 import errno
+import functools
 import getpass
 import http.client
 import importlib.metadata
@@ -52,6 +53,7 @@ from . import cli_pubsub, cli_store, cli_token
 from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, debug_requested, report_failure
 from .durability import Store
 from .server import Server
+from .store import SqliteStore, StoreError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -273,11 +275,10 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     if settings.source is not None:
         logger.info("config file: %s", settings.source)
     logger.debug("event loop: %s%s", args.backend, " (uvloop)" if options else "")
+    store = _open_store(settings)
     try:
         anyio.run(
-            serve_until_signalled,
-            settings,
-            ssl_context,
+            functools.partial(serve_until_signalled, settings, ssl_context, store=store),
             backend=args.backend,
             backend_options=options,
         )
@@ -290,6 +291,21 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None
         raise CommandError(f"cannot create the configured sessions: {exc}", EXIT_USAGE) from None
     logger.info("stopped")
     return EXIT_OK
+
+
+def _open_store(settings: ServerSettings) -> SqliteStore | None:
+    """The ``--store`` database, opened (created when missing) before anything listens; exit 2 if unusable."""
+    if settings.store is None:
+        return None
+    config = settings.config
+    try:
+        store = SqliteStore.open(
+            settings.store, dedupe_ttl=config.dedupe_ttl, dedupe_window=config.limits.dedupe_window
+        )
+    except StoreError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    logger.info("store: %s", settings.store)
+    return store
 
 
 def _configure_logging(level: str) -> None:
