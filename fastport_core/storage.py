@@ -1,5 +1,8 @@
 """What the broker asks a store to make durable, as data (DESIGN §7): records, batches and a snapshot.
 
+Records are named tuples: cheap to build on the hot path (one per stored message, delivery and publish)
+and rows as they are, in their tables' column order, for a store's ``executemany``.
+
 The core never calls a database. With a store configured, the broker notes every change to its durable
 state in a :class:`Journal` (which object changed, not how to write it); the server core takes the
 journal's content as a :class:`StoreBatch` of plain records whenever the adapter asks, numbered in order;
@@ -24,7 +27,7 @@ offset), so expiry continues across a restart, however long the server was down.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 from .config import SessionSettings
 
@@ -51,8 +54,7 @@ DeliveryKey = tuple[str, str, str]
 """``(session, messageId, clientId)``."""
 
 
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
+class SessionRecord(NamedTuple):
     """A session: its name, secrets (as hashes, except the token key an HMAC needs in clear), settings."""
 
     name: str
@@ -64,8 +66,7 @@ class SessionRecord:
     suspended: bool
 
 
-@dataclass(frozen=True, slots=True)
-class SubscriberRecord:
+class SubscriberRecord(NamedTuple):
     """A resumable subscriber (``clientId``) and what it subscribed to."""
 
     session: str
@@ -74,8 +75,7 @@ class SubscriberRecord:
     topics: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class MessageRecord:
+class MessageRecord(NamedTuple):
     """A published message some resumable subscriber still owes an ACK for."""
 
     session: str
@@ -91,8 +91,7 @@ class MessageRecord:
     """Wall-clock seconds: when every delivery of it is given up (``expired``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class DeliveryRecord:
+class DeliveryRecord(NamedTuple):
     """One resumable subscriber's un-ACKed delivery of a stored message."""
 
     session: str
@@ -102,8 +101,7 @@ class DeliveryRecord:
     """Re-sends so far (the next send carries ``retry`` = this + 1)."""
 
 
-@dataclass(frozen=True, slots=True)
-class PublishRecord:
+class PublishRecord(NamedTuple):
     """One entry of a session's publish dedupe window: the id was taken, and how many it reached."""
 
     session: str
