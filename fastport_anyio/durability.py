@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 
 from fastport_core.server import ServerCore
-from fastport_core.storage import Snapshot, StoreBatch
+from fastport_core.storage import BacklogRequest, MessageRecord, Snapshot, StoreBatch
 
 __all__ = ["Store", "StoreWriter"]
 
@@ -48,6 +48,12 @@ class Store(Protocol):
         """Make ``batches`` durable, in order, all or nothing; raise if that failed."""
         ...
 
+    def load_backlog(
+        self, session: str, client_id: str, after_seq: int, limit: int
+    ) -> list[tuple[MessageRecord, int]]:
+        """A page of a resumable subscriber's stored backlog (see :class:`BacklogRequest`)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -67,6 +73,8 @@ class StoreWriter:
         self._limiter = anyio.CapacityLimiter(1)
         self._wake = anyio.Event()
         self._uncommitted: list[StoreBatch] = []
+        self._requests: list[BacklogRequest] = []
+        """Backlog pages the core asked for and the store has not answered yet."""
         """Batches taken from the core and not yet durable (retried together after a failure)."""
         self.commits = 0
         """Transactions committed (each carries one or more batches)."""
@@ -99,22 +107,35 @@ class StoreWriter:
             await anyio.to_thread.run_sync(self._store.close, limiter=self._limiter)
 
     async def _commit(self) -> bool:
-        """Take the core's pending batches and commit them with any left from a failed attempt."""
+        """Take the core's pending batches and commit them with any left from a failed attempt; then read
+        the backlog pages the core asked for (after the commit: a page must see every stored delivery)."""
         core = self._core
+        self._requests += core.take_backlog_requests()
         while (batch := core.take_store_batch()) is not None:
             self._uncommitted.append(batch)
         batches = self._uncommitted
-        if not batches:
-            return True
-        try:
-            await anyio.to_thread.run_sync(self._store.commit, batches, limiter=self._limiter)
-        except Exception as exc:
-            logger.warning("store commit failed (%s): refusing publishes until it works again", exc)
-            core.store_failed(self._now())
+        if batches:
+            try:
+                await anyio.to_thread.run_sync(self._store.commit, batches, limiter=self._limiter)
+            except Exception as exc:
+                logger.warning("store commit failed (%s): refusing publishes until it works again", exc)
+                core.store_failed(self._now())
+                self._after_commit()
+                return False
+            self._uncommitted = []
+            self.commits += 1
+            core.store_committed(batches[-1].seq, self._now())
             self._after_commit()
-            return False
-        self._uncommitted = []
-        self.commits += 1
-        core.store_committed(batches[-1].seq, self._now())
-        self._after_commit()
+        while self._requests:
+            request = self._requests[0]
+            try:
+                rows = await anyio.to_thread.run_sync(
+                    self._store.load_backlog, *request, limiter=self._limiter
+                )
+            except Exception as exc:
+                logger.warning("reading a stored backlog failed (%s): retrying", exc)
+                return False
+            del self._requests[0]
+            core.backlog_loaded(request, rows, self._now())
+            self._after_commit()
         return True

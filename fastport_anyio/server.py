@@ -326,7 +326,7 @@ class Server:
         for check in core.take_verifications():
             assert self._task_group is not None
             self._task_group.start_soon(self._verify, check)
-        if self._store_writer is not None and core.broker.store_pending():
+        if self._store_writer is not None and core.store_work():
             self._store_writer.wake()
         for conn in core.take_dirty():
             connection = self._connections.get(conn)

@@ -80,6 +80,7 @@ from .protocol import (
     encode_message,
 )
 from .storage import (
+    BacklogRequest,
     DeliveryRecord,
     Journal,
     MessageRecord,
@@ -124,7 +125,7 @@ class BrokerOutput:
     queues a frame for it afterwards.
     """
 
-    __slots__ = ("closes", "confirmations", "frames", "initialised", "verifications")
+    __slots__ = ("backlog_requests", "closes", "confirmations", "frames", "initialised", "verifications")
 
     def __init__(self) -> None:
         self.frames: list[tuple[int, bytes]] = []
@@ -136,18 +137,27 @@ class BrokerOutput:
         """``(conn, code, reason)``: start the closing handshake (the broker has already forgotten it)."""
         self.initialised: list[int] = []
         """Connections whose ``init`` succeeded: their handshake deadline and pre-init accounting end."""
+        self.backlog_requests: list[BacklogRequest] = []
+        """With a store only: pages of resumable subscribers' stored backlogs to read (after the batches
+        taken so far commit); each answer comes back through :meth:`Broker.backlog_loaded`."""
         self.verifications: list[PasswordCheck] = []
         """Password checks to run off the core's thread (only with ``offload_verification``); each result
         comes back through :meth:`Broker.verification_done`."""
 
     def __bool__(self) -> bool:
         return bool(
-            self.frames or self.closes or self.initialised or self.verifications or self.confirmations
+            self.frames
+            or self.closes
+            or self.initialised
+            or self.verifications
+            or self.confirmations
+            or self.backlog_requests
         )
 
     def clear(self) -> None:
         self.frames.clear()
         self.confirmations.clear()
+        self.backlog_requests.clear()
         self.closes.clear()
         self.initialised.clear()
         self.verifications.clear()
@@ -251,6 +261,7 @@ class _Message:
         "publish",
         "publisher",
         "saved",
+        "seq",
         "size",
     )
 
@@ -270,6 +281,8 @@ class _Message:
         """Bytes of its encoded ``message`` frame: what one delivery costs its subscriber's byte window."""
         self.saved = False
         """A taken store batch wrote it (the store deletes it once no delivery refers to it)."""
+        self.seq = 0
+        """Its place in publish order in the store (given when a batch first writes it)."""
 
 
 class _Delivery:
@@ -295,11 +308,15 @@ class _Subscriber:
         "client_id",
         "connection",
         "credit",
+        "cursor",
         "detached_at",
         "inflight",
+        "loading",
         "persistent",
         "saved",
         "session",
+        "spilled",
+        "spilled_bytes",
         "topics",
     )
 
@@ -315,6 +332,14 @@ class _Subscriber:
         self.client_id = client_id
         self.saved = False
         """A taken store batch wrote it (resumable subscribers only) and none deleted it since."""
+        self.spilled = 0
+        """With a store: deliveries recorded only in the store while it was away (at most; a store may
+        have expired some), read back page by page when it resumes, after its ``inflight`` and ``backlog``."""
+        self.spilled_bytes = 0
+        self.cursor = 0
+        """The highest message ``seq`` read back from its stored backlog so far."""
+        self.loading = False
+        """A page of its stored backlog has been asked for and not delivered yet."""
         self.persistent = persistent
         """Kept across a clean close too (``init``'s ``persistent``; the latest resuming ``init`` decides)."""
         self.connection: _Connection | None = connection
@@ -393,9 +418,11 @@ class _Session:
         "_journal",
         "_limits",
         "_metrics",
+        "_page",
         "_policy",
         "_publish_duplicates",
         "_publishes",
+        "_requests",
         "_retries",
         "_settled",
         "_starved",
@@ -471,6 +498,9 @@ class _Session:
         """The byte window of a resumable subscriber: frame bytes it may hold sent and un-ACKed. Half the
         output bound, so a resume or a round of retries never overflows its connection's buffer (4002)."""
         self._starved: dict[_Subscriber, None] = {}
+        self._page = self._limits.max_inflight_per_subscriber
+        """Deliveries read back from the store at a time (a window's worth)."""
+        self._requests = context.output.backlog_requests
         """Subscribers with a backlog whose window a give-up freed: filled again after the timers ran."""
         self._start_idle(now)
 
@@ -616,7 +646,11 @@ class _Session:
         """
         backlog = subscriber.backlog
         connection = subscriber.connection
-        if not backlog or connection is None or self.suspended:
+        if connection is None or self.suspended:
+            return
+        if subscriber.spilled and not subscriber.loading and len(backlog) <= self._page // 2:
+            self._read_back(subscriber)
+        if not backlog:
             return
         inflight = subscriber.inflight
         cap = self._limits.max_inflight_per_subscriber
@@ -627,6 +661,9 @@ class _Session:
         while backlog:
             message_id, delivery = next(iter(backlog.items()))
             message = delivery.message
+            if message.expires_at <= now:  # read back from the store after its expiry: never sent
+                self._give_up(delivery, GiveUpReason.EXPIRED)
+                continue
             if inflight and (len(inflight) >= cap or subscriber.credit < message.frame_size):
                 break
             del backlog[message_id]
@@ -642,6 +679,53 @@ class _Session:
         if sent:
             self._deliveries.value += sent
             self._arm(due)
+
+    def _read_back(self, subscriber: _Subscriber) -> None:
+        """Ask for the next page of ``subscriber``'s stored backlog (see :meth:`load_backlog`)."""
+        assert subscriber.client_id is not None
+        subscriber.loading = True
+        self._requests.append(BacklogRequest(self.name, subscriber.client_id, subscriber.cursor, self._page))
+
+    def load_backlog(
+        self,
+        subscriber: _Subscriber,
+        rows: list[tuple[MessageRecord, int]],
+        complete: bool,
+        offset: float,
+        now: float,
+    ) -> None:
+        """A page of ``subscriber``'s stored backlog, oldest first: into its backlog, then fed as usual.
+
+        A message still held in memory for other subscribers is shared; any other is held again for as
+        long as this delivery is owed (charged to the session's pending bytes like any message).
+        ``complete``: the store has nothing more for it.
+        """
+        subscriber.loading = False
+        inflight, backlog = subscriber.inflight, subscriber.backlog
+        armed = bool(self.messages)
+        for record, retries in rows:
+            subscriber.cursor = max(subscriber.cursor, record.seq)
+            message_id = record.message_id
+            if message_id in inflight or message_id in backlog:
+                continue  # still in memory from before it went away
+            message = self.messages.get(message_id)
+            if message is None:
+                message = _stored_message(record, offset)
+                self.messages[message_id] = message
+                self.pending_bytes += message.size
+            delivery = _Delivery(message, subscriber, now)
+            delivery.retries = retries
+            delivery.saved = True
+            message.deliveries.append(delivery)
+            message.owed += 1
+            backlog[message_id] = delivery
+            subscriber.spilled = max(0, subscriber.spilled - 1)
+            subscriber.spilled_bytes = max(0, subscriber.spilled_bytes - message.size)
+        if complete:
+            subscriber.spilled = subscriber.spilled_bytes = 0
+        if not armed and (due := self.next_due()) is not None:
+            self._arm(due)
+        self._feed(subscriber, now)
 
     # -- delivery bookkeeping ----------------------------------------------------------------------------
 
@@ -663,7 +747,7 @@ class _Session:
         if subscriber.inflight.get(message_id) is delivery:
             del subscriber.inflight[message_id]
             subscriber.credit += delivery.message.frame_size
-            if subscriber.backlog:
+            if subscriber.backlog or subscriber.spilled:
                 self._starved[subscriber] = None
         else:
             del subscriber.backlog[message_id]
@@ -674,7 +758,10 @@ class _Session:
         self._metrics.inc("deliveries_given_up", self.name, reason.value)
 
     def _give_up_all(self, subscriber: _Subscriber, reason: GiveUpReason) -> None:
-        count = len(subscriber.inflight) + len(subscriber.backlog)
+        if subscriber.spilled:  # the store deletes them with the subscriber
+            self._metrics.inc("deliveries_given_up", self.name, reason.value, amount=subscriber.spilled)
+        count = len(subscriber.inflight) + len(subscriber.backlog) + subscriber.spilled
+        subscriber.spilled = subscriber.spilled_bytes = 0
         # The backlog first, so that emptying the window does not make the subscriber look starved.
         for delivery in [*subscriber.backlog.values(), *subscriber.inflight.values()]:
             self._give_up(delivery, reason)
@@ -697,7 +784,7 @@ class _Session:
             self._journal.drop(delivery, delivery.saved)
         self._release(delivery.message)
         self._acks.value += 1
-        if subscriber.backlog:
+        if subscriber.backlog or subscriber.spilled:
             self._feed(subscriber, now)
 
     # -- routing -----------------------------------------------------------------------------------------
@@ -773,17 +860,20 @@ class _Session:
         if not self.retry_queue or not self.messages:  # a queue head may move earlier: one arm covers both
             self._arm(min(now + self.settings.retry_interval, message.expires_at))
         slow: list[_Connection] = []
+        spilled = 0
         try:
-            self._fan_out(message, publisher, subscribers, slow, now)
+            spilled = self._fan_out(message, publisher, subscribers, slow, now)
         finally:
             # Commit what the fan-out recorded, even if it stopped half-way (a bug, contained by the server
             # core): every delivery in ``message.deliveries`` is already in its subscriber's ``inflight``,
-            # so the message is stored owing exactly that many ACKs, or not at all.
-            delivered = message.owed = message.delivered_to = len(message.deliveries)
-            if delivered:
+            # so the message is stored owing exactly that many ACKs, or not at all. Deliveries recorded only
+            # in the store (``spilled``) count as delivered but hold nothing in memory.
+            owed = message.owed = len(message.deliveries)
+            delivered = message.delivered_to = owed + spilled
+            if owed:
                 self.messages[message_id] = message
                 self.pending_bytes += message.size
-            else:
+            elif not spilled:
                 self._settle_now(publisher, p)
             self.dedupe.add(message_id, delivered, now)
             if (journal := self._journal) is not None:
@@ -837,8 +927,9 @@ class _Session:
         subscribers: dict[_Subscriber, None],
         slow: list[_Connection],
         now: float,
-    ) -> None:
-        """Record a delivery per subscriber and queue the frame, encoded once, for every connected one.
+    ) -> int:
+        """Record a delivery per subscriber and queue the frame, encoded once, for every connected one;
+        returns how many were recorded only in the store (:meth:`_spill`).
 
         Adds to ``slow`` the connections to close under the DISCONNECT slow-consumer policy (their new
         delivery is recorded but not sent); closing them is left to the caller, after the message is
@@ -857,12 +948,17 @@ class _Session:
         cap = self._limits.max_inflight_per_subscriber
         deliveries = message.deliveries
         send = self._frames.append
-        sent = 0
+        journal = self._journal
+        sent = spilled = 0
         for subscriber in subscribers:
             if subscriber is publisher:
                 continue
             inflight = subscriber.inflight
             connection = subscriber.connection
+            if journal is not None and (connection is None or subscriber.spilled):
+                # Away (or still reading back what it missed): its delivery goes to the store only.
+                spilled += self._spill(message, subscriber, journal)
+                continue
             delivery = _Delivery(message, subscriber, due)
             if (
                 len(inflight) >= cap or subscriber.credit < size or subscriber.backlog
@@ -877,6 +973,18 @@ class _Session:
                 sent += 1
         if sent:
             self._deliveries.value += sent
+        return spilled
+
+    def _spill(self, message: _Message, subscriber: _Subscriber, journal: Journal) -> int:
+        """Record ``subscriber``'s delivery of ``message`` in the store only (1), or give it up (0) when its
+        stored backlog is at ``max_backlog_bytes``. Only a resumable subscriber is ever away."""
+        if subscriber.spilled_bytes + message.size > self._limits.max_backlog_bytes:
+            self._metrics.inc("deliveries_given_up", self.name, GiveUpReason.OVERFLOW.value)
+            return 0
+        subscriber.spilled += 1
+        subscriber.spilled_bytes += message.size
+        journal.spills.append((subscriber, message))
+        return 1
 
     def _beyond_window(self, delivery: _Delivery, slow: list[_Connection]) -> bool:
         """A delivery for a subscriber whose window is full (or that has a backlog): ``True`` if it was
@@ -1012,7 +1120,7 @@ class _Session:
             inflight_deliveries=sum(len(s.inflight) for s in subscribers),
             pending_bytes=self.pending_bytes,
             suspended=self.suspended,
-            backlogged_deliveries=sum(len(s.backlog) for s in subscribers),
+            backlogged_deliveries=sum(len(s.backlog) + s.spilled for s in subscribers),
         )
 
 
@@ -1143,13 +1251,12 @@ class Broker:
                 assert client_id is not None
                 if put:
                     if not message.saved:
-                        message.saved = True
-                        batch.messages.append(
-                            _message_record(session.name, message, self._next_seq(), offset)
-                        )
+                        self._save_message(batch, session.name, message, offset)
                     obj.saved = True
                     batch.deliveries.append(
-                        DeliveryRecord(session.name, message.publish.message_id, client_id, obj.retries)
+                        DeliveryRecord(
+                            session.name, message.publish.message_id, client_id, message.seq, obj.retries
+                        )
                     )
                 else:
                     obj.saved = False
@@ -1175,6 +1282,20 @@ class Broker:
                 elif sessions.get(obj.name) is obj:
                     batch.sessions.append(_session_record(obj))
         journal.changed.clear()
+        for owner, stored in journal.spills:
+            subscriber = cast(_Subscriber, owner)
+            message = cast(_Message, stored)
+            session = subscriber.session
+            client_id = subscriber.client_id
+            assert client_id is not None
+            if sessions.get(session.name) is not session or session.clients.get(client_id) is not subscriber:
+                continue  # gone meanwhile: its deletion covers its stored backlog
+            if not message.saved:
+                self._save_message(batch, session.name, message, offset)
+            batch.deliveries.append(
+                DeliveryRecord(session.name, message.publish.message_id, client_id, message.seq, 0)
+            )
+        journal.spills.clear()
         for owner, message_id, delivered, at in journal.publishes:
             session = cast(_Session, owner)
             if sessions.get(session.name) is session:
@@ -1182,17 +1303,30 @@ class Broker:
         journal.publishes.clear()
         return batch
 
-    def _next_seq(self) -> int:
+    def _save_message(self, batch: StoreBatch, session: str, message: _Message, offset: float) -> None:
         self._message_seq += 1
-        return self._message_seq
+        message.seq = self._message_seq
+        message.saved = True
+        batch.messages.append(_message_record(session, message, offset))
+
+    def backlog_loaded(
+        self, request: BacklogRequest, rows: list[tuple[MessageRecord, int]], now: float
+    ) -> None:
+        """The answer to ``request`` (from ``output.backlog_requests``): the page, oldest first, each row a
+        stored message and its retry count. Ignored if the subscriber is gone or was replaced meanwhile."""
+        session = self._sessions.get(request.session)
+        subscriber = session.clients.get(request.client_id) if session is not None else None
+        if session is None or subscriber is None or not subscriber.loading:
+            return
+        session.load_backlog(subscriber, rows, len(rows) < request.limit, self._epoch_offset, now)
+        self._queue_settled()
 
     def restore(self, snapshot: Snapshot, now: float) -> None:
         """Load what a store held (at start, before any connection; after :meth:`set_wall_clock`).
 
-        Every resumable subscriber comes back detached, owing its stored deliveries in publish order (as
-        a backlog: a resume sends them paced by its window, with their retry counts); expiry continues
-        from the stored wall-clock deadlines, so a message that expired while the server was down is
-        given up (``expired``) at the first timer.
+        Every resumable subscriber comes back detached, its stored backlog counted but left in the store:
+        a resume reads it back page by page, oldest first, paced by its window, with the retry counts
+        (expired messages are given up as they are read). The dedupe windows come back whole.
         """
         if self._journal is None:
             raise LocalProtocolError("restore() needs a durable broker")
@@ -1215,7 +1349,7 @@ class Broker:
         for sub in snapshot.subscribers:
             if (owner := sessions.get(sub.session)) is None:
                 continue
-            subscriber = _Subscriber(owner, None, sub.client_id, sub.persistent, session.window_bytes)
+            subscriber = _Subscriber(owner, None, sub.client_id, sub.persistent, owner.window_bytes)
             subscriber.saved = True
             subscriber.detached_at = now
             owner.clients[sub.client_id] = subscriber
@@ -1223,44 +1357,10 @@ class Broker:
             for topic in sub.topics:
                 owner.subscribe(subscriber, topic)
             subscribers[sub.session, sub.client_id] = subscriber
-        messages: dict[tuple[str, str], _Message] = {}
-        for rec in snapshot.messages:
-            if rec.session not in sessions:
-                continue
-            publish = Publish(
-                rec.topic, rec.data, rec.hash, rec.timestamp, rec.message_id, _encoding(rec.encoding)
-            )
-            message = _Message(publish, rec.expires_at - offset, None)
-            message.saved = True
-            message.frame_size = len(
-                encode_text_frame(
-                    encode_message(
-                        rec.topic, rec.data, rec.hash, rec.timestamp, rec.message_id, publish.encoding
-                    )
-                )
-            )
-            messages[rec.session, rec.message_id] = message
-            self._message_seq = max(self._message_seq, rec.seq)
-        for entry in snapshot.deliveries:
-            stored = messages.get((entry.session, entry.message_id))
-            waiting = subscribers.get((entry.session, entry.client_id))
-            if stored is None or waiting is None:
-                continue
-            delivery = _Delivery(stored, waiting, now)
-            delivery.retries = entry.retries
-            delivery.saved = True
-            stored.deliveries.append(delivery)
-            waiting.backlog[entry.message_id] = delivery
-        for (name, message_id), message in messages.items():  # publish order
-            if message.deliveries:
-                session = sessions[name]
-                message.owed = message.delivered_to = len(message.deliveries)
-                session.messages[message_id] = message
-                session.pending_bytes += message.size
-        for subscriber in subscribers.values():  # their backlogs in publish order, whatever the load order
-            seq = {id(m): i for i, m in enumerate(subscriber.session.messages.values())}
-            ordered = sorted(subscriber.backlog.items(), key=lambda item: seq[id(item[1].message)])
-            subscriber.backlog = OrderedDict(ordered)
+        for backlog in snapshot.backlogs:
+            if (waiting := subscribers.get((backlog.session, backlog.client_id))) is not None:
+                waiting.spilled, waiting.spilled_bytes = backlog.deliveries, backlog.size
+        self._message_seq = max(self._message_seq, snapshot.last_seq)
         for published in snapshot.publishes:
             if (target := sessions.get(published.session)) is not None:
                 target.dedupe.add(published.message_id, published.delivered_to, published.at - offset)
@@ -1268,8 +1368,8 @@ class Broker:
             if (due := session.next_due()) is not None:
                 self._deadlines.arm_earlier(session, due)
         _log.info(
-            "restored %d session(s), %d resumable subscriber(s), %d message(s) from the store",
-            len(sessions), len(subscribers), sum(len(s.messages) for s in sessions.values()),
+            "restored %d session(s), %d resumable subscriber(s) with %d stored delivery(ies)",
+            len(sessions), len(subscribers), sum(s.spilled for s in subscribers.values()),
         )  # fmt: skip
 
     # -- connection lifecycle ------------------------------------------------------------------------------
@@ -1818,19 +1918,26 @@ def _session_record(session: _Session) -> SessionRecord:
     )
 
 
-def _message_record(session: str, message: _Message, seq: int, offset: float) -> MessageRecord:
+def _message_record(session: str, message: _Message, offset: float) -> MessageRecord:
     p = message.publish
     return MessageRecord(
-        session,
-        p.message_id,
-        seq,
-        p.topic,
-        p.data,
-        p.hash,
-        p.timestamp,
-        p.encoding,
-        message.expires_at + offset,
+        session, p.message_id, message.seq, p.topic, p.data, p.hash, p.timestamp, p.encoding,
+        message.expires_at + offset, message.size,
+    )  # fmt: skip
+
+
+def _stored_message(record: MessageRecord, offset: float) -> _Message:
+    """A message read back from the store (no publisher: nobody waits for its ``ack_received``)."""
+    encoding = _encoding(record.encoding)
+    publish = Publish(record.topic, record.data, record.hash, record.timestamp, record.message_id, encoding)
+    message = _Message(publish, record.expires_at - offset, None)
+    message.saved = True
+    message.seq = record.seq
+    payload = encode_message(
+        record.topic, record.data, record.hash, record.timestamp, record.message_id, encoding
     )
+    message.frame_size = len(encode_text_frame(payload))
+    return message
 
 
 def _encoding(value: str) -> Encoding:

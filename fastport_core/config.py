@@ -157,6 +157,11 @@ class Limits:
     """Bytes of un-ACKed messages a session may hold: each message's topic, id, hash and data in UTF-8 plus
     a fixed 512 bytes of bookkeeping (``accounting.MESSAGE_OVERHEAD``); a publish past it is refused with
     ``session_full``."""
+    max_backlog_bytes: int = 256 * 1024 * 1024
+    """With a store: bytes of messages (charged as ``max_pending_bytes_per_session`` counts them) a resumable
+    subscriber that is away may accumulate in the store; past it its new deliveries are given up
+    (``overflow``). A day of one 1-KiB message a second is ~130 MiB. In memory, its backlog is bounded by the
+    session's pending bytes instead."""
     max_output_buffer: int = 16 * 1024 * 1024
     """Bytes queued for one connection and not yet taken by the adapter; past it: close with 4002."""
     max_total_output_buffer: int = 256 * 1024 * 1024

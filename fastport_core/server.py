@@ -52,7 +52,7 @@ from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics, close_code_label
 from .peers import TrustedProxies, client_address, throttle_key
 from .protocol import CLIENT_PACKETS, Init, PacketParser, encode_error
-from .storage import Snapshot, StoreBatch
+from .storage import BacklogRequest, MessageRecord, Snapshot, StoreBatch
 from .timers import Deadlines
 from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
 
@@ -166,6 +166,7 @@ class ServerCore:
         self._awaiting: deque[tuple[int, list[tuple[int, bytes]]]] = deque()
         """Confirmations (``publish_response``, ``ack_received``) held until the store batch they depend on
         is durable: ``(batch, frames)``, in batch order."""
+        self._backlog_requests: list[BacklogRequest] = []
         self._held_http: dict[int, int] = {}
         """Admin connections whose answers wait for a store batch (they changed a session): conn -> batch."""
 
@@ -330,6 +331,26 @@ class ServerCore:
         if self._output:
             self._apply(now)
 
+    def store_work(self) -> bool:
+        """Whether the adapter's store writer has something to do (a batch to take, a page to read)."""
+        return self.broker.store_pending() or bool(self._backlog_requests)
+
+    def take_backlog_requests(self) -> list[BacklogRequest]:
+        """Pages of stored backlogs the broker wants read, each once. Answer each with
+        :meth:`backlog_loaded` once every batch taken before it is committed."""
+        if not self._backlog_requests:
+            return []
+        requests, self._backlog_requests = self._backlog_requests, []
+        return requests
+
+    def backlog_loaded(
+        self, request: BacklogRequest, rows: list[tuple[MessageRecord, int]], now: float
+    ) -> None:
+        """The store's answer to ``request``: its rows (message, retries), oldest first."""
+        self.broker.backlog_loaded(request, rows, now)
+        if self._output:
+            self._apply(now)
+
     def store_failed(self, now: float) -> None:
         """A commit failed (a full disk, an I/O error); the adapter retries the same batches. Meanwhile
         publishes and session changes are refused with ``store_unavailable``; what waited keeps waiting."""
@@ -480,13 +501,16 @@ class ServerCore:
         """
         output = self._output
         frames = output.frames
-        if output.confirmations:
-            self._await_store(output.confirmations)
         while True:
+            if output.confirmations:
+                self._await_store(output.confirmations)
             overflowed = self._apply_frames(frames) if frames else None
-            if output.closes or output.initialised or output.verifications or overflowed:
+            rest = output.closes or output.initialised or output.verifications or output.backlog_requests
+            if rest or overflowed:
                 self._apply_rest(output, overflowed, now)
-            if not (frames or output.closes or output.initialised or output.verifications):
+            if not (
+                frames or output.closes or output.initialised or output.verifications or output.confirmations
+            ):
                 return
 
     def _await_store(self, confirmations: list[tuple[int, bytes]]) -> None:
@@ -588,6 +612,9 @@ class ServerCore:
         if output.verifications:
             self._verifications += output.verifications
             output.verifications.clear()
+        if output.backlog_requests:
+            self._backlog_requests += output.backlog_requests
+            output.backlog_requests.clear()
         for conn in overflowed or ():
             connection = connections.get(conn)
             if connection is not None and connection.ws is not None:

@@ -33,6 +33,8 @@ from .config import SessionSettings
 
 __all__ = [
     "SCHEMA_VERSION",
+    "BacklogRecord",
+    "BacklogRequest",
     "DeliveryKey",
     "DeliveryRecord",
     "Journal",
@@ -81,14 +83,16 @@ class MessageRecord(NamedTuple):
     session: str
     message_id: str
     seq: int
-    """Publish order across the whole broker (recovery restores each session's messages in this order)."""
+    """Publish order across the whole broker: a subscriber's backlog is read back in this order."""
     topic: str
     data: str
     hash: str
     timestamp: int
     encoding: str
     expires_at: float
-    """Wall-clock seconds: when every delivery of it is given up (``expired``)."""
+    """Wall-clock seconds: when every delivery of it is given up (``expired``); a store may delete it then."""
+    size: int
+    """What it is charged (``accounting.message_size``): backlogs are bounded in these bytes."""
 
 
 class DeliveryRecord(NamedTuple):
@@ -97,6 +101,8 @@ class DeliveryRecord(NamedTuple):
     session: str
     message_id: str
     client_id: str
+    seq: int
+    """The message's ``seq``: a subscriber's backlog is read back in this order."""
     retries: int
     """Re-sends so far (the next send carries ``retry`` = this + 1)."""
 
@@ -116,10 +122,10 @@ class StoreBatch:
     """The net change to durable state since the previous batch: upserts, and deletions as keys.
 
     A store applies, in one transaction: session deletions (cascading to everything of the session),
-    session upserts, subscriber deletions and upserts, message inserts, delivery deletions and upserts,
-    publish inserts; then it deletes every message no delivery refers to any more. Order matters only
-    for a session dropped and created again in one batch, which appears in both ``sessions_dropped`` and
-    ``sessions``: the deletion comes first.
+    session upserts, subscriber deletions (cascading to the subscriber's deliveries) and upserts, message
+    inserts, delivery deletions and upserts, publish inserts; then it deletes every message no delivery
+    refers to any more. Order matters only for a session (or subscriber) dropped and created again in one
+    batch, which appears in both lists: the deletion comes first.
     """
 
     seq: int
@@ -142,19 +148,45 @@ class StoreBatch:
         )  # fmt: skip
 
 
+class BacklogRecord(NamedTuple):
+    """What a resumable subscriber has waiting in the store (its deliveries stay there until it resumes)."""
+
+    session: str
+    client_id: str
+    deliveries: int
+    size: int
+    """The stored messages' ``accounting.message_size``, summed."""
+
+
 @dataclass(slots=True)
 class Snapshot:
-    """Everything a store holds, as the broker restores it at start (loaded by the adapter).
+    """What the broker restores at start (loaded by the adapter): everything but the messages.
 
-    ``messages`` in publish order (``seq``); ``publishes`` oldest first. Records of a session that is not
-    in ``sessions`` are ignored.
+    Messages and deliveries stay in the store: each resumable subscriber's backlog is only counted
+    (``backlogs``) and read back page by page when it resumes (:meth:`Store.load_backlog`), so a restart
+    with large backlogs does not load them into memory. ``publishes`` oldest first; ``last_seq`` is the
+    highest message ``seq`` in the store. Records of a session that is not in ``sessions`` are ignored.
     """
 
     sessions: list[SessionRecord] = field(default_factory=list)
     subscribers: list[SubscriberRecord] = field(default_factory=list)
-    messages: list[MessageRecord] = field(default_factory=list)
-    deliveries: list[DeliveryRecord] = field(default_factory=list)
+    backlogs: list[BacklogRecord] = field(default_factory=list)
     publishes: list[PublishRecord] = field(default_factory=list)
+    last_seq: int = 0
+
+
+class BacklogRequest(NamedTuple):
+    """The broker wants the next page of a resumable subscriber's stored backlog (oldest first).
+
+    The adapter answers, once every batch taken before the request is committed, with the stored
+    deliveries of ``client_id`` whose ``seq`` is above ``after_seq``, at most ``limit`` of them, each as
+    ``(message record, retries)``, through ``ServerCore.backlog_loaded``.
+    """
+
+    session: str
+    client_id: str
+    after_seq: int
+    limit: int
 
 
 class Journal:
@@ -166,10 +198,12 @@ class Journal:
     nothing to delete (each object knows whether it was ``saved``).
     """
 
-    __slots__ = ("changed", "changes", "publishes", "taken")
+    __slots__ = ("changed", "changes", "publishes", "spills", "taken")
 
     def __init__(self) -> None:
         self.changed: dict[object, bool] = {}
+        self.spills: list[tuple[object, object]] = []
+        """``(subscriber, message)``: a delivery recorded only in the store (its subscriber is away)."""
         self.publishes: list[tuple[object, str, int, float]] = []
         """``(session, messageId, deliveredTo, now)`` per accepted publish: its dedupe entry."""
         self.taken = 0
@@ -178,7 +212,7 @@ class Journal:
         """Session-level changes journalled so far (what an admin answer that must wait for them detects)."""
 
     def __bool__(self) -> bool:
-        return bool(self.changed or self.publishes)
+        return bool(self.changed or self.publishes or self.spills)
 
     def put(self, obj: object) -> None:
         """``obj``'s durable record changed (or it is new)."""

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 
 from fastport_core.storage import (
+    BacklogRecord,
     DeliveryRecord,
     MessageRecord,
     PublishRecord,
@@ -38,13 +39,29 @@ class ModelStore:
         writer reports a failure before it retries)."""
 
     def load(self) -> Snapshot:
+        backlogs: dict[tuple[str, str], list[int]] = {}
+        for (session, message_id, client_id), _delivery in self.deliveries.items():
+            counts = backlogs.setdefault((session, client_id), [0, 0])
+            counts[0] += 1
+            counts[1] += self.messages[session, message_id].size
         return Snapshot(
             sessions=list(self.sessions.values()),
             subscribers=list(self.subscribers.values()),
-            messages=sorted(self.messages.values(), key=lambda m: m.seq),
-            deliveries=list(self.deliveries.values()),
+            backlogs=[BacklogRecord(s, c, n, size) for (s, c), (n, size) in backlogs.items()],
             publishes=sorted(self.publishes.values(), key=lambda p: p.at),
+            last_seq=max((m.seq for m in self.messages.values()), default=0),
         )
+
+    def load_backlog(
+        self, session: str, client_id: str, after_seq: int, limit: int
+    ) -> list[tuple[MessageRecord, int]]:
+        rows = [
+            (self.messages[s, m], d.retries)
+            for (s, m, c), d in self.deliveries.items()
+            if s == session and c == client_id and d.seq > after_seq
+        ]
+        rows.sort(key=lambda row: row[0].seq)
+        return rows[:limit]
 
     def commit(self, batches: Sequence[StoreBatch]) -> None:
         if self.fail:
@@ -69,13 +86,16 @@ class ModelStore:
                     del table[key]
         for session in batch.sessions:
             self.sessions[session.name] = session
+        touched = set()
         for key in batch.subscribers_dropped:
             self.subscribers.pop(key, None)
+            for delivery in [k for k in self.deliveries if (k[0], k[2]) == key]:
+                del self.deliveries[delivery]
+                touched.add(delivery[:2])
         for subscriber in batch.subscribers:
             self.subscribers[subscriber.session, subscriber.client_id] = subscriber
         for message in batch.messages:
             self.messages[message.session, message.message_id] = message
-        touched = set()
         for key in batch.deliveries_dropped:
             self.deliveries.pop(key, None)
             touched.add(key[:2])

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from fastport_core.config import ServerConfig, SessionSettings
+from fastport_core.config import Limits, ServerConfig, SessionSettings
 from fastport_core.errors import CloseCode
 from fastport_core.server import ServerCore
 from tests.store_model import ModelStore
@@ -35,19 +35,32 @@ def durable_core(store: ModelStore | None = None, now: float = 0.0, **config: An
 
 
 def commit(core: ServerCore, store: ModelStore, now: float = 0.0) -> None:
-    """What the adapter's writer does: take every pending batch, commit them together, report."""
-    batches = []
-    while (batch := core.take_store_batch()) is not None:
-        batches.append(batch)
-    if batches:
-        store.commit(batches)
-        core.store_committed(batches[-1].seq, now)
+    """What the adapter's writer does: take every pending batch, commit them together, report; then read
+    the backlog pages the core asked for; again until the core wants nothing more."""
+    while core.store_work():
+        requests = core.take_backlog_requests()
+        batches = []
+        while (batch := core.take_store_batch()) is not None:
+            batches.append(batch)
+        if batches:
+            store.commit(batches)
+            core.store_committed(batches[-1].seq, now)
+        for request in requests:
+            core.backlog_loaded(request, store.load_backlog(*request), now)
 
 
 def peer(core: ServerCore, now: float = 0.0, **init: Any) -> RawPeer:
     p = RawPeer(core, now)
     p.init("demo", "pw", now, **init)
     assert of_type(p.received, "init_response")[0]["success"] is True
+    return p
+
+
+def resumed(core: ServerCore, store: ModelStore, now: float = 0.0) -> RawPeer:
+    """The subscriber "dev" resumes; its stored backlog is read back (the writer's work) and sent."""
+    p = peer(core, now, clientId="dev")
+    commit(core, store, now)
+    p.pump(now)
     return p
 
 
@@ -183,7 +196,7 @@ def test_a_resumable_subscriber_gets_every_confirmed_message_after_a_restart() -
     del core
 
     core = durable_core(store, now=100.0)
-    again = peer(core, 100.0, clientId="dev")
+    again = resumed(core, store, 100.0)
     messages = of_type(again.received, "message")
     assert [m["messageId"] for m in messages] == [f"m{i}" for i in range(5)]
     for message in messages:
@@ -203,7 +216,7 @@ def test_the_subscription_survives_so_new_publishes_after_a_restart_reach_the_su
     peer(core).publish("sensors/1", "m1")
     commit(core, store)
     assert ("demo", "m1", "dev") in store.deliveries
-    again = peer(core, clientId="dev")
+    again = resumed(core, store)
     assert [m["messageId"] for m in of_type(again.received, "message")] == ["m1"]
 
 
@@ -219,7 +232,7 @@ def test_an_acked_delivery_does_not_come_back_after_a_restart() -> None:
     ack(sub, first)
     commit(core, store)
     core = durable_core(store, now=1.0)
-    again = peer(core, 1.0, clientId="dev")
+    again = resumed(core, store, 1.0)
     assert [m["messageId"] for m in of_type(again.received, "message")] == ["m2"]
 
 
@@ -233,7 +246,7 @@ def test_retry_counts_survive_a_restart() -> None:
     assert [m.get("retry") for m in of_type(sub.pump(10.0), "message")] == [None, 1, 2]
     commit(core, store, 10.0)
     core = durable_core(store, now=20.0)
-    again = peer(core, 20.0, clientId="dev")
+    again = resumed(core, store, 20.0)
     assert [m.get("retry") for m in of_type(again.received, "message")] == [2]
 
 
@@ -263,7 +276,9 @@ def test_expiry_continues_across_a_restart_on_the_wall_clock() -> None:
     core = ServerCore(ServerConfig(password_hash_cost=2), durable=True)
     core.set_wall_clock(EPOCH + 100.0, 0.0)
     core.restore(store.load(), 0.0)
-    core.handle_timeout(0.0)
+    core.broker.configure_session("demo", "pw", 0.0, SessionSettings(message_expiry_time=60.0))
+    again = resumed(core, store)
+    assert of_type(again.received, "message") == []  # read back expired: given up, never sent
     assert core.metrics.value("deliveries_given_up", "demo", "expired") == 1
     commit(core, store)
     assert store.messages == {}
@@ -349,3 +364,72 @@ def test_healthz_answers_503_while_the_store_cannot_be_written() -> None:
     commit(core, store)
     core.receive_data(conn, http_request("GET", "/healthz"), 0.0)
     assert core.data_to_send(conn).startswith(b"HTTP/1.1 200")
+
+
+# -- backlogs on disk --------------------------------------------------------------------------------------
+
+
+def test_an_away_subscribers_backlog_lives_in_the_store_and_comes_back_a_window_at_a_time() -> None:
+    store = ModelStore()
+    core = durable_core(limits=Limits(max_inflight_per_subscriber=10))
+    sub = subscribed(core, clientId="dev", persistent=True)
+    core.connection_lost(sub.conn, 0.0)
+    pub = peer(core)
+    for i in range(100):
+        pub.publish("t", f"m{i}")
+    commit(core, store)
+    assert [r["deliveredTo"] for r in of_type(pub.pump(), "publish_response")] == [1] * 100
+    stats = core.stats()
+    assert (stats.stored_messages, stats.pending_bytes) == (0, 0)  # nothing of it in memory
+    assert stats.backlogged_deliveries == 100
+    assert len(store.deliveries) == 100
+    again = resumed(core, store)
+    got = [m["messageId"] for m in of_type(again.received, "message")]
+    assert got == [f"m{i}" for i in range(10)]  # one window
+    assert core.stats().stored_messages <= 20  # at most a page and a window in memory
+    while len(got) < 100:
+        for message in of_type(again.received, "message"):
+            ack(again, message)
+        again.received.clear()
+        commit(core, store)
+        again.pump()
+        new = [m["messageId"] for m in of_type(again.received, "message")]
+        assert new, "the backlog stopped flowing"
+        got += new
+        assert core.stats().stored_messages <= 20
+    assert got == [f"m{i}" for i in range(100)]
+    for message in of_type(again.received, "message"):
+        ack(again, message)
+    commit(core, store)
+    assert store.deliveries == {} and store.messages == {}
+
+
+def test_a_stored_backlog_is_bounded_in_bytes_and_new_deliveries_past_it_are_given_up() -> None:
+    store = ModelStore()
+    core = durable_core(limits=Limits(max_backlog_bytes=3000))
+    sub = subscribed(core, clientId="dev", persistent=True)
+    core.connection_lost(sub.conn, 0.0)
+    pub = peer(core)
+    for i in range(10):
+        pub.publish("t", f"m{i}")
+    commit(core, store)
+    kept = len(store.deliveries)
+    assert 0 < kept < 10
+    assert core.metrics.value("deliveries_given_up", "demo", "overflow") == 10 - kept
+    again = resumed(core, store)
+    assert [m["messageId"] for m in of_type(again.received, "message")] == [f"m{i}" for i in range(kept)]
+
+
+def test_a_subscriber_forgotten_while_away_takes_its_stored_backlog_with_it() -> None:
+    store = ModelStore()
+    core = durable_core()
+    core.broker.configure_session("demo", "pw", 0.0, SessionSettings(message_expiry_time=60.0))
+    sub = subscribed(core, clientId="dev", persistent=True)
+    core.connection_lost(sub.conn, 0.0)
+    peer(core).publish("t", "m1")
+    commit(core, store)
+    assert len(store.deliveries) == 1
+    core.handle_timeout(61.0)  # away longer than messageExpiryTime: forgotten
+    commit(core, store, 61.0)
+    assert store.deliveries == {} and store.messages == {} and store.subscribers == {}
+    assert core.metrics.value("deliveries_given_up", "demo", "detached") == 1

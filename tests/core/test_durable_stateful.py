@@ -136,6 +136,18 @@ class CrashAnywhere(RuleBasedStateMachine):
         self.in_flight = []
         self._pump()
 
+    @precondition(lambda self: self.core.store_work())
+    @rule()
+    def write_and_read_back(self) -> None:
+        """The writer's turn: the pages asked for are read once what was journalled before them commits."""
+        requests = self.core.take_backlog_requests()
+        self.take()
+        if self.in_flight:
+            self.commit()
+        for request in requests:
+            self.core.backlog_loaded(request, self.store.load_backlog(*request), self.now)
+        self._pump()
+
     @precondition(lambda self: self.in_flight)
     @rule()
     def commit_fails(self) -> None:
@@ -174,6 +186,8 @@ class CrashAnywhere(RuleBasedStateMachine):
             self.take()
             if self.in_flight:
                 self.commit()
+            while self.core.store_work():
+                self.write_and_read_back()
             assert self.subscriber is not None
             self.deliver(acks=1000)
             settled = not (self.unconfirmed or self.core.broker.store_pending() or self.in_flight)
