@@ -280,7 +280,7 @@ class SqliteStore:
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise StoreError(
-                    f"the store {self.path} is corrupt ({problems[0]}): restore a backup "
+                    f"the store {self.path} is corrupt ({' '.join(problems[0].split())}): restore a backup "
                     "(`fastport store check` tells more)"
                 )
             self._migrate(version)
