@@ -324,11 +324,11 @@ def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path: Path) ->
     assert "\n" not in str(raised.value) and "garbage.db" in str(raised.value)
 
 
-def corrupt_an_index_page(path: Path) -> None:
+def corrupt_a_page(path: Path) -> None:
     store = open_store(path)
     store.commit([StoreBatch(1, messages=[message("a", f"m{i}", i, data="x" * 200) for i in range(200)])])
     root = store._conn.execute(
-        "SELECT rootpage FROM sqlite_master WHERE name = 'messages_by_seq'"
+        "SELECT rootpage FROM sqlite_master WHERE name = 'messages'"
     ).fetchone()[0]
     size = store._conn.execute("PRAGMA page_size").fetchone()[0]
     store.close()  # checkpoints the WAL into the file
@@ -339,7 +339,7 @@ def corrupt_an_index_page(path: Path) -> None:
 
 def test_a_corrupt_store_is_refused_at_open(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
-    corrupt_an_index_page(path)
+    corrupt_a_page(path)
     with pytest.raises(StoreError, match="is corrupt") as raised:
         open_store(path)
     assert "\n" not in str(raised.value)
@@ -424,7 +424,7 @@ def test_store_check_of_garbage_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_store_check_of_a_corrupt_store_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s.db"
-    corrupt_an_index_page(path)
+    corrupt_a_page(path)
     assert main(["store", "check", str(path)]) == 1
     captured = capsys.readouterr()
     assert "integrity: FAILED" in captured.out
