@@ -327,9 +327,7 @@ def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path: Path) ->
 def corrupt_a_page(path: Path) -> None:
     store = open_store(path)
     store.commit([StoreBatch(1, messages=[message("a", f"m{i}", i, data="x" * 200) for i in range(200)])])
-    root = store._conn.execute(
-        "SELECT rootpage FROM sqlite_master WHERE name = 'messages'"
-    ).fetchone()[0]
+    root = store._conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
     size = store._conn.execute("PRAGMA page_size").fetchone()[0]
     store.close()  # checkpoints the WAL into the file
     data = bytearray(path.read_bytes())
