@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from fastport_core.config import DEFAULT_DEDUPE_TTL, Limits, SessionSettings
-from fastport_core.errors import FastportError
+from fastport_core.errors import FastportError, LocalProtocolError
 from fastport_core.storage import (
     SCHEMA_VERSION,
     DeliveryRecord,
@@ -239,6 +239,8 @@ class SqliteStore:
         ``fastport store check`` uses). ``clock``: wall-clock seconds (dedupe expiry). Raises
         :class:`StoreError` when the file cannot be used.
         """
+        if synchronous not in ("FULL", "NORMAL"):
+            raise LocalProtocolError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         path = Path(path)
         if read_only and not path.is_file():
             raise StoreError(f"no store file at {path}")
@@ -277,6 +279,8 @@ class SqliteStore:
                     f"({SCHEMA_VERSION}): upgrade fastport"
                 )
             if read_only:
+                if version == 0:
+                    raise StoreError(f"{self.path} is an empty SQLite file, not a fastport store yet")
                 if version < SCHEMA_VERSION:
                     raise StoreError(
                         f"the store {self.path} has schema version {version}: start `fastport serve --store` "

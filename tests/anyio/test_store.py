@@ -21,6 +21,7 @@ from fastport_anyio import store as store_module
 from fastport_anyio.cli import main
 from fastport_anyio.store import SqliteStore, StoreError, StoreUnavailable, check_store
 from fastport_core.config import SessionSettings
+from fastport_core.errors import LocalProtocolError
 from fastport_core.storage import (
     SCHEMA_VERSION,
     DeliveryRecord,
@@ -284,6 +285,28 @@ def test_an_empty_file_is_migrated_to_the_current_version(tmp_path: Path) -> Non
     assert store.check().schema_version == SCHEMA_VERSION == 1
     store.commit([a_full_batch()])
     store.close()
+
+
+def test_synchronous_is_full_unless_normal_is_asked_for(tmp_path: Path) -> None:
+    full = open_store(tmp_path / "full.db")
+    normal = open_store(tmp_path / "normal.db", synchronous="NORMAL")
+    assert full._conn.execute("PRAGMA synchronous").fetchone() == (2,)
+    assert normal._conn.execute("PRAGMA synchronous").fetchone() == (1,)
+    assert normal._conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    full.close()
+    normal.close()
+    with pytest.raises(LocalProtocolError):
+        open_store(tmp_path / "off.db", synchronous="OFF; DROP TABLE sessions")
+
+
+def test_store_check_of_an_empty_file_exits_2_and_leaves_it_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    assert main(["store", "check", str(path)]) == 2
+    assert "empty SQLite file" in one_line_error(capsys.readouterr().err, "store")
+    assert path.stat().st_size == 0
 
 
 def test_opening_runs_the_missing_migration_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
