@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 from fastport_anyio import store as store_module
 from fastport_anyio.cli import main
 from fastport_anyio.store import SqliteStore, StoreError, StoreUnavailable, check_store
-from fastport_core.config import SessionSettings
+from fastport_core.broker import Broker
+from fastport_core.config import ServerConfig, SessionSettings
 from fastport_core.errors import LocalProtocolError
+from fastport_core.protocol import Ack, Init, Publish, Subscribe
 from fastport_core.storage import (
     SCHEMA_VERSION,
     DeliveryRecord,
@@ -584,4 +586,51 @@ def test_the_store_agrees_with_a_model_of_store_batch(
         store.commit(batches)
         model.commit(batches)
         assert normalised(store.load()) == model.snapshot()
+    store.close()
+
+
+# -- the seam: what a durable broker journals goes through the store and back ------------------------------
+
+
+def test_a_durable_brokers_state_survives_a_restart_through_the_store(tmp_path: Path) -> None:
+    config = ServerConfig(password_hash_cost=2**4)
+    wall = 1_000_000.0
+
+    def durable_broker() -> Broker:
+        broker = Broker(config, durable=True)
+        broker.set_wall_clock(wall, 0.0)
+        return broker
+
+    broker = durable_broker()
+    broker.create_session("s", "pw", 0.0, SETTINGS)
+    broker.connection_opened(1, 0.0)
+    broker.handle_packet(1, Init("s", "pw", client_id="sub", persistent=True), 0.0)
+    broker.handle_packet(1, Subscribe("t/#"), 0.0)
+    broker.connection_closed(1, 0.0)  # detached: it owes what is published now
+    broker.connection_opened(2, 0.0)
+    broker.handle_packet(2, Init("s", "pw"), 0.0)
+    broker.handle_packet(2, Publish("t/1", "iv:ct", "h", 7, "m1", "binary"), 0.0)
+    broker.output.clear()
+    store = open_store(tmp_path / "s.db", Clock(wall))
+    batch = broker.take_store_batch()
+    assert batch is not None
+    store.commit([batch])
+    store.close()
+
+    store = open_store(tmp_path / "s.db", Clock(wall))  # the restart
+    snapshot = store.load()
+    assert [(s.name, s.settings) for s in snapshot.sessions] == [("s", SETTINGS)]
+    assert [(s.client_id, s.persistent, s.topics) for s in snapshot.subscribers] == [("sub", True, ("t/#",))]
+    assert [(m.message_id, m.encoding) for m in snapshot.messages] == [("m1", "binary")]
+    assert [(p.message_id, p.delivered_to) for p in snapshot.publishes] == [("m1", 1)]
+    restored = durable_broker()
+    restored.restore(snapshot, 0.0)
+    restored.connection_opened(3, 0.0)
+    restored.handle_packet(3, Init("s", "pw", client_id="sub", persistent=True), 0.0)
+    assert any(b'"m1"' in frame for _conn, frame in restored.output.frames)
+    restored.handle_packet(3, Ack("t/1", "m1"), 0.0)
+    batch = restored.take_store_batch()
+    assert batch is not None
+    store.commit([batch])
+    assert counts(store) == {"s": (1, 0, 0, 1)}  # delivered and ACKed: only the dedupe entry is left
     store.close()
