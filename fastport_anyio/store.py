@@ -13,8 +13,8 @@ power loss or kernel crash can lose the last commits before the next checkpoint 
 file). That breaks the promise of a confirmed publish, so NORMAL is an explicit opt-in.
 
 **Hot path.** :meth:`SqliteStore.commit` runs once per few milliseconds under load: one transaction for all
-the batches it is given, one ``executemany`` per record kind and batch, rows made by C-level
-``attrgetter`` (no Python work per record).
+the batches it is given, one ``executemany`` per record kind and batch, the rows of the frequent records
+(messages, deliveries, dedupe entries) made by C-level ``attrgetter``: no Python work per record.
 
 **Schema.** ``PRAGMA user_version`` holds the layout's version and ``PRAGMA application_id`` marks the file
 as fastport's. :data:`_MIGRATIONS` [v] turns version v into v + 1; opening runs the missing steps in one
@@ -369,6 +369,11 @@ class SqliteStore:
 
     def commit(self, batches: Sequence[StoreBatch]) -> None:
         """Apply ``batches`` in order, in one transaction (see :class:`~fastport_core.storage.StoreBatch`).
+
+        Messages left without a delivery are deleted once, after the last batch, and only those whose
+        deliveries this commit deleted (cheap under load). So a message whose deliveries one batch drops
+        and a later batch of the same commit delivers again stays, as the later batch needs.
+        Expired dedupe entries are pruned at most every :data:`PRUNE_INTERVAL` seconds.
 
         Raises :class:`StoreUnavailable` when the failure may pass (commit the same batches again later)
         and :class:`StoreError` otherwise; either way nothing of them was applied.
