@@ -13,8 +13,8 @@ power loss or kernel crash can lose the last commits before the next checkpoint 
 file). That breaks the promise of a confirmed publish, so NORMAL is an explicit opt-in.
 
 **Hot path.** :meth:`SqliteStore.commit` runs once per few milliseconds under load: one transaction for all
-the batches it is given, one ``executemany`` per record kind and batch, rows made by C-level
-``attrgetter`` (no Python work per record).
+the batches it is given, one ``executemany`` per record kind and batch, the rows of the frequent records
+(messages, deliveries, dedupe entries) made by C-level ``attrgetter``: no Python work per record.
 
 **Schema.** ``PRAGMA user_version`` holds the layout's version and ``PRAGMA application_id`` marks the file
 as fastport's. :data:`_MIGRATIONS` [v] turns version v into v + 1; opening runs the missing steps in one
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from fastport_core.config import DEFAULT_DEDUPE_TTL, Limits, SessionSettings
-from fastport_core.errors import FastportError
+from fastport_core.errors import FastportError, LocalProtocolError
 from fastport_core.storage import (
     SCHEMA_VERSION,
     DeliveryRecord,
@@ -69,10 +69,10 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         " suspended INTEGER NOT NULL) WITHOUT ROWID",
         "CREATE TABLE subscribers (session TEXT NOT NULL, client_id TEXT NOT NULL,"
         " persistent INTEGER NOT NULL, topics TEXT NOT NULL, PRIMARY KEY (session, client_id)) WITHOUT ROWID",
-        "CREATE TABLE messages (session TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+        # seq is the rowid: messages are stored, and load, in publish order without an index of their own.
+        "CREATE TABLE messages (session TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER PRIMARY KEY,"
         " topic TEXT NOT NULL, data TEXT NOT NULL, hash TEXT NOT NULL, timestamp INTEGER NOT NULL,"
-        " encoding TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (session, message_id))",
-        "CREATE INDEX messages_by_seq ON messages (seq)",
+        " encoding TEXT NOT NULL, expires_at REAL NOT NULL, UNIQUE (session, message_id))",
         "CREATE TABLE deliveries (session TEXT NOT NULL, message_id TEXT NOT NULL, client_id TEXT NOT NULL,"
         " retries INTEGER NOT NULL, PRIMARY KEY (session, message_id, client_id)) WITHOUT ROWID",
         # A rowid table: the rowid keeps insertion order among entries published in the same instant.
@@ -88,6 +88,7 @@ _TABLES: Final = ("subscribers", "messages", "deliveries", "publishes")
 
 # SQLite primary result codes (sqlite3.h) of failures that may pass: retry the same batches later.
 _TRANSIENT: Final = frozenset({5, 6, 7, 10, 13})  # BUSY, LOCKED, NOMEM, IOERR, FULL
+_SQLITE_CORRUPT: Final = 11
 
 _session_settings_fields: Final = tuple(f.name for f in fields(SessionSettings))
 
@@ -137,9 +138,18 @@ def _describe(exc: sqlite3.Error) -> str:
     return f"{exc} ({name})" if name else str(exc)
 
 
-def _is_transient(exc: sqlite3.Error) -> bool:
+def _code(exc: sqlite3.Error) -> int | None:
+    """The primary result code (extended codes carry it in their low byte)."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _TRANSIENT
+    return None if code is None else int(code) & 0xFF
+
+
+def _is_transient(exc: sqlite3.Error) -> bool:
+    return _code(exc) in _TRANSIENT
+
+
+def _corrupt(path: Path, problem: str) -> str:
+    return f"the store {path} is corrupt ({problem}): restore a backup (`fastport store check` tells more)"
 
 
 def _settings_json(settings: SessionSettings) -> str:
@@ -229,6 +239,8 @@ class SqliteStore:
         ``fastport store check`` uses). ``clock``: wall-clock seconds (dedupe expiry). Raises
         :class:`StoreError` when the file cannot be used.
         """
+        if synchronous not in ("FULL", "NORMAL"):
+            raise LocalProtocolError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         path = Path(path)
         if read_only and not path.is_file():
             raise StoreError(f"no store file at {path}")
@@ -267,6 +279,8 @@ class SqliteStore:
                     f"({SCHEMA_VERSION}): upgrade fastport"
                 )
             if read_only:
+                if version == 0:
+                    raise StoreError(f"{self.path} is an empty SQLite file, not a fastport store yet")
                 if version < SCHEMA_VERSION:
                     raise StoreError(
                         f"the store {self.path} has schema version {version}: start `fastport serve --store` "
@@ -279,12 +293,11 @@ class SqliteStore:
                 raise StoreError(f"cannot put the store {self.path} in WAL mode (journal mode {mode})")
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
-                raise StoreError(
-                    f"the store {self.path} is corrupt ({problems[0]}): restore a backup "
-                    "(`fastport store check` tells more)"
-                )
+                raise StoreError(_corrupt(self.path, " ".join(problems[0].split())))
             self._migrate(version)
         except sqlite3.Error as exc:
+            if _code(exc) == _SQLITE_CORRUPT:  # damage can also stop the check itself
+                raise StoreError(_corrupt(self.path, _describe(exc))) from exc
             raise StoreError(f"cannot use the store {self.path}: {_describe(exc)}") from exc
 
     def _header(self) -> tuple[int, int]:
@@ -356,6 +369,11 @@ class SqliteStore:
 
     def commit(self, batches: Sequence[StoreBatch]) -> None:
         """Apply ``batches`` in order, in one transaction (see :class:`~fastport_core.storage.StoreBatch`).
+
+        Messages left without a delivery are deleted once, after the last batch, and only those whose
+        deliveries this commit deleted (cheap under load). So a message whose deliveries one batch drops
+        and a later batch of the same commit delivers again stays, as the later batch needs.
+        Expired dedupe entries are pruned at most every :data:`PRUNE_INTERVAL` seconds.
 
         Raises :class:`StoreUnavailable` when the failure may pass (commit the same batches again later)
         and :class:`StoreError` otherwise; either way nothing of them was applied.

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("core_bench.py", ["--messages", "200", "--rounds", "1"]),
         ("core_broker_probe.py", ["--messages", "200", "--rounds", "1"]),
         ("topics_bench.py", ["--messages", "200", "--rounds", "1"]),
+        ("store_bench.py", ["--messages", "200", "--rounds", "1"]),  # a store in a temporary directory
     ],
 )
 def test_an_in_memory_benchmark_runs(script: str, args: list[str]) -> None:

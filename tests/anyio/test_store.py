@@ -1,0 +1,636 @@
+"""The SQLite store (fastport_anyio/store.py) and ``fastport store check|backup``: plain synchronous tests.
+
+The store is driven with hand-made batches (what the broker's journal would produce) and a fake wall
+clock; a hypothesis test checks it against a dict model of the semantics :class:`StoreBatch` documents.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastport_anyio import store as store_module
+from fastport_anyio.cli import main
+from fastport_anyio.store import SqliteStore, StoreError, StoreUnavailable, check_store
+from fastport_core.broker import Broker
+from fastport_core.config import ServerConfig, SessionSettings
+from fastport_core.errors import LocalProtocolError
+from fastport_core.protocol import Ack, Init, Publish, Subscribe
+from fastport_core.storage import (
+    SCHEMA_VERSION,
+    DeliveryRecord,
+    MessageRecord,
+    PublishRecord,
+    SessionRecord,
+    Snapshot,
+    StoreBatch,
+    SubscriberRecord,
+)
+
+from .test_cli import one_line_error
+
+SETTINGS = SessionSettings(
+    retry_interval=2.0, max_retry_limit=3, message_expiry_time=60.0, session_expiry=None
+)
+OTHER_SETTINGS = SessionSettings(session_expiry=86400.0)
+
+
+class Clock:
+    """Wall-clock seconds the test moves by hand."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def session(name: str, *, settings: SessionSettings = SETTINGS, suspended: bool = False) -> SessionRecord:
+    return SessionRecord(name, f"scrypt$16$8$1$c2FsdA==${name}", "scrypt$16$8$1$c2FsdA==$c2Vj", b"\x00key" + name.encode(),
+                         settings, suspended)  # fmt: skip
+
+
+def message(sess: str, message_id: str, seq: int, *, data: str = "iv:ct") -> MessageRecord:
+    return MessageRecord(sess, message_id, seq, "site/1/temp", data, "v1:" + "0" * 64, 1700, "text", 2e9)
+
+
+def open_store(path: Path, clock: Clock | None = None, **kwargs: object) -> SqliteStore:
+    return SqliteStore.open(path, clock=clock or Clock(), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    opened = open_store(tmp_path / "store.db")
+    yield opened
+    opened.close()
+
+
+def counts(store: SqliteStore) -> dict[str, tuple[int, int, int, int]]:
+    return {c.name: (c.subscribers, c.messages, c.deliveries, c.publishes) for c in store.check().sessions}
+
+
+def a_full_batch(seq: int = 1) -> StoreBatch:
+    return StoreBatch(
+        seq,
+        sessions=[session("a", suspended=True), session("b", settings=OTHER_SETTINGS)],
+        subscribers=[SubscriberRecord("a", "c1", True, ("site/+/temp", "x/#")), SubscriberRecord("a", "c2", False, ())],
+        messages=[message("a", "m1", 1), MessageRecord("a", "m2", 2, "t", "iv:bin", "h", 5, "binary", 1.5e9)],
+        deliveries=[DeliveryRecord("a", "m1", "c1", 0), DeliveryRecord("a", "m2", "c1", 3)],
+        publishes=[PublishRecord("a", "m1", 1, 999_999.0), PublishRecord("b", "p", 0, 999_999.5)],
+    )  # fmt: skip
+
+
+# -- records ------------------------------------------------------------------------------------------------
+
+
+def test_every_record_kind_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    first = open_store(path)
+    batch = a_full_batch()
+    first.commit([batch])
+    first.close()
+    again = open_store(path)  # from the file, not from anything the first connection remembers
+    loaded = again.load()
+    again.close()
+    assert sorted(loaded.sessions, key=lambda s: s.name) == batch.sessions
+    assert sorted(loaded.subscribers, key=lambda s: s.client_id) == batch.subscribers
+    assert loaded.messages == batch.messages
+    assert sorted(loaded.deliveries, key=lambda d: d.message_id) == batch.deliveries
+    assert loaded.publishes == batch.publishes
+
+
+def test_upserts_replace_and_deletions_delete(store: SqliteStore) -> None:
+    store.commit([a_full_batch()])
+    store.commit(
+        [
+            StoreBatch(
+                2,
+                sessions=[session("b", suspended=True)],
+                subscribers=[SubscriberRecord("a", "c1", False, ("only",))],
+                subscribers_dropped=[("a", "c2")],
+                deliveries=[DeliveryRecord("a", "m1", "c1", 4)],
+            )
+        ]
+    )
+    loaded = store.load()
+    assert {s.name: s.suspended for s in loaded.sessions} == {"a": True, "b": True}
+    assert loaded.subscribers == [SubscriberRecord("a", "c1", False, ("only",))]
+    assert {d.message_id: d.retries for d in loaded.deliveries} == {"m1": 4, "m2": 3}
+
+
+def test_messages_load_in_publish_order(store: SqliteStore) -> None:
+    store.commit(
+        [StoreBatch(1, messages=[message("a", "late", 9), message("b", "early", 2), message("a", "mid", 5)])]
+    )
+    assert [m.message_id for m in store.load().messages] == ["early", "mid", "late"]
+
+
+# -- transactions ---------------------------------------------------------------------------------------------
+
+
+def test_batches_given_together_commit_in_one_transaction(store: SqliteStore) -> None:
+    good = StoreBatch(1, sessions=[session("a")], messages=[message("a", "m1", 1)])
+    broken = StoreBatch(2, messages=[MessageRecord("a", "m2", 2, "t", None, "h", 1, "text", 1.0)])  # type: ignore[arg-type]
+    with pytest.raises(StoreError) as raised:
+        store.commit([good, broken])
+    assert not isinstance(raised.value, StoreUnavailable)  # a NOT NULL violation will not pass by retrying
+    assert store.load() == Snapshot()
+    store.commit([good])  # the connection is usable again
+    assert [m.message_id for m in store.load().messages] == ["m1"]
+
+
+def test_batches_apply_in_order(store: SqliteStore) -> None:
+    store.commit(
+        [
+            StoreBatch(1, deliveries=[DeliveryRecord("a", "m", "c", 0)]),
+            StoreBatch(2, deliveries_dropped=[("a", "m", "c")]),
+            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c", 7)]),
+        ]
+    )
+    assert store.load().deliveries == [DeliveryRecord("a", "m", "c", 7)]
+
+
+def test_a_full_disk_is_transient_applies_nothing_and_the_same_batches_commit_later(
+    store: SqliteStore,
+) -> None:
+    store.commit([StoreBatch(1, sessions=[session("a")])])
+    before = store.load()
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    big = [
+        StoreBatch(2, messages=[message("a", f"m{i}", i, data="x" * 1000) for i in range(50)]),
+        StoreBatch(3, deliveries=[DeliveryRecord("a", f"m{i}", "c", 0) for i in range(50)]),
+    ]
+    with pytest.raises(StoreUnavailable, match="full"):
+        store.commit(big)
+    assert store.load() == before
+    store._conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    store.commit(big)
+    loaded = store.load()
+    assert len(loaded.messages) == len(loaded.deliveries) == 50
+
+
+# -- what a commit deletes ----------------------------------------------------------------------------------
+
+
+def test_dropping_a_session_cascades_to_everything_of_it(store: SqliteStore) -> None:
+    batch = a_full_batch()
+    batch.subscribers.append(SubscriberRecord("b", "c9", True, ("t",)))
+    batch.messages.append(message("b", "mb", 3))
+    batch.deliveries.append(DeliveryRecord("b", "mb", "c9", 0))
+    store.commit([batch])
+    store.commit([StoreBatch(2, sessions_dropped=["a"])])
+    assert counts(store) == {"b": (1, 1, 1, 1)}
+
+
+def test_a_session_dropped_and_created_again_in_one_batch_keeps_only_the_new_one(store: SqliteStore) -> None:
+    store.commit([a_full_batch()])
+    fresh = session("a", settings=OTHER_SETTINGS)
+    store.commit([StoreBatch(2, sessions=[fresh], sessions_dropped=["a"])])
+    assert [s for s in store.load().sessions if s.name == "a"] == [fresh]
+    assert counts(store)["a"] == (0, 0, 0, 0)
+
+
+def test_a_message_goes_when_its_last_delivery_goes(store: SqliteStore) -> None:
+    store.commit(
+        [
+            StoreBatch(
+                1,
+                messages=[message("a", "m", 1)],
+                deliveries=[DeliveryRecord("a", "m", "c1", 0), DeliveryRecord("a", "m", "c2", 0)],
+            )
+        ]
+    )
+    store.commit([StoreBatch(2, deliveries_dropped=[("a", "m", "c1")])])
+    assert [m.message_id for m in store.load().messages] == ["m"]
+    store.commit([StoreBatch(3, deliveries_dropped=[("a", "m", "c2")])])
+    assert store.load().messages == []
+
+
+def test_a_message_dropped_and_delivered_again_in_one_commit_stays(store: SqliteStore) -> None:
+    store.commit(
+        [StoreBatch(1, messages=[message("a", "m", 1)], deliveries=[DeliveryRecord("a", "m", "c1", 0)])]
+    )
+    store.commit(
+        [
+            StoreBatch(2, deliveries_dropped=[("a", "m", "c1")]),
+            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c2", 0)]),
+        ]
+    )
+    assert [m.message_id for m in store.load().messages] == ["m"]
+
+
+# -- the dedupe window --------------------------------------------------------------------------------------
+
+
+def test_load_returns_the_newest_window_of_unexpired_dedupe_entries_oldest_first(tmp_path: Path) -> None:
+    clock = Clock(1000.0)
+    store = open_store(tmp_path / "s.db", clock, dedupe_ttl=100.0, dedupe_window=3)
+    store.commit(
+        [StoreBatch(1, publishes=[PublishRecord("a", f"p{i}", 0, 850.0 + 10 * i) for i in range(10)])]
+    )
+    store.commit([StoreBatch(2, publishes=[PublishRecord("b", "same-instant-1", 0, 990.0),
+                                           PublishRecord("b", "same-instant-2", 0, 990.0)])])  # fmt: skip
+    ids = [(p.session, p.message_id) for p in store.load().publishes]
+    assert ids == [("a", "p7"), ("a", "p8"), ("a", "p9"), ("b", "same-instant-1"), ("b", "same-instant-2")]
+    store.close()
+
+
+def test_a_message_id_taken_again_replaces_its_dedupe_entry(store: SqliteStore) -> None:
+    store.commit(
+        [
+            StoreBatch(
+                1, publishes=[PublishRecord("a", "p", 1, 999_800.0), PublishRecord("a", "q", 1, 999_801.0)]
+            )
+        ]
+    )
+    store.commit([StoreBatch(2, publishes=[PublishRecord("a", "p", 5, 999_802.0)])])
+    assert store.load().publishes == [
+        PublishRecord("a", "q", 1, 999_801.0),
+        PublishRecord("a", "p", 5, 999_802.0),
+    ]
+
+
+def test_commits_prune_expired_dedupe_entries_at_most_every_few_seconds(tmp_path: Path) -> None:
+    clock = Clock(1000.0)
+    store = open_store(tmp_path / "s.db", clock, dedupe_ttl=100.0)
+    store.commit(
+        [StoreBatch(1, publishes=[PublishRecord("a", "old", 0, 950.0), PublishRecord("a", "new", 0, 999.0)])]
+    )
+    clock.now = 1060.0  # "old" expired at 1050
+    store.commit([StoreBatch(2, publishes=[PublishRecord("a", "newer", 0, 1060.0)])])
+    assert counts(store) == {"a": (0, 0, 0, 2)}
+    clock.now = 1061.0 + store_module.PRUNE_INTERVAL / 2  # "new" expired at 1099... not yet: and no prune due
+    store.commit([StoreBatch(3, publishes=[PublishRecord("a", "x", 0, 900.0)])])
+    assert counts(store) == {"a": (0, 0, 0, 3)}
+    clock.now = 1061.0 + store_module.PRUNE_INTERVAL
+    store.commit([StoreBatch(4)])
+    assert counts(store) == {"a": (0, 0, 0, 2)}
+    store.close()
+
+
+# -- opening: migrations and unusable files -----------------------------------------------------------------
+
+
+def test_an_empty_file_is_migrated_to_the_current_version(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    store = open_store(path)
+    assert store.check().schema_version == SCHEMA_VERSION == 1
+    store.commit([a_full_batch()])
+    store.close()
+
+
+def test_synchronous_is_full_unless_normal_is_asked_for(tmp_path: Path) -> None:
+    full = open_store(tmp_path / "full.db")
+    normal = open_store(tmp_path / "normal.db", synchronous="NORMAL")
+    assert full._conn.execute("PRAGMA synchronous").fetchone() == (2,)
+    assert normal._conn.execute("PRAGMA synchronous").fetchone() == (1,)
+    assert normal._conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    full.close()
+    normal.close()
+    with pytest.raises(LocalProtocolError):
+        open_store(tmp_path / "off.db", synchronous="OFF; DROP TABLE sessions")
+
+
+def test_store_check_of_an_empty_file_exits_2_and_leaves_it_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    assert main(["store", "check", str(path)]) == 2
+    assert "empty SQLite file" in one_line_error(capsys.readouterr().err, "store")
+    assert path.stat().st_size == 0
+
+
+def test_opening_runs_the_missing_migration_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.db"
+    open_store(path).close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_module, "_MIGRATIONS", (*store_module._MIGRATIONS, ("CREATE TABLE extra (x)",)))
+    store = open_store(path)
+    assert store.check().schema_version == 2
+    assert store._conn.execute("SELECT count(*) FROM extra").fetchone() == (0,)
+    store.close()
+
+
+def test_a_store_of_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    open_store(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA user_version = 99")
+    raw.close()
+    with pytest.raises(StoreError, match="schema version 99, newer"):
+        open_store(path)
+
+
+def test_an_sqlite_file_of_another_application_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE accounts (id)")
+    raw.close()
+    with pytest.raises(StoreError, match="not a fastport store"):
+        open_store(path)
+
+
+def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(os.urandom(8192))
+    with pytest.raises(StoreError) as raised:
+        open_store(path)
+    assert "\n" not in str(raised.value) and "garbage.db" in str(raised.value)
+
+
+def corrupt_a_page(path: Path) -> None:
+    store = open_store(path)
+    store.commit([StoreBatch(1, messages=[message("a", f"m{i}", i, data="x" * 200) for i in range(200)])])
+    root = store._conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    size = store._conn.execute("PRAGMA page_size").fetchone()[0]
+    store.close()  # checkpoints the WAL into the file
+    data = bytearray(path.read_bytes())
+    data[(root - 1) * size] = 0xFF  # not a b-tree page type
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_store_is_refused_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    corrupt_a_page(path)
+    with pytest.raises(StoreError, match="is corrupt") as raised:
+        open_store(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_missing_directory_a_directory_and_a_file_as_directory_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(tmp_path / "nowhere" / "s.db")
+    with pytest.raises(StoreError, match="is a directory"):
+        open_store(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(tmp_path / "file" / "s.db")
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file permissions")
+def test_an_unwritable_store_or_directory_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    open_store(path).close()
+    path.chmod(0o444)
+    with pytest.raises(StoreError):
+        open_store(path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(StoreError):
+            open_store(locked / "s.db")
+    finally:
+        locked.chmod(0o755)
+
+
+# -- check and backup ---------------------------------------------------------------------------------------
+
+
+def test_check_counts_per_session(store: SqliteStore) -> None:
+    store.commit([a_full_batch()])
+    report = store.check()
+    assert report.ok and report.integrity == ("ok",)
+    assert counts(store) == {"a": (2, 2, 2, 1), "b": (0, 0, 0, 1)}
+
+
+def test_a_backup_holds_committed_state_only(store: SqliteStore, tmp_path: Path) -> None:
+    store.commit([a_full_batch()])
+    store._conn.execute("BEGIN IMMEDIATE")  # a commit in progress on the server's connection
+    store._conn.execute("DELETE FROM sessions")
+    target = tmp_path / "backup.db"
+    store.backup(target)
+    store._conn.execute("ROLLBACK")
+    copy = open_store(target)
+    assert copy.load() == store.load()
+    copy.close()
+
+
+def test_store_check_prints_the_report_and_exits_0(
+    store: SqliteStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.commit([a_full_batch()])
+    assert main(["store", "check", str(tmp_path / "store.db")]) == 0
+    out = capsys.readouterr().out
+    assert "schema version: 1" in out and "integrity: ok" in out
+    assert "  a: subscribers=2 messages=2 deliveries=2 dedupe=1" in out.splitlines()
+
+
+def test_store_check_of_a_missing_file_exits_2_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "missing.db"
+    assert main(["store", "check", str(path)]) == 2
+    assert "no store file" in one_line_error(capsys.readouterr().err, "store")
+    assert not path.exists()
+
+
+def test_store_check_of_garbage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"not sqlite at all" * 100)
+    assert main(["store", "check", str(path)]) == 2
+    assert "not a database" in one_line_error(capsys.readouterr().err, "store")
+    assert path.read_bytes() == b"not sqlite at all" * 100
+
+
+def test_store_check_of_a_corrupt_store_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.db"
+    corrupt_a_page(path)
+    assert main(["store", "check", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "integrity: FAILED" in captured.out
+    assert "integrity check" in one_line_error(captured.err, "store")
+
+
+def test_store_backup_copies_and_refuses_an_existing_target(
+    store: SqliteStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.commit([a_full_batch()])
+    target = tmp_path / "copy.db"
+    assert main(["store", "backup", str(tmp_path / "store.db"), str(target)]) == 0
+    assert check_store(target).sessions == store.check().sessions
+    capsys.readouterr()
+    assert main(["store", "backup", str(tmp_path / "store.db"), str(target)]) == 2
+    assert "already exists" in one_line_error(capsys.readouterr().err, "store")
+
+
+# -- the store against a model of StoreBatch's semantics ------------------------------------------------------
+
+SESSIONS = ("a", "b")
+CLIENTS = ("c1", "c2")
+IDS = ("m1", "m2", "m3")
+NOW, TTL, WINDOW = 1000.0, 50.0, 2
+
+
+@dataclass
+class Model:
+    """What the store should hold: dicts keyed like its tables (publishes with an insertion counter)."""
+
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    subscribers: dict[tuple[str, str], SubscriberRecord] = field(default_factory=dict)
+    messages: dict[tuple[str, str], MessageRecord] = field(default_factory=dict)
+    deliveries: dict[tuple[str, str, str], DeliveryRecord] = field(default_factory=dict)
+    publishes: dict[tuple[str, str], tuple[int, PublishRecord]] = field(default_factory=dict)
+    inserted: int = 0
+
+    def commit(self, batches: list[StoreBatch]) -> None:
+        touched: set[tuple[str, str]] = set()
+        for batch in batches:
+            for name in batch.sessions_dropped:
+                self.sessions.pop(name, None)
+                tables: tuple[dict[Any, Any], ...] = (
+                    self.subscribers,
+                    self.messages,
+                    self.deliveries,
+                    self.publishes,
+                )
+                for table in tables:
+                    for key in [key for key in table if key[0] == name]:
+                        del table[key]
+            self.sessions.update((s.name, s) for s in batch.sessions)
+            for key in batch.subscribers_dropped:
+                self.subscribers.pop(key, None)
+            self.subscribers.update(((s.session, s.client_id), s) for s in batch.subscribers)
+            self.messages.update(((m.session, m.message_id), m) for m in batch.messages)
+            for dkey in batch.deliveries_dropped:
+                self.deliveries.pop(dkey, None)
+                touched.add(dkey[:2])
+            self.deliveries.update(((d.session, d.message_id, d.client_id), d) for d in batch.deliveries)
+            for p in batch.publishes:
+                self.inserted += 1
+                self.publishes[p.session, p.message_id] = (self.inserted, p)
+        referred = {key[:2] for key in self.deliveries}
+        for key in touched - referred:
+            self.messages.pop(key, None)
+
+    def snapshot(self) -> Snapshot:
+        fresh = sorted((p.at, n, p) for n, p in self.publishes.values() if p.at >= NOW - TTL)
+        kept = [p for name in SESSIONS for p in [p for _at, _n, p in fresh if p.session == name][-WINDOW:]]
+        kept.sort(key=lambda p: (p.at, self.publishes[p.session, p.message_id][0]))
+        return Snapshot(
+            sorted(self.sessions.values(), key=lambda s: s.name),
+            sorted(self.subscribers.values(), key=lambda s: (s.session, s.client_id)),
+            sorted(self.messages.values(), key=lambda m: m.seq),
+            sorted(self.deliveries.values(), key=lambda d: (d.session, d.message_id, d.client_id)),
+            kept,
+        )
+
+
+def normalised(snapshot: Snapshot) -> Snapshot:
+    return Snapshot(
+        sorted(snapshot.sessions, key=lambda s: s.name),
+        sorted(snapshot.subscribers, key=lambda s: (s.session, s.client_id)),
+        snapshot.messages,
+        sorted(snapshot.deliveries, key=lambda d: (d.session, d.message_id, d.client_id)),
+        snapshot.publishes,
+    )
+
+
+sess = st.sampled_from(SESSIONS)
+client = st.sampled_from(CLIENTS)
+mid = st.sampled_from(IDS)
+batch_parts = st.fixed_dictionaries(
+    {
+        "sessions": st.lists(st.builds(session, sess, suspended=st.booleans()), max_size=2),
+        "sessions_dropped": st.lists(sess, max_size=1),
+        "subscribers": st.lists(
+            st.builds(
+                SubscriberRecord, sess, client, st.booleans(), st.lists(st.sampled_from("xyz")).map(tuple)
+            ),
+            max_size=2,
+        ),
+        "subscribers_dropped": st.lists(st.tuples(sess, client), max_size=2),
+        "messages": st.lists(st.tuples(sess, mid), max_size=3),
+        "deliveries": st.lists(st.builds(DeliveryRecord, sess, mid, client, st.integers(0, 5)), max_size=4),
+        "deliveries_dropped": st.lists(st.tuples(sess, mid, client), max_size=4),
+        "publishes": st.lists(
+            st.builds(
+                PublishRecord, sess, mid, st.integers(0, 3), st.sampled_from([900.0, 960.0, 980.0, 990.0])
+            ),
+            max_size=3,
+        ),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(commits=st.lists(st.lists(batch_parts, min_size=1, max_size=3), max_size=6))
+def test_the_store_agrees_with_a_model_of_store_batch(
+    tmp_path_factory: pytest.TempPathFactory, commits: list[list[dict[str, Any]]]
+) -> None:
+    path = tmp_path_factory.mktemp("model") / "s.db"
+    store = open_store(path, Clock(NOW), dedupe_ttl=TTL, dedupe_window=WINDOW)
+    model = Model()
+    seq = 0
+    batches: list[StoreBatch] = []
+    for parts in commits:
+        batches = []
+        for fields_ in parts:
+            messages = []
+            for s, m in fields_["messages"]:
+                seq += 1  # the broker numbers messages in publish order
+                messages.append(message(s, m, seq))
+            batches.append(StoreBatch(len(batches) + 1, **{**fields_, "messages": messages}))
+        store.commit(batches)
+        model.commit(batches)
+        assert normalised(store.load()) == model.snapshot()
+    store.close()
+
+
+# -- the seam: what a durable broker journals goes through the store and back ------------------------------
+
+
+def test_a_durable_brokers_state_survives_a_restart_through_the_store(tmp_path: Path) -> None:
+    config = ServerConfig(password_hash_cost=2**4)
+    wall = 1_000_000.0
+
+    def durable_broker() -> Broker:
+        broker = Broker(config, durable=True)
+        broker.set_wall_clock(wall, 0.0)
+        return broker
+
+    broker = durable_broker()
+    broker.create_session("s", "pw", 0.0, SETTINGS)
+    broker.connection_opened(1, 0.0)
+    broker.handle_packet(1, Init("s", "pw", client_id="sub", persistent=True), 0.0)
+    broker.handle_packet(1, Subscribe("t/#"), 0.0)
+    broker.connection_closed(1, 0.0)  # detached: it owes what is published now
+    broker.connection_opened(2, 0.0)
+    broker.handle_packet(2, Init("s", "pw"), 0.0)
+    broker.handle_packet(2, Publish("t/1", "iv:ct", "h", 7, "m1", "binary"), 0.0)
+    broker.output.clear()
+    store = open_store(tmp_path / "s.db", Clock(wall))
+    batch = broker.take_store_batch()
+    assert batch is not None
+    store.commit([batch])
+    store.close()
+
+    store = open_store(tmp_path / "s.db", Clock(wall))  # the restart
+    snapshot = store.load()
+    assert [(s.name, s.settings) for s in snapshot.sessions] == [("s", SETTINGS)]
+    assert [(s.client_id, s.persistent, s.topics) for s in snapshot.subscribers] == [("sub", True, ("t/#",))]
+    assert [(m.message_id, m.encoding) for m in snapshot.messages] == [("m1", "binary")]
+    assert [(p.message_id, p.delivered_to) for p in snapshot.publishes] == [("m1", 1)]
+    restored = durable_broker()
+    restored.restore(snapshot, 0.0)
+    restored.connection_opened(3, 0.0)
+    restored.handle_packet(3, Init("s", "pw", client_id="sub", persistent=True), 0.0)
+    assert any(b'"m1"' in frame for _conn, frame in restored.output.frames)
+    restored.handle_packet(3, Ack("t/1", "m1"), 0.0)
+    batch = restored.take_store_batch()
+    assert batch is not None
+    store.commit([batch])
+    assert counts(store) == {"s": (1, 0, 0, 1)}  # delivered and ACKed: only the dedupe entry is left
+    store.close()
