@@ -40,10 +40,10 @@ def one_to_one(first: int, count: int, now: float) -> StoreBatch:
     return StoreBatch(
         first,
         messages=[
-            MessageRecord("bench", mid, first + n, "site/1/temp", DATA, HASH, 1700, "text", now + 300)
+            MessageRecord("bench", mid, first + n, "site/1/temp", DATA, HASH, 1700, "text", now + 300, 1000)
             for n, mid in enumerate(ids)
         ],
-        deliveries=[DeliveryRecord("bench", mid, "sub", 0) for mid in ids],
+        deliveries=[DeliveryRecord("bench", mid, "sub", first + n, 0) for n, mid in enumerate(ids)],
         deliveries_dropped=[("bench", mid, "sub") for mid in acked],
         publishes=[PublishRecord("bench", mid, 1, now) for mid in ids],
     )

@@ -37,7 +37,7 @@ from fastport_core.config import DEFAULT_DEDUPE_TTL, Limits, SessionSettings
 from fastport_core.errors import FastportError, LocalProtocolError
 from fastport_core.storage import (
     SCHEMA_VERSION,
-    DeliveryRecord,
+    BacklogRecord,
     MessageRecord,
     PublishRecord,
     SessionRecord,
@@ -72,9 +72,13 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # seq is the rowid: messages are stored, and load, in publish order without an index of their own.
         "CREATE TABLE messages (session TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER PRIMARY KEY,"
         " topic TEXT NOT NULL, data TEXT NOT NULL, hash TEXT NOT NULL, timestamp INTEGER NOT NULL,"
-        " encoding TEXT NOT NULL, expires_at REAL NOT NULL, UNIQUE (session, message_id))",
+        " encoding TEXT NOT NULL, expires_at REAL NOT NULL, size INTEGER NOT NULL,"
+        " UNIQUE (session, message_id))",
+        # seq (the message's) orders a subscriber's backlog, read back a page at a time on resume.
         "CREATE TABLE deliveries (session TEXT NOT NULL, message_id TEXT NOT NULL, client_id TEXT NOT NULL,"
-        " retries INTEGER NOT NULL, PRIMARY KEY (session, message_id, client_id)) WITHOUT ROWID",
+        " seq INTEGER NOT NULL, retries INTEGER NOT NULL, PRIMARY KEY (session, message_id, client_id))"
+        " WITHOUT ROWID",
+        "CREATE INDEX deliveries_by_subscriber ON deliveries (session, client_id, seq)",
         # A rowid table: the rowid keeps insertion order among entries published in the same instant.
         "CREATE TABLE publishes (session TEXT NOT NULL, message_id TEXT NOT NULL,"
         " delivered_to INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (session, message_id))",
@@ -93,18 +97,25 @@ _SQLITE_CORRUPT: Final = 11
 _session_settings_fields: Final = tuple(f.name for f in fields(SessionSettings))
 
 _subscriber_row = attrgetter("session", "client_id", "persistent", "topics")
-_message_row = attrgetter(
-    "session", "message_id", "seq", "topic", "data", "hash", "timestamp", "encoding", "expires_at"
-)
-_delivery_row = attrgetter("session", "message_id", "client_id", "retries")
 _publish_row = attrgetter("session", "message_id", "delivered_to", "at")
 _message_key = itemgetter(0, 1)
 
 _UPSERT_SESSION: Final = "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)"
 _UPSERT_SUBSCRIBER: Final = "INSERT OR REPLACE INTO subscribers VALUES (?, ?, ?, ?)"
 _DELETE_SUBSCRIBER: Final = "DELETE FROM subscribers WHERE session = ? AND client_id = ?"
-_UPSERT_MESSAGE: Final = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_UPSERT_DELIVERY: Final = "INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)"
+_UPSERT_MESSAGE: Final = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_DELIVERY: Final = "INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?)"
+_SUBSCRIBER_MESSAGES: Final = "SELECT session, message_id FROM deliveries WHERE session = ? AND client_id = ?"
+_DELETE_SUBSCRIBER_DELIVERIES: Final = "DELETE FROM deliveries WHERE session = ? AND client_id = ?"
+_JOIN: Final = " FROM deliveries d JOIN messages m ON m.session = d.session AND m.message_id = d.message_id"
+_LOAD_BACKLOGS: Final = (
+    "SELECT d.session, d.client_id, count(*), sum(m.size)" + _JOIN + " GROUP BY d.session, d.client_id"
+)
+_LOAD_BACKLOG_PAGE: Final = (
+    "SELECT m.session, m.message_id, m.seq, m.topic, m.data, m.hash, m.timestamp, m.encoding, m.expires_at,"
+    " m.size, d.retries" + _JOIN + " WHERE d.session = ? AND d.client_id = ? AND d.seq > ?"
+    " ORDER BY d.seq LIMIT ?"
+)
 _DELETE_DELIVERY: Final = "DELETE FROM deliveries WHERE session = ? AND message_id = ? AND client_id = ?"
 _UPSERT_PUBLISH: Final = "INSERT OR REPLACE INTO publishes VALUES (?, ?, ?, ?)"
 _DELETE_ORPHAN: Final = (
@@ -334,8 +345,8 @@ class SqliteStore:
     def load(self) -> Snapshot:
         """Everything the store holds, as :meth:`fastport_core.broker.Broker.restore` takes it.
 
-        Messages in publish order (``seq``); per session, the newest ``dedupe_window`` dedupe entries not
-        older than ``dedupe_ttl``, oldest first.
+        Each resumable subscriber's stored backlog only counted (read back by :meth:`load_backlog`); per
+        session, the newest ``dedupe_window`` dedupe entries not older than ``dedupe_ttl``, oldest first.
         """
         conn = self._conn
         try:
@@ -349,14 +360,8 @@ class SqliteStore:
                 SubscriberRecord(session, client_id, bool(persistent), tuple(json.loads(topics)))
                 for session, client_id, persistent, topics in conn.execute("SELECT * FROM subscribers")
             ]
-            messages = [
-                MessageRecord(*row)
-                for row in conn.execute(
-                    "SELECT session, message_id, seq, topic, data, hash, timestamp, encoding, expires_at"
-                    " FROM messages ORDER BY seq"
-                )
-            ]
-            deliveries = [DeliveryRecord(*row) for row in conn.execute("SELECT * FROM deliveries")]
+            backlogs = [BacklogRecord(*row) for row in conn.execute(_LOAD_BACKLOGS)]
+            last_seq = conn.execute("SELECT max(seq) FROM messages").fetchone()[0] or 0
             publishes = [
                 PublishRecord(*row)
                 for row in conn.execute(
@@ -365,7 +370,18 @@ class SqliteStore:
             ]
         except (sqlite3.Error, ValueError) as exc:  # ValueError: a damaged settings or topics column
             raise StoreError(f"cannot read the store {self.path}: {exc}") from exc
-        return Snapshot(sessions, subscribers, messages, deliveries, publishes)
+        return Snapshot(sessions, subscribers, backlogs, publishes, last_seq)
+
+    def load_backlog(
+        self, session: str, client_id: str, after_seq: int, limit: int
+    ) -> list[tuple[MessageRecord, int]]:
+        """The next page of a resumable subscriber's stored backlog: up to ``limit`` of its deliveries whose
+        message ``seq`` is above ``after_seq``, oldest first, as ``(message, retries)``."""
+        try:
+            rows = self._conn.execute(_LOAD_BACKLOG_PAGE, (session, client_id, after_seq, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read the store {self.path}: {_describe(exc)}") from exc
+        return [(MessageRecord(*row[:10]), row[10]) for row in rows]
 
     def commit(self, batches: Sequence[StoreBatch]) -> None:
         """Apply ``batches`` in order, in one transaction (see :class:`~fastport_core.storage.StoreBatch`).
@@ -405,18 +421,21 @@ class SqliteStore:
                 many(_UPSERT_SESSION, map(_session_row, batch.sessions))
             if batch.subscribers_dropped:
                 many(_DELETE_SUBSCRIBER, batch.subscribers_dropped)
+                for key in batch.subscribers_dropped:  # its stored backlog goes with it
+                    orphans.update(self._conn.execute(_SUBSCRIBER_MESSAGES, key).fetchall())
+                many(_DELETE_SUBSCRIBER_DELIVERIES, batch.subscribers_dropped)
             if batch.subscribers:
                 many(
                     _UPSERT_SUBSCRIBER,
                     [(s, c, p, json.dumps(t)) for s, c, p, t in map(_subscriber_row, batch.subscribers)],
                 )
             if batch.messages:
-                many(_UPSERT_MESSAGE, map(_message_row, batch.messages))
+                many(_UPSERT_MESSAGE, batch.messages)
             if batch.deliveries_dropped:
                 many(_DELETE_DELIVERY, batch.deliveries_dropped)
                 orphans.update(map(_message_key, batch.deliveries_dropped))
             if batch.deliveries:
-                many(_UPSERT_DELIVERY, map(_delivery_row, batch.deliveries))
+                many(_UPSERT_DELIVERY, batch.deliveries)
             if batch.publishes:
                 many(_UPSERT_PUBLISH, map(_publish_row, batch.publishes))
         if orphans:

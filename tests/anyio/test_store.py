@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +26,7 @@ from fastport_core.errors import LocalProtocolError
 from fastport_core.protocol import Ack, Init, Publish, Subscribe
 from fastport_core.storage import (
     SCHEMA_VERSION,
+    BacklogRecord,
     DeliveryRecord,
     MessageRecord,
     PublishRecord,
@@ -59,7 +60,7 @@ def session(name: str, *, settings: SessionSettings = SETTINGS, suspended: bool 
 
 
 def message(sess: str, message_id: str, seq: int, *, data: str = "iv:ct") -> MessageRecord:
-    return MessageRecord(sess, message_id, seq, "site/1/temp", data, "v1:" + "0" * 64, 1700, "text", 2e9)
+    return MessageRecord(sess, message_id, seq, "site/1/temp", data, "v1:" + "0" * 64, 1700, "text", 2e9, 600)
 
 
 def open_store(path: Path, clock: Clock | None = None, **kwargs: object) -> SqliteStore:
@@ -73,6 +74,18 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
     opened.close()
 
 
+class Stored(NamedTuple):
+    messages: list[MessageRecord]
+    deliveries: list[DeliveryRecord]
+
+
+def stored(store: SqliteStore) -> Stored:
+    """The messages and deliveries tables as records (``load`` only counts backlogs)."""
+    conn = store._conn
+    messages = [MessageRecord(*row) for row in conn.execute("SELECT * FROM messages ORDER BY seq")]
+    return Stored(messages, sorted(DeliveryRecord(*row) for row in conn.execute("SELECT * FROM deliveries")))
+
+
 def counts(store: SqliteStore) -> dict[str, tuple[int, int, int, int]]:
     return {c.name: (c.subscribers, c.messages, c.deliveries, c.publishes) for c in store.check().sessions}
 
@@ -82,8 +95,8 @@ def a_full_batch(seq: int = 1) -> StoreBatch:
         seq,
         sessions=[session("a", suspended=True), session("b", settings=OTHER_SETTINGS)],
         subscribers=[SubscriberRecord("a", "c1", True, ("site/+/temp", "x/#")), SubscriberRecord("a", "c2", False, ())],
-        messages=[message("a", "m1", 1), MessageRecord("a", "m2", 2, "t", "iv:bin", "h", 5, "binary", 1.5e9)],
-        deliveries=[DeliveryRecord("a", "m1", "c1", 0), DeliveryRecord("a", "m2", "c1", 3)],
+        messages=[message("a", "m1", 1), MessageRecord("a", "m2", 2, "t", "iv:bin", "h", 5, "binary", 1.5e9, 530)],
+        deliveries=[DeliveryRecord("a", "m1", "c1", 1, 0), DeliveryRecord("a", "m2", "c1", 2, 3)],
         publishes=[PublishRecord("a", "m1", 1, 999_999.0), PublishRecord("b", "p", 0, 999_999.5)],
     )  # fmt: skip
 
@@ -99,12 +112,17 @@ def test_every_record_kind_round_trips(tmp_path: Path) -> None:
     first.close()
     again = open_store(path)  # from the file, not from anything the first connection remembers
     loaded = again.load()
+    table = stored(again)
+    page = again.load_backlog("a", "c1", 0, 10)
     again.close()
     assert sorted(loaded.sessions, key=lambda s: s.name) == batch.sessions
     assert sorted(loaded.subscribers, key=lambda s: s.client_id) == batch.subscribers
-    assert loaded.messages == batch.messages
-    assert sorted(loaded.deliveries, key=lambda d: d.message_id) == batch.deliveries
+    assert table.messages == batch.messages
+    assert table.deliveries == batch.deliveries
     assert loaded.publishes == batch.publishes
+    assert loaded.backlogs == [BacklogRecord("a", "c1", 2, 600 + 530)]
+    assert loaded.last_seq == 2
+    assert page == [(batch.messages[0], 0), (batch.messages[1], 3)]
 
 
 def test_upserts_replace_and_deletions_delete(store: SqliteStore) -> None:
@@ -116,21 +134,21 @@ def test_upserts_replace_and_deletions_delete(store: SqliteStore) -> None:
                 sessions=[session("b", suspended=True)],
                 subscribers=[SubscriberRecord("a", "c1", False, ("only",))],
                 subscribers_dropped=[("a", "c2")],
-                deliveries=[DeliveryRecord("a", "m1", "c1", 4)],
+                deliveries=[DeliveryRecord("a", "m1", "c1", 0, 4)],
             )
         ]
     )
     loaded = store.load()
     assert {s.name: s.suspended for s in loaded.sessions} == {"a": True, "b": True}
     assert loaded.subscribers == [SubscriberRecord("a", "c1", False, ("only",))]
-    assert {d.message_id: d.retries for d in loaded.deliveries} == {"m1": 4, "m2": 3}
+    assert {d.message_id: d.retries for d in stored(store).deliveries} == {"m1": 4, "m2": 3}
 
 
 def test_messages_load_in_publish_order(store: SqliteStore) -> None:
     store.commit(
         [StoreBatch(1, messages=[message("a", "late", 9), message("b", "early", 2), message("a", "mid", 5)])]
     )
-    assert [m.message_id for m in store.load().messages] == ["early", "mid", "late"]
+    assert [m.message_id for m in stored(store).messages] == ["early", "mid", "late"]
 
 
 # -- transactions ---------------------------------------------------------------------------------------------
@@ -138,24 +156,24 @@ def test_messages_load_in_publish_order(store: SqliteStore) -> None:
 
 def test_batches_given_together_commit_in_one_transaction(store: SqliteStore) -> None:
     good = StoreBatch(1, sessions=[session("a")], messages=[message("a", "m1", 1)])
-    broken = StoreBatch(2, messages=[MessageRecord("a", "m2", 2, "t", None, "h", 1, "text", 1.0)])  # type: ignore[arg-type]
+    broken = StoreBatch(2, messages=[MessageRecord("a", "m2", 2, "t", None, "h", 1, "text", 1.0, 1)])  # type: ignore[arg-type]
     with pytest.raises(StoreError) as raised:
         store.commit([good, broken])
     assert not isinstance(raised.value, StoreUnavailable)  # a NOT NULL violation will not pass by retrying
     assert store.load() == Snapshot()
     store.commit([good])  # the connection is usable again
-    assert [m.message_id for m in store.load().messages] == ["m1"]
+    assert [m.message_id for m in stored(store).messages] == ["m1"]
 
 
 def test_batches_apply_in_order(store: SqliteStore) -> None:
     store.commit(
         [
-            StoreBatch(1, deliveries=[DeliveryRecord("a", "m", "c", 0)]),
+            StoreBatch(1, deliveries=[DeliveryRecord("a", "m", "c", 0, 0)]),
             StoreBatch(2, deliveries_dropped=[("a", "m", "c")]),
-            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c", 7)]),
+            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c", 0, 7)]),
         ]
     )
-    assert store.load().deliveries == [DeliveryRecord("a", "m", "c", 7)]
+    assert stored(store).deliveries == [DeliveryRecord("a", "m", "c", 0, 7)]
 
 
 def test_a_full_disk_is_transient_applies_nothing_and_the_same_batches_commit_later(
@@ -167,15 +185,15 @@ def test_a_full_disk_is_transient_applies_nothing_and_the_same_batches_commit_la
     store._conn.execute(f"PRAGMA max_page_count = {pages}")
     big = [
         StoreBatch(2, messages=[message("a", f"m{i}", i, data="x" * 1000) for i in range(50)]),
-        StoreBatch(3, deliveries=[DeliveryRecord("a", f"m{i}", "c", 0) for i in range(50)]),
+        StoreBatch(3, deliveries=[DeliveryRecord("a", f"m{i}", "c", 0, 0) for i in range(50)]),
     ]
     with pytest.raises(StoreUnavailable, match="full"):
         store.commit(big)
     assert store.load() == before
     store._conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
     store.commit(big)
-    loaded = store.load()
-    assert len(loaded.messages) == len(loaded.deliveries) == 50
+    table = stored(store)
+    assert len(table.messages) == len(table.deliveries) == 50
 
 
 # -- what a commit deletes ----------------------------------------------------------------------------------
@@ -185,7 +203,7 @@ def test_dropping_a_session_cascades_to_everything_of_it(store: SqliteStore) -> 
     batch = a_full_batch()
     batch.subscribers.append(SubscriberRecord("b", "c9", True, ("t",)))
     batch.messages.append(message("b", "mb", 3))
-    batch.deliveries.append(DeliveryRecord("b", "mb", "c9", 0))
+    batch.deliveries.append(DeliveryRecord("b", "mb", "c9", 0, 0))
     store.commit([batch])
     store.commit([StoreBatch(2, sessions_dropped=["a"])])
     assert counts(store) == {"b": (1, 1, 1, 1)}
@@ -205,27 +223,27 @@ def test_a_message_goes_when_its_last_delivery_goes(store: SqliteStore) -> None:
             StoreBatch(
                 1,
                 messages=[message("a", "m", 1)],
-                deliveries=[DeliveryRecord("a", "m", "c1", 0), DeliveryRecord("a", "m", "c2", 0)],
+                deliveries=[DeliveryRecord("a", "m", "c1", 0, 0), DeliveryRecord("a", "m", "c2", 0, 0)],
             )
         ]
     )
     store.commit([StoreBatch(2, deliveries_dropped=[("a", "m", "c1")])])
-    assert [m.message_id for m in store.load().messages] == ["m"]
+    assert [m.message_id for m in stored(store).messages] == ["m"]
     store.commit([StoreBatch(3, deliveries_dropped=[("a", "m", "c2")])])
-    assert store.load().messages == []
+    assert stored(store).messages == []
 
 
 def test_a_message_dropped_and_delivered_again_in_one_commit_stays(store: SqliteStore) -> None:
     store.commit(
-        [StoreBatch(1, messages=[message("a", "m", 1)], deliveries=[DeliveryRecord("a", "m", "c1", 0)])]
+        [StoreBatch(1, messages=[message("a", "m", 1)], deliveries=[DeliveryRecord("a", "m", "c1", 0, 0)])]
     )
     store.commit(
         [
             StoreBatch(2, deliveries_dropped=[("a", "m", "c1")]),
-            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c2", 0)]),
+            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c2", 0, 0)]),
         ]
     )
-    assert [m.message_id for m in store.load().messages] == ["m"]
+    assert [m.message_id for m in stored(store).messages] == ["m"]
 
 
 # -- the dedupe window --------------------------------------------------------------------------------------
@@ -502,6 +520,9 @@ class Model:
             self.sessions.update((s.name, s) for s in batch.sessions)
             for key in batch.subscribers_dropped:
                 self.subscribers.pop(key, None)
+                for dkey in [k for k in self.deliveries if (k[0], k[2]) == key]:
+                    del self.deliveries[dkey]
+                    touched.add(dkey[:2])
             self.subscribers.update(((s.session, s.client_id), s) for s in batch.subscribers)
             self.messages.update(((m.session, m.message_id), m) for m in batch.messages)
             for dkey in batch.deliveries_dropped:
@@ -519,22 +540,31 @@ class Model:
         fresh = sorted((p.at, n, p) for n, p in self.publishes.values() if p.at >= NOW - TTL)
         kept = [p for name in SESSIONS for p in [p for _at, _n, p in fresh if p.session == name][-WINDOW:]]
         kept.sort(key=lambda p: (p.at, self.publishes[p.session, p.message_id][0]))
+        backlogs: dict[tuple[str, str], list[int]] = {}
+        for session_name, message_id, client_id in self.deliveries:
+            if (message := self.messages.get((session_name, message_id))) is not None:
+                counted = backlogs.setdefault((session_name, client_id), [0, 0])
+                counted[0] += 1
+                counted[1] += message.size
         return Snapshot(
             sorted(self.sessions.values(), key=lambda s: s.name),
             sorted(self.subscribers.values(), key=lambda s: (s.session, s.client_id)),
-            sorted(self.messages.values(), key=lambda m: m.seq),
-            sorted(self.deliveries.values(), key=lambda d: (d.session, d.message_id, d.client_id)),
+            sorted(BacklogRecord(s, c, n, size) for (s, c), (n, size) in backlogs.items()),
             kept,
+            max((m.seq for m in self.messages.values()), default=0),
         )
+
+    def stored(self) -> Stored:
+        return Stored(sorted(self.messages.values(), key=lambda m: m.seq), sorted(self.deliveries.values()))
 
 
 def normalised(snapshot: Snapshot) -> Snapshot:
     return Snapshot(
         sorted(snapshot.sessions, key=lambda s: s.name),
         sorted(snapshot.subscribers, key=lambda s: (s.session, s.client_id)),
-        snapshot.messages,
-        sorted(snapshot.deliveries, key=lambda d: (d.session, d.message_id, d.client_id)),
+        sorted(snapshot.backlogs),
         snapshot.publishes,
+        snapshot.last_seq,
     )
 
 
@@ -553,7 +583,9 @@ batch_parts = st.fixed_dictionaries(
         ),
         "subscribers_dropped": st.lists(st.tuples(sess, client), max_size=2),
         "messages": st.lists(st.tuples(sess, mid), max_size=3),
-        "deliveries": st.lists(st.builds(DeliveryRecord, sess, mid, client, st.integers(0, 5)), max_size=4),
+        "deliveries": st.lists(
+            st.builds(DeliveryRecord, sess, mid, client, st.just(0), st.integers(0, 5)), max_size=4
+        ),
         "deliveries_dropped": st.lists(st.tuples(sess, mid, client), max_size=4),
         "publishes": st.lists(
             st.builds(
@@ -586,6 +618,7 @@ def test_the_store_agrees_with_a_model_of_store_batch(
         store.commit(batches)
         model.commit(batches)
         assert normalised(store.load()) == model.snapshot()
+        assert stored(store) == model.stored()
     store.close()
 
 
@@ -621,12 +654,16 @@ def test_a_durable_brokers_state_survives_a_restart_through_the_store(tmp_path: 
     snapshot = store.load()
     assert [(s.name, s.settings) for s in snapshot.sessions] == [("s", SETTINGS)]
     assert [(s.client_id, s.persistent, s.topics) for s in snapshot.subscribers] == [("sub", True, ("t/#",))]
-    assert [(m.message_id, m.encoding) for m in snapshot.messages] == [("m1", "binary")]
+    assert [(b.client_id, b.deliveries) for b in snapshot.backlogs] == [("sub", 1)]
     assert [(p.message_id, p.delivered_to) for p in snapshot.publishes] == [("m1", 1)]
     restored = durable_broker()
     restored.restore(snapshot, 0.0)
     restored.connection_opened(3, 0.0)
     restored.handle_packet(3, Init("s", "pw", client_id="sub", persistent=True), 0.0)
+    (request,) = restored.output.backlog_requests  # the resume reads its backlog back from the store
+    page = store.load_backlog(*request)
+    assert [(m.message_id, m.encoding, retries) for m, retries in page] == [("m1", "binary", 0)]
+    restored.backlog_loaded(request, page, 0.0)
     assert any(b'"m1"' in frame for _conn, frame in restored.output.frames)
     restored.handle_packet(3, Ack("t/1", "m1"), 0.0)
     batch = restored.take_store_batch()
