@@ -397,21 +397,23 @@ def test_a_missing_directory_a_directory_and_a_file_as_directory_are_refused(tmp
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file permissions")
-def test_an_unwritable_store_or_directory_is_refused(tmp_path: Path) -> None:
+def test_an_unwritable_store_or_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a read-only file (SQLITE_READONLY) and a directory the server may not write in (SQLITE_CANTOPEN)
+    do, made independent of who runs the tests (root writes through file permissions): SQLite is made to
+    open the file read-only, as it does when the permissions say so."""
     path = tmp_path / "s.db"
     open_store(path).close()
-    path.chmod(0o444)
-    with pytest.raises(StoreError):
-        open_store(path)
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        with pytest.raises(StoreError):
-            open_store(locked / "s.db")
-    finally:
-        locked.chmod(0o755)
+    real_connect = sqlite3.connect
+
+    def read_only(database: object, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        kwargs.pop("uri", None)
+        return real_connect(f"file:{database}?mode=ro", *args, uri=True, **kwargs)
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", read_only)
+    with pytest.raises(StoreError, match=r"s\.db"):
+        open_store(path)  # the file exists but cannot be written
+    with pytest.raises(StoreError, match=r"fresh\.db"):
+        open_store(tmp_path / "fresh.db")  # it cannot be created
 
 
 # -- check and backup ---------------------------------------------------------------------------------------
