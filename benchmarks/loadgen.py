@@ -404,6 +404,8 @@ def run_subscribers(params: Params) -> dict[str, Any]:
         "incomplete": incomplete, "reads": reads,
     }  # fmt: skip
     for conn in conns:
+        if params.resumable:  # a Close frame: the server releases the subscriber instead of keeping it
+            conn.sock.sendall(encode_frame(Opcode.CLOSE, (1000).to_bytes(2, "big"), mask=True))
         conn.sock.close()
     return result
 
