@@ -229,48 +229,6 @@ async def test_a_bug_on_one_connection_costs_only_that_connection(
     await assert_healthy(server)
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_asyncio_send_leaves_no_bytes_in_the_transport(anyio_backend: str) -> None:
-    """Canary for an anyio behaviour the direct write relies on (see ``server._Connection``): on asyncio,
-    ``SocketStream.send`` returns only once the transport's buffer is empty, so a direct write on the
-    socket afterwards cannot overtake bytes still queued in the transport. If anyio ever changes that,
-    this fails and the direct write must be limited to trio."""
-    size = 16 * 1024 * 1024  # far more than the kernel's socket buffers take
-    gate, sent = anyio.Event(), anyio.Event()
-
-    async def reader(stream: anyio.abc.SocketStream) -> None:
-        await gate.wait()
-        received = 0
-        async with stream:
-            while received < size:
-                received += len(await stream.receive())
-
-    with anyio.fail_after(TIMEOUT):
-        async with (
-            await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
-            anyio.create_task_group() as task_group,
-        ):
-            task_group.start_soon(listener.serve, reader)
-            sender = await anyio.connect_tcp(
-                "127.0.0.1", listener.extra(anyio.abc.SocketAttribute.local_port)
-            )
-            transport = sender._transport  # type: ignore[attr-defined]
-
-            async def send() -> None:
-                await sender.send(b"x" * size)
-                assert transport.get_write_buffer_size() == 0  # returned only once everything left it
-                sent.set()
-
-            task_group.start_soon(send)
-            while transport.get_write_buffer_size() == 0:  # the kernel is full: bytes wait in the transport
-                await anyio.sleep(0.01)
-            assert not sent.is_set()
-            gate.set()
-            await sent.wait()
-            await sender.aclose()
-            task_group.cancel_scope.cancel()
-
-
 # --------------------------------------------------------------------------------------------------------
 # The timer task
 
