@@ -238,7 +238,7 @@ def run_publisher(params: Params) -> dict[str, Any]:
     sock = conn.sock
     count, window = params.count, params.window
     interval_ns = int(1e9 / params.rate) if params.rate > 0 else 0
-    sent = confirmed = errors = reads = 0
+    sent = confirmed = errors = reads = acks_received = 0
     first_error: Any = None
     timed_out = False
     buffer = conn.buffer
@@ -279,8 +279,11 @@ def run_publisher(params: Params) -> dict[str, Any]:
         for opcode, payload in frames:
             if opcode == Opcode.TEXT:
                 obj = _LOADS(payload)
-                if obj.get("type") == "publish_response" and obj.get("success"):
+                kind = obj.get("type")
+                if kind == "publish_response" and obj.get("success"):
                     confirmed += 1
+                elif kind == "ack_received":
+                    acks_received += 1  # fastport's (default) word that every delivery was ACKed
                 else:
                     errors += 1
                     first_error = first_error or obj
@@ -296,7 +299,7 @@ def run_publisher(params: Params) -> dict[str, Any]:
     return {
         "role": "publisher", "sent": sent, "confirmed": confirmed, "errors": errors,
         "first_error": first_error, "start_ns": start_ns, "end_ns": end_ns, "cpu_s": cpu,
-        "timed_out": timed_out, "reads": reads,
+        "timed_out": timed_out, "reads": reads, "acks_received": acks_received,
     }  # fmt: skip
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import anyio
 import pytest
 
@@ -31,6 +33,9 @@ async def test_asyncio_plain_tcp_connections_are_links_without_tasks(server: Ser
             (connection,) = server._connections.values()
             assert type(connection) is Link
             assert len(anyio.get_running_tasks()) == tasks_before  # the verification thread's task is done
+            assert connection.transport is not None
+            sock = connection.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # no delayed-ACK stalls
         while server._connections:
             await anyio.sleep(0.01)
 
