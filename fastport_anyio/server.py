@@ -12,11 +12,12 @@ exactly as the core's module docstring says an adapter must, on asyncio or trio 
   (memory and wake-ups: docs/performance.md). Everywhere else (trio, TLS) a connection is served through
   anyio's streams: one task per connection reads (``receive(65536)``) and calls ``core.receive_data``,
   and a writer task (below) does the writes that wait. Both paths behave the same; what follows says how.
-* **Timer.** The adapter's one timer: a task sleeps until ``core.next_deadline()`` and calls
-  ``core.handle_timeout(now)``. Handshake, keepalive, close, write and shutdown deadlines are all the
-  core's. After every input call the adapter compares the core's next deadline with the one the timer
-  sleeps towards and wakes it only if the new one is earlier: an unconditional wake-up per input would
-  cost a task switch per message.
+* **Timer.** The adapter's one timer runs ``core.handle_timeout(now)`` at ``core.next_deadline()``: on
+  asyncio a ``loop.call_at`` handle, on trio a task that sleeps. Handshake, keepalive, close, write and
+  shutdown deadlines are all the core's. After every input call the adapter compares the core's next
+  deadline with the one the timer is set for and moves it only if the new one is earlier: an
+  unconditional wake-up per input would cost a task switch (trio) or a timer handle (asyncio) per
+  message.
 * **Writes.** After *every* core call the adapter drains ``core.take_dirty()``: each dirty connection's
   ``core.data_to_send(conn)`` (everything the call queued for it, one buffer) goes out in one
   non-blocking send, and what the socket does not take at once goes to that connection's writer task,
@@ -218,6 +219,9 @@ class Server:
         """asyncio's servers accepting :class:`Link` connections on :attr:`_listeners`' sockets (asyncio,
         plain TCP); empty when the listeners' accept loops run instead."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        """The running asyncio loop (``None`` on trio): its ``call_at`` is the timer, and plain TCP
+        connections are :class:`Link` protocols on it."""
+        self._timer_handle: asyncio.TimerHandle | None = None
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._accept_scopes: list[anyio.CancelScope] = []
@@ -264,10 +268,14 @@ class Server:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(self._close_listeners)
             self._port = int(listener.extra(SocketAttribute.local_port))
-            if self._ssl_context is None and _backend() == "asyncio":
-                await self._serve_links()
+            if _backend() == "asyncio":
+                self._loop = asyncio.get_running_loop()
             outer = await stack.enter_async_context(anyio.create_task_group())
             self._task_group = await outer.start(self._host)
+            if self._loop is not None:
+                self._reschedule()  # arms the call_at timer (on trio, the timer task runs already)
+                if self._ssl_context is None:
+                    await self._serve_links()
             self._exit_stack = stack.pop_all()
         self._log_start()
         return self
@@ -278,11 +286,13 @@ class Server:
         :meth:`shutdown` close each connection with 1001. Only :meth:`shutdown` cancels this group."""
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._run_timer)
-                if not self._protocol_servers:
+                if self._loop is None:
+                    task_group.start_soon(self._run_timer)
+                if self._loop is None or self._ssl_context is not None:
                     for socket_listener in self._listeners:
                         task_group.start_soon(self._accept_loop, socket_listener, task_group)
                 task_status.started(task_group)
+                await anyio.sleep_forever()  # the group stays open for password checks until shutdown
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -317,8 +327,11 @@ class Server:
         self._flush()
         if self._connections:
             await self._all_closed.wait()
+        self._timer_at = -math.inf  # no timer from now on
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
         if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()  # the timer
+            self._task_group.cancel_scope.cancel()  # the timer task, on trio
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -377,9 +390,25 @@ class Server:
         """Wake the timer if the core's next deadline is now earlier than the one it sleeps towards."""
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_at:
-            self._timer_wake.set()
+            if self._loop is None:
+                self._timer_wake.set()
+            else:
+                if self._timer_handle is not None:
+                    self._timer_handle.cancel()
+                self._timer_at = deadline
+                self._timer_handle = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """The timer on asyncio: a ``call_at`` handle, moved by :meth:`_reschedule` (no task, so a deadline
+        that moves earlier, e.g. a delivery's first retry when every earlier one was ACKed, costs a heap
+        push instead of a task switch). Re-armed by the flush."""
+        self._timer_handle = None
+        self._timer_at = math.inf
+        self.core.handle_timeout(self._now())
+        self._flush()
 
     async def _run_timer(self) -> None:
+        """The timer on trio: a task sleeping until the core's next deadline, woken when it moves earlier."""
         core = self.core
         while True:
             deadline = core.next_deadline()
@@ -457,7 +486,8 @@ class Server:
     async def _serve_links(self) -> None:
         """Accept on every listener's socket with asyncio's own accept loop, each connection a :class:`Link`
         (the socket stays the listener's: closing the listeners closes it)."""
-        self._loop = loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         for listener in self._listeners:
             sock = listener.extra(SocketAttribute.raw_socket)
             accepting = await loop.create_server(lambda: Link(self), sock=sock, backlog=65536)
