@@ -248,7 +248,7 @@ def start_fastport(workdir: Path, backend: str) -> ServerProcess:
     port = _free_port()
     command = [
         str(fastport), "serve", "--host", HOST, "--port", str(port), "--config", str(config),
-        "--backend", backend,
+        *(["--backend", "asyncio", "--uvloop"] if backend == "uvloop" else ["--backend", backend]),
     ]  # fmt: skip
     server = ServerProcess("fastport", command, port, workdir / "fastport.log")
     server.wait_listening()
@@ -1012,7 +1012,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts, one repetition (~40 s)")
     parser.add_argument("--profile", action="store_true", help="then profile the fastport server (py-spy)")
     parser.add_argument("--profile-only", action="store_true", help="only the profile, no comparison")
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio", help="fastport's loop")
+    parser.add_argument(
+        "--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio",
+        help="fastport's loop (uvloop: asyncio with uvloop's loop, if installed)",
+    )  # fmt: skip
     parser.add_argument("--only", help="comma-separated scenario keys (e.g. 1to1_w100,1to50_w1)")
     parser.add_argument("--no-doc", action="store_true", help="leave docs/performance.md unchanged")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ from fastport_anyio import Server
 from fastport_anyio.link import Link
 from fastport_anyio.server import _Connection
 
-from .conftest import TIMEOUT, RawClient
+from .conftest import FAST_CONFIG, SESSIONS, TIMEOUT, RawClient, publish_frame
 
 
 async def test_the_adapter_clock_is_anyios_clock(server: Server) -> None:
@@ -53,3 +53,22 @@ async def test_trio_plain_tcp_connections_write_directly(server: Server) -> None
             while connection.stream is None:
                 await anyio.sleep(0.01)
             assert connection.direct is not None
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+async def test_links_work_on_uvloop_when_installed(anyio_backend: object) -> None:
+    """uvloop (``fastport serve --uvloop``) serves plain TCP connections as links too: its transports are
+    not ``asyncio.Transport`` subclasses, so nothing may assume they are."""
+    pytest.importorskip("uvloop")
+    async with Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS) as server:
+        with anyio.fail_after(TIMEOUT):
+            async with (
+                await RawClient.connect(server.port) as subscriber,
+                await RawClient.connect(server.port) as publisher,
+            ):
+                assert (await subscriber.init("alpha", "alpha-password"))["success"]
+                assert (await subscriber.subscribe("t"))["success"]
+                assert (await publisher.init("alpha", "alpha-password"))["success"]
+                assert (await publisher.request(publish_frame("t", "x", "m-1")))["success"]
+                assert (await subscriber.receive())["messageId"] == "m-1"
+                assert all(type(connection) is Link for connection in server._connections.values())
