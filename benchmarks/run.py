@@ -120,6 +120,8 @@ TRICKLE: Final = (
     Scenario("1to1_r200", "1 → 1, 200 msg/s paced", 1, 100, 600, rate=200, trickle=True),
     Scenario("1to50_w10", "1 → 50, window 10", 50, 10, 1_000, trickle=True),
     Scenario("1to50_w1", "1 → 50, window 1", 50, 1, 400, trickle=True),
+    Scenario("1to50_r1000", "1 → 50, 1000 msg/s paced", 50, 100, 2_000, rate=1000, trickle=True),
+    Scenario("1to50_r200", "1 → 50, 200 msg/s paced", 50, 100, 400, rate=200, trickle=True),
 )
 
 
