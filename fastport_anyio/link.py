@@ -95,6 +95,8 @@ class Link(asyncio.Protocol):
             self.linger = None
         if self.id:
             self.server._link_lost(self)
+        else:
+            self.server._link_gone(self)
         self.transport = None
 
     # -- what the server tells it -------------------------------------------------------------------------

@@ -222,6 +222,9 @@ class Server:
         """The running asyncio loop (``None`` on trio): its ``call_at`` is the timer, and plain TCP
         connections are :class:`Link` protocols on it."""
         self._timer_handle: asyncio.TimerHandle | None = None
+        self._lingering: set[Link] = set()
+        """Links the core has forgotten, in their lingering close: dropped when the server stops (as the
+        streams path's lingering closes are cancelled with its task group)."""
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._accept_scopes: list[anyio.CancelScope] = []
@@ -327,6 +330,8 @@ class Server:
         self._flush()
         if self._connections:
             await self._all_closed.wait()
+        for link in list(self._lingering):
+            link.abort()
         self._timer_at = -math.inf  # no timer from now on
         if self._timer_handle is not None:
             self._timer_handle.cancel()
@@ -554,9 +559,14 @@ class Server:
         self._forget(link)
         if polite:
             assert self._loop is not None
+            self._lingering.add(link)
             link.close_politely(self._loop, CLOSE_LINGER)
         else:
             link.abort()
+
+    def _link_gone(self, link: Link) -> None:
+        """A forgotten link's socket is closed (its lingering close is over)."""
+        self._lingering.discard(link)
 
     def _forget(self, link: Link) -> None:
         conn = link.id

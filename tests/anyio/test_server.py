@@ -441,6 +441,43 @@ async def test_a_subscriber_that_never_reads_is_dropped_and_never_blocks_the_pub
             }
 
 
+async def test_a_write_blocked_past_write_timeout_drops_the_connection(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber that stops reading blocks the server's write to it (reported to the core when the
+    socket does not take a write at once: the streams path's writer, a link's ``pause_writing``); past
+    ``write_timeout`` the core says abort and the socket is dropped, while the publisher carries on."""
+    monkeypatch.setattr(server_module, "CLOSE_LINGER", 0.2)
+    limits = Limits(
+        max_inflight_per_subscriber=100_000,
+        max_pending_bytes_per_session=1024 * 1024 * 1024,
+        max_output_buffer=64 * 1024 * 1024,  # so that the write deadline is the bound that trips
+    )
+    config = ServerConfig(limits=limits, password_hash_cost=16, ping_interval=None, write_timeout=0.5)
+    payload = "x" * 32 * 1024
+    async with Server("127.0.0.1", 0, config=config, sessions=SESSIONS) as server:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await anyio.to_thread.run_sync(raw.connect, ("127.0.0.1", server.port))
+        slow = RawClient(await SocketStream.from_socket(raw))
+        await slow.handshake(server.port)
+        assert (await slow.init("alpha", "alpha-password"))["success"]
+        await slow.subscribe("firehose")
+        async with await connected(server.port) as publisher:
+            for i in range(200):  # ~6 MiB: far more than the kernel's buffers take, far less than the bound
+                with anyio.fail_after(TIMEOUT):
+                    assert (await publisher.request(publish_frame("firehose", payload, f"w-{i}")))["success"]
+            with anyio.fail_after(TIMEOUT):
+                while not server.core.metrics.value("write_timeouts"):
+                    await anyio.sleep(0.05)
+                while len(server._connections) > 1:
+                    await anyio.sleep(0.05)
+            assert not server.core.metrics.value("output_overflows")
+            answer = await publisher.request(publish_frame("firehose", "after", "after"))
+            assert answer["deliveredTo"] == 0
+        await slow.aclose()
+
+
 # --------------------------------------------------------------------------------------------------------
 # Graceful shutdown
 
