@@ -485,7 +485,7 @@ class _PrometheusText:
     :class:`~fastport_core.exposition.CoreCollector` over the broker.
 
     prometheus-client (and :mod:`.exposition`) is imported at the first scrape, not when the server starts:
-    a server that is never scraped does not carry it (~3 MiB of the process's baseline memory,
+    a server that is never scraped does not carry it (~1.5 MiB of the process's baseline memory,
     docs/performance.md).
     """
 

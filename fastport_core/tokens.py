@@ -31,8 +31,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .crypto import parse_key
 from .errors import ErrorCode, InvalidKeyError, LocalProtocolError, RemoteProtocolError
+from .keys import parse_key
 from .topics import check_filter, within_any
 
 __all__ = ["ALGORITHM", "TokenScope", "decode_token_key", "mint_token", "verify_token"]

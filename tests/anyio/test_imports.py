@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-LOADED_ON_DEMAND = ("prometheus_client", "jwt")
-"""Imported at the first ``/metrics`` scrape and at the first token, respectively."""
+LOADED_ON_DEMAND = ("prometheus_client", "jwt", "cryptography")
+"""Imported at the first ``/metrics`` scrape, at the first token, and when a client makes its suite."""
 
 
 @pytest.mark.parametrize("module", LOADED_ON_DEMAND)
