@@ -23,12 +23,16 @@ exactly as the core's module docstring says an adapter must, on asyncio or trio 
   non-blocking send, and what the socket does not take at once goes to that connection's writer task,
   the only code that waits on its socket. A write that waits is reported to the core
   (``write_blocked`` / ``write_completed``), which drops the connection if it stays blocked too long.
-  See :class:`_Connection` for why this shape, and what it costs.
+  See :class:`_Connection` for why this shape, and what it costs. A link's transport does the same by
+  itself: it sends at once and keeps what the socket did not take, and its ``pause_writing`` /
+  ``resume_writing`` are the ``write_blocked`` / ``write_completed`` reports; meanwhile new output waits
+  in the core.
 * **Closing.** When ``core.should_close(conn)`` is true after its bytes are out, the writer ends the
   connection: the socket is half-closed and drained for a moment (a *lingering close*, so that a peer
   that was still sending gets our Close frame instead of a TCP reset), closed, and ``connection_lost`` is
   called. When ``core.should_abort(conn)`` is true (a blocked write past its deadline, the end of the
-  shutdown grace period, a handshake deadline during TLS), the connection's tasks are cancelled at once.
+  shutdown grace period, a handshake deadline during TLS), the connection's tasks are cancelled at once
+  (a link's transport is aborted). A link's lingering close is ``write_eof`` and a timer.
 
 Time is the event loop's monotonic clock, the one ``anyio.current_time()`` reads (so the core's deadlines
 agree with anyio's cancel scopes and sleeps), called directly: see :func:`_loop_clock`.
