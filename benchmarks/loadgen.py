@@ -240,7 +240,7 @@ def run_publisher(params: Params) -> dict[str, Any]:
     sock = conn.sock
     count, window = params.count, params.window
     interval_ns = int(1e9 / params.rate) if params.rate > 0 else 0
-    sent = confirmed = errors = reads = 0
+    sent = confirmed = errors = reads = acks_received = 0
     sent_ns = array("q", bytes(8 * count))
     """When each publish was written, by sequence number: publish-to-confirmation latency."""
     confirm_latencies: array[int] = array("q")
@@ -286,11 +286,12 @@ def run_publisher(params: Params) -> dict[str, Any]:
         for opcode, payload in frames:
             if opcode == Opcode.TEXT:
                 obj = _LOADS(payload)
-                if obj.get("type") == "publish_response" and obj.get("success"):
+                kind = obj.get("type")
+                if kind == "publish_response" and obj.get("success"):
                     confirmed += 1
                     confirm_latencies.append(clock() - sent_ns[int(obj["messageId"][skip:])])
-                elif obj.get("type") == "ack_received":
-                    pass  # the message settled (fastport tells its publisher; the original did not)
+                elif kind == "ack_received":
+                    acks_received += 1  # fastport's (default) word that every delivery was ACKed
                 else:
                     errors += 1
                     first_error = first_error or obj
@@ -306,7 +307,8 @@ def run_publisher(params: Params) -> dict[str, Any]:
     return {
         "role": "publisher", "sent": sent, "confirmed": confirmed, "errors": errors,
         "first_error": first_error, "start_ns": start_ns, "end_ns": end_ns, "cpu_s": cpu,
-        "timed_out": timed_out, "reads": reads, "confirm_us": _percentiles(confirm_latencies),
+        "timed_out": timed_out, "reads": reads, "acks_received": acks_received,
+        "confirm_us": _percentiles(confirm_latencies),
     }  # fmt: skip
 
 

@@ -120,6 +120,8 @@ TRICKLE: Final = (
     Scenario("1to1_r200", "1 → 1, 200 msg/s paced", 1, 100, 600, rate=200, trickle=True),
     Scenario("1to50_w10", "1 → 50, window 10", 50, 10, 1_000, trickle=True),
     Scenario("1to50_w1", "1 → 50, window 1", 50, 1, 400, trickle=True),
+    Scenario("1to50_r1000", "1 → 50, 1000 msg/s paced", 50, 100, 2_000, rate=1000, trickle=True),
+    Scenario("1to50_r200", "1 → 50, 200 msg/s paced", 50, 100, 400, rate=200, trickle=True),
 )
 
 
@@ -249,7 +251,7 @@ def start_fastport(workdir: Path, backend: str, store: Path | None = None) -> Se
     port = _free_port()
     command = [
         str(fastport), "serve", "--host", HOST, "--port", str(port), "--config", str(config),
-        "--backend", backend,
+        *(["--backend", "asyncio", "--uvloop"] if backend == "uvloop" else ["--backend", backend]),
     ]  # fmt: skip
     name = "fastport"
     if store is not None:
@@ -1019,7 +1021,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts, one repetition (~40 s)")
     parser.add_argument("--profile", action="store_true", help="then profile the fastport server (py-spy)")
     parser.add_argument("--profile-only", action="store_true", help="only the profile, no comparison")
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio", help="fastport's loop")
+    parser.add_argument(
+        "--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio",
+        help="fastport's loop (uvloop: asyncio with uvloop's loop, if installed)",
+    )  # fmt: skip
     parser.add_argument("--only", help="comma-separated scenario keys (e.g. 1to1_w100,1to50_w1)")
     parser.add_argument("--no-doc", action="store_true", help="leave docs/performance.md unchanged")
     args = parser.parse_args()

@@ -46,8 +46,8 @@ import anyio.abc
 
 from fastport_core.config import SessionSettings
 from fastport_core.config_file import ConfigError, Overrides, ServerSettings, load_settings
-from fastport_core.crypto import generate_key
 from fastport_core.errors import LocalProtocolError
+from fastport_core.keys import generate_key
 
 from . import cli_pubsub, cli_store, cli_token
 from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, debug_requested, report_failure

@@ -50,8 +50,8 @@ import anyio
 
 from fastport_core.client import IntegrityFailure
 from fastport_core.client_api import DEFAULT_TIMEOUT, ConnectionState, Message, StateChange
-from fastport_core.crypto import SuiteName
 from fastport_core.errors import ConnectError, InvalidKeyError, LocalProtocolError
+from fastport_core.keys import SuiteName
 
 from .cli_errors import EXIT_OK, UsageError
 from .client import Client, connect

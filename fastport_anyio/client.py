@@ -40,8 +40,8 @@ from fastport_core.client_api import (
 )
 from fastport_core.client_app import ClientApp, ClientViews, Consumer, Ended, Ticket
 from fastport_core.config import ClientConfig
-from fastport_core.crypto import SuiteName
 from fastport_core.errors import LocalProtocolError
+from fastport_core.keys import SuiteName
 
 __all__ = ["Client", "MessageStream", "connect"]
 

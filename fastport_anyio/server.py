@@ -6,25 +6,33 @@ exactly as the core's module docstring says an adapter must, on asyncio or trio 
 * **Accept.** Each accepted socket is registered with the core at once (``open_connection``), *before*
   its TLS handshake, so the core's absolute handshake deadline covers TLS, the HTTP upgrade and ``init``
   together; the core may refuse it on the spot (its connection limits).
-* **Readers.** One task per connection reads (``receive(65536)``) and calls ``core.receive_data``. On
-  asyncio, a plain TCP connection's task instead lets the transport call the core for each chunk it reads
-  and only waits for the end of the stream (:func:`~fastport_anyio.fastpath.feed_by_callback`).
-* **Timer.** The adapter's one timer: a task sleeps until ``core.next_deadline()`` and calls
-  ``core.handle_timeout(now)``. Handshake, keepalive, close, write and shutdown deadlines are all the
-  core's. After every input call the adapter compares the core's next deadline with the one the timer
-  sleeps towards and wakes it only if the new one is earlier: an unconditional wake-up per input would
-  cost a task switch per message.
+* **Two paths per connection.** On asyncio (the selector loop or uvloop), a plain TCP connection is an
+  :class:`asyncio.Protocol` (:class:`~fastport_anyio.link.Link`): the transport calls the core for each
+  chunk it reads and reports blocked and drained writes; no task, no event, no cancel scope per connection
+  (memory and wake-ups: docs/performance.md). Everywhere else (trio, TLS) a connection is served through
+  anyio's streams: one task per connection reads (``receive(65536)``) and calls ``core.receive_data``,
+  and a writer task (below) does the writes that wait. Both paths behave the same; what follows says how.
+* **Timer.** The adapter's one timer runs ``core.handle_timeout(now)`` at ``core.next_deadline()``: on
+  asyncio a ``loop.call_at`` handle, on trio a task that sleeps. Handshake, keepalive, close, write and
+  shutdown deadlines are all the core's. After every input call the adapter compares the core's next
+  deadline with the one the timer is set for and moves it only if the new one is earlier: an
+  unconditional wake-up per input would cost a task switch (trio) or a timer handle (asyncio) per
+  message.
 * **Writes.** After *every* core call the adapter drains ``core.take_dirty()``: each dirty connection's
   ``core.data_to_send(conn)`` (everything the call queued for it, one buffer) goes out in one
   non-blocking send, and what the socket does not take at once goes to that connection's writer task,
   the only code that waits on its socket. A write that waits is reported to the core
   (``write_blocked`` / ``write_completed``), which drops the connection if it stays blocked too long.
-  See :class:`_Connection` for why this shape, and what it costs.
+  See :class:`_Connection` for why this shape, and what it costs. A link's transport does the same by
+  itself: it sends at once and keeps what the socket did not take, and its ``pause_writing`` /
+  ``resume_writing`` are the ``write_blocked`` / ``write_completed`` reports; meanwhile new output waits
+  in the core.
 * **Closing.** When ``core.should_close(conn)`` is true after its bytes are out, the writer ends the
   connection: the socket is half-closed and drained for a moment (a *lingering close*, so that a peer
   that was still sending gets our Close frame instead of a TCP reset), closed, and ``connection_lost`` is
   called. When ``core.should_abort(conn)`` is true (a blocked write past its deadline, the end of the
-  shutdown grace period, a handshake deadline during TLS), the connection's tasks are cancelled at once.
+  shutdown grace period, a handshake deadline during TLS), the connection's tasks are cancelled at once
+  (a link's transport is aborted). A link's lingering close is ``write_eof`` and a timer.
 
 Time is the event loop's monotonic clock, the one ``anyio.current_time()`` reads (so the core's deadlines
 agree with anyio's cancel scopes and sleeps), called directly: see :func:`_loop_clock`.
@@ -63,7 +71,8 @@ from fastport_core.config_file import SessionSpec
 from fastport_core.server import ServerCore
 
 from .durability import Store, StoreWriter
-from .fastpath import direct_send, feed_by_callback
+from .fastpath import direct_send
+from .link import Link
 
 __all__ = ["Server", "SessionSpec", "serve"]
 
@@ -71,8 +80,8 @@ logger = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 65536
 """Bytes asked of the socket per read: one read usually holds every frame a busy peer has pipelined, and
-the core handles a whole chunk per call (the coalescing of DESIGN §6 works per chunk). (Read by callback on
-asyncio, a chunk is what the transport reads at once: up to 256 KiB.)"""
+the core handles a whole chunk per call (the coalescing of DESIGN §6 works per chunk). (A
+:class:`~fastport_anyio.link.Link`'s chunk is what asyncio's transport reads at once: up to 256 KiB.)"""
 
 CLOSE_LINGER: Final = 2.0
 """Seconds the lingering close of a socket may take, once the core has forgotten its connection (socket
@@ -129,8 +138,9 @@ class _Connection:
     forth.
 
     The direct write needs a plain TCP socket it can write to without the event loop's help
-    (:func:`~fastport_anyio.fastpath.direct_send`). TLS streams, uvloop and non-POSIX systems use the
-    writer task for everything.
+    (:func:`~fastport_anyio.fastpath.direct_send`). TLS streams use the writer task for everything. (On
+    asyncio, plain TCP connections are :class:`~fastport_anyio.link.Link` protocols instead, whose
+    transport does the same: it sends at once, and keeps and sends what the kernel did not take.)
     """
 
     __slots__ = ("busy", "direct", "id", "pending", "scope", "stream", "tcp", "wake")
@@ -151,6 +161,11 @@ class _Connection:
         """Around everything the connection's task does: cancelled when the core says to drop it now."""
 
 
+def _backend() -> str:
+    """The running async library, as anyio finds it (sniffio when installed, else asyncio)."""
+    return "asyncio" if sniffio is None else str(sniffio.current_async_library())
+
+
 def _loop_clock() -> Callable[[], float]:
     """The running event loop's clock as a plain function: what ``anyio.current_time()`` returns, without its
     per-call backend look-up (~1.5 µs a call against ~0.1 µs for ``loop.time``; a call per read).
@@ -159,7 +174,7 @@ def _loop_clock() -> Callable[[], float]:
     stay on the clock of anyio's cancel scopes and ``sleep_until``: asyncio's ``loop.time()`` on asyncio,
     ``trio.current_time()`` (trio's own clock, not ``time.monotonic()``) on trio.
     """
-    if sniffio is not None and sniffio.current_async_library() == "trio":
+    if _backend() == "trio":
         import trio
 
         return trio.current_time
@@ -207,8 +222,18 @@ class Server:
         self._admin_on = admin is not None
         self._ssl_context = ssl_context
         self._shutdown_timeout = shutdown_timeout
-        self._connections: dict[int, _Connection] = {}
+        self._connections: dict[int, _Connection | Link] = {}
         self._listeners: list[anyio.abc.SocketListener] = []
+        self._protocol_servers: list[asyncio.AbstractServer] = []
+        """asyncio's servers accepting :class:`Link` connections on :attr:`_listeners`' sockets (asyncio,
+        plain TCP); empty when the listeners' accept loops run instead."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The running asyncio loop (``None`` on trio): its ``call_at`` is the timer, and plain TCP
+        connections are :class:`Link` protocols on it."""
+        self._timer_handle: asyncio.TimerHandle | None = None
+        self._lingering: set[Link] = set()
+        """Links the core has forgotten, in their lingering close: dropped when the server stops (as the
+        streams path's lingering closes are cancelled with its task group)."""
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._accept_scopes: list[anyio.CancelScope] = []
@@ -258,8 +283,14 @@ class Server:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(self._close_listeners)
             self._port = int(listener.extra(SocketAttribute.local_port))
+            if _backend() == "asyncio":
+                self._loop = asyncio.get_running_loop()
             outer = await stack.enter_async_context(anyio.create_task_group())
             self._task_group = await outer.start(self._host)
+            if self._loop is not None:
+                self._reschedule()  # arms the call_at timer (on trio, the timer task runs already)
+                if self._ssl_context is None:
+                    await self._serve_links()
             self._exit_stack = stack.pop_all()
         self._log_start()
         return self
@@ -270,12 +301,15 @@ class Server:
         :meth:`shutdown` close each connection with 1001. Only :meth:`shutdown` cancels this group."""
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._run_timer)
+                if self._loop is None:
+                    task_group.start_soon(self._run_timer)
                 if self._store_writer is not None:
                     task_group.start_soon(self._store_writer.run)
-                for socket_listener in self._listeners:
-                    task_group.start_soon(self._accept_loop, socket_listener, task_group)
+                if self._loop is None or self._ssl_context is not None:
+                    for socket_listener in self._listeners:
+                        task_group.start_soon(self._accept_loop, socket_listener, task_group)
                 task_status.started(task_group)
+                await anyio.sleep_forever()  # the group stays open for password checks until shutdown
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -303,13 +337,20 @@ class Server:
         logger.info("shutting down: closing %d connection(s)", len(self._connections))
         for scope in self._accept_scopes:
             scope.cancel()
+        for protocol_server in self._protocol_servers:
+            protocol_server.close()
         await self._close_listeners()
         self.core.shutdown(self._now(), grace)
         self._flush()
         if self._connections:
             await self._all_closed.wait()
+        for link in list(self._lingering):
+            link.abort()
+        self._timer_at = -math.inf  # no timer from now on
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
         if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()  # the timer (and the store writer, between commits)
+            self._task_group.cancel_scope.cancel()  # the timer task on trio, the store writer between commits
         if self._store_writer is not None:
             await self._store_writer.finish()
         self._stopped.set()
@@ -328,10 +369,20 @@ class Server:
             self._task_group.start_soon(self._verify, check)
         if self._store_writer is not None and core.store_work():
             self._store_writer.wake()
-        for conn in core.take_dirty():
+        while dirty := core.take_dirty():  # forgetting a connection (a link's close) may dirty others
+            self._flush_connections(dirty)
+        self._reschedule()
+
+    def _flush_connections(self, dirty: list[int]) -> None:
+        core = self.core
+        for conn in dirty:
             connection = self._connections.get(conn)
             if connection is None:
                 continue
+            if type(connection) is Link:
+                self._pump(connection)
+                continue
+            assert isinstance(connection, _Connection)
             if connection.stream is None or connection.busy or connection.pending:
                 # TLS handshake in progress (nothing to write yet), or the writer takes the new bytes when
                 # its send returns. Either way, the core may want the connection gone now.
@@ -357,15 +408,30 @@ class Server:
                 connection.scope.cancel()
             else:
                 connection.wake.set()
-        self._reschedule()
 
     def _reschedule(self) -> None:
         """Wake the timer if the core's next deadline is now earlier than the one it sleeps towards."""
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_at:
-            self._timer_wake.set()
+            if self._loop is None:
+                self._timer_wake.set()
+            else:
+                if self._timer_handle is not None:
+                    self._timer_handle.cancel()
+                self._timer_at = deadline
+                self._timer_handle = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """The timer on asyncio: a ``call_at`` handle, moved by :meth:`_reschedule` (no task, so a deadline
+        that moves earlier, e.g. a delivery's first retry when every earlier one was ACKed, costs a heap
+        push instead of a task switch). Re-armed by the flush."""
+        self._timer_handle = None
+        self._timer_at = math.inf
+        self.core.handle_timeout(self._now())
+        self._flush()
 
     async def _run_timer(self) -> None:
+        """The timer on trio: a task sleeping until the core's next deadline, woken when it moves earlier."""
         core = self.core
         while True:
             deadline = core.next_deadline()
@@ -425,12 +491,6 @@ class Server:
         stream = connection.stream
         assert stream is not None
 
-        def on_data(data: bytes) -> None:
-            core.receive_data(conn, data, now())
-            flush()
-
-        if stream is connection.tcp:
-            await feed_by_callback(stream, on_data)  # asyncio, plain TCP: until the stream ends
         receive = stream.receive
         while True:
             try:
@@ -439,9 +499,100 @@ class Server:
                 if not isinstance(exc, anyio.EndOfStream):
                     logger.debug("connection %d: read failed: %r", conn, exc)
                 data = b""
-            on_data(data)
+            core.receive_data(conn, data, now())
+            flush()
             if not data:
                 return  # the core closes the connection now; the writer sends what is left, then stops
+
+    # -- links: asyncio, plain TCP (fastport_anyio.link) -----------------------------------------------
+
+    async def _serve_links(self) -> None:
+        """Accept on every listener's socket with asyncio's own accept loop, each connection a :class:`Link`
+        (the socket stays the listener's: closing the listeners closes it)."""
+        loop = self._loop
+        assert loop is not None
+        for listener in self._listeners:
+            sock = listener.extra(SocketAttribute.raw_socket)
+            accepting = await loop.create_server(lambda: Link(self), sock=sock, backlog=65536)
+            self._protocol_servers.append(accepting)
+
+    def _link_made(self, link: Link, peer: str) -> None:
+        core = self.core
+        now = self._now()
+        core.set_wall_clock(time.time(), now)  # follows adjustments of the wall clock
+        conn = core.open_connection(now, peer)
+        if core.should_close(conn):  # refused at once (its connection limits, a shutdown)
+            core.connection_lost(conn, now)
+            link.abort()
+            self._flush()
+            return
+        link.id = conn
+        self._connections[conn] = link
+        self._flush()
+
+    def _link_input(self, link: Link, data: bytes) -> None:
+        try:
+            self.core.receive_data(link.id, data, self._now())
+            self._flush()
+        except Exception:
+            # A bug (the core promises never to raise for input): it costs this connection, not the server.
+            logger.exception("connection %d: unexpected error; dropping the connection", link.id)
+            if link.id:
+                self._link_end(link, polite=False)
+            else:
+                link.abort()
+
+    def _link_blocked(self, link: Link) -> None:
+        """The transport kept bytes the socket did not take (called from ``link.write``, within a flush,
+        which then reschedules the timer for the write deadline)."""
+        self.core.write_blocked(link.id, self._now())
+
+    def _link_drained(self, link: Link) -> None:
+        """The transport's bytes are all out: send what the core queued meanwhile, or end the connection."""
+        self.core.write_completed(link.id, self._now())
+        self._pump(link)
+        self._flush()
+
+    def _link_lost(self, link: Link) -> None:
+        """The socket died (a reset, an error) while the core still knew its connection."""
+        self._forget(link)
+        self._flush()
+
+    def _pump(self, link: Link) -> None:
+        """A dirty link: write the core's bytes (unless a write is blocked: they wait in the core), then
+        end the connection if the core says so."""
+        core = self.core
+        conn = link.id
+        if not link.blocked:
+            data = core.data_to_send(conn)
+            if data:
+                link.write(data)
+        if core.should_abort(conn):
+            self._link_end(link, polite=False)
+        elif not link.blocked and core.should_close(conn):
+            self._link_end(link, polite=not self._closing)
+
+    def _link_end(self, link: Link, *, polite: bool) -> None:
+        """The core forgets the connection, then the socket is closed politely (lingering) or dropped."""
+        self._forget(link)
+        if polite:
+            assert self._loop is not None
+            self._lingering.add(link)
+            link.close_politely(self._loop, CLOSE_LINGER)
+        else:
+            link.abort()
+
+    def _link_gone(self, link: Link) -> None:
+        """A forgotten link's socket is closed (its lingering close is over)."""
+        self._lingering.discard(link)
+
+    def _forget(self, link: Link) -> None:
+        conn = link.id
+        link.id = 0
+        del self._connections[conn]
+        self.core.connection_lost(conn, self._now())
+        if self._closing and not self._connections:
+            self._all_closed.set()
 
     # -- connections -----------------------------------------------------------------------------------
 

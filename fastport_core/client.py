@@ -82,10 +82,10 @@ from typing import Final
 
 from .backoff import Backoff
 from .config import ClientConfig, Limits
-from .crypto import SuiteName, make_suite
 from .dedupe import DedupeWindow
 from .errors import CloseCode, ErrorCode, IntegrityError, LocalProtocolError, RemoteProtocolError
 from .handshake import ClientHandshake
+from .keys import SuiteName
 from .metrics import Metrics
 from .protocol import (
     Ack,
@@ -386,6 +386,8 @@ class ClientCore:
             )
         if client_id is not None and (not isinstance(client_id, str) or not client_id):
             raise LocalProtocolError("client_id must be a non-empty str (or None for a random one)")
+        from .crypto import make_suite  # here: the server, which imports this module, never encrypts
+
         self._suite = make_suite(suite, key)
         ClientHandshake(host, target)  # a throwaway request: a bad host or target fails now, not at dial time
         self._host = host

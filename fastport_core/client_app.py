@@ -76,7 +76,6 @@ from .client_api import (
     subscribe_refused_error,
 )
 from .config import ClientConfig
-from .crypto import SuiteName
 from .errors import (
     AuthenticationError,
     ClientClosedError,
@@ -86,6 +85,7 @@ from .errors import (
     PublishTimeoutError,
     SubscribeTimeoutError,
 )
+from .keys import SuiteName
 from .timers import Deadlines
 
 __all__ = ["ClientApp", "ClientViews", "Consumer", "Ended", "Ticket"]

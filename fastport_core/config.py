@@ -147,8 +147,10 @@ class Limits:
     """Characters of a publish's ``hash`` (the integrity tag the server relays)."""
     max_subscriptions_per_connection: int = 1000
     """Topics one connection may subscribe; more are refused with ``too_many_subscriptions``."""
-    max_connections_per_session: int = 1000
-    """Initialised connections one session may hold; further inits are refused."""
+    max_connections_per_session: int = 10_000
+    """Initialised connections one session may hold; further inits are refused. A session is one
+    application's tenant: this bounds what one tenant can take of ``max_connections`` (docs/operations.md,
+    "Limits": sizing)."""
     max_inflight_per_subscriber: int = 1000
     """Un-ACKed deliveries sent to one subscriber (its window). Past it an anonymous subscriber meets the
     slow-consumer policy; a resumable one's (``clientId``) deliveries wait in its backlog and are sent as it
@@ -170,8 +172,11 @@ class Limits:
     publishes: the peer that does not read pays, not the publishers."""
     max_sessions: int = 10_000
     """Sessions the server holds; ``createSession`` past it is refused."""
-    max_connections: int = 10_000
-    """Transport connections the server holds; past it new ones are closed at once."""
+    max_connections: int = 50_000
+    """Transport connections the server holds; past it new ones are closed at once. Each idle connection
+    costs a few KiB of server memory (docs/performance.md, "Idle connections") and one file descriptor:
+    the process's descriptor limit (``ulimit -n``) must be above this for the bound to be the one that
+    applies."""
     max_pending_verifications: int = 128
     """Password verifications (scrypt) queued for the adapter's worker threads at once; past it an ``init``
     that needs one is refused with ``server_busy`` (transient: the client retries)."""

@@ -43,7 +43,6 @@ randomness is ``os.urandom``.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -54,7 +53,9 @@ from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fastport_core.errors import IntegrityError, InvalidKeyError, LocalProtocolError
+from fastport_core.errors import IntegrityError, LocalProtocolError
+
+from .keys import KEY_SIZE, SuiteName, generate_key, parse_key
 
 __all__ = [
     "AuthenticatedSuite",
@@ -68,18 +69,12 @@ __all__ = [
     "parse_key",
 ]
 
-SuiteName = Literal["legacy", "authenticated"]
-"""The suites a client can be configured with; ``authenticated`` is the default everywhere."""
-
 Encoding = Literal["text", "binary"]
 """How the plaintext is handed back: ``text`` (a ``str``, UTF-8 on the wire) or ``binary`` (``bytes``)."""
 
-KEY_SIZE: Final = 32
-"""AES-256 key length, and the length of the shared key both suites start from."""
 IV_SIZE: Final = 16
 """AES block size, which CBC requires as the IV length."""
 
-_KEYGEN_HINT: Final = "make one with `fastport keygen`"
 _ENCODINGS: Final[tuple[str, ...]] = get_args(Encoding)
 _SUITE_NAMES: Final[tuple[str, ...]] = get_args(SuiteName)
 _PKCS7: Final = padding.PKCS7(algorithms.AES.block_size)
@@ -93,94 +88,6 @@ _SHA256_HEX_LEN: Final = 64
 
 
 # --------------------------------------------------------------------------------------------------- keys
-
-
-def generate_key() -> str:
-    """Return a new shared key: standard base64 of 32 bytes from ``os.urandom``.
-
-    This is what ``fastport keygen`` prints; every client of a topic must be given the same one out of band.
-    """
-    return base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii")
-
-
-def parse_key(key: str | bytes) -> bytes:
-    """Turn a configured key into the 32 raw bytes the suites use, or raise :class:`InvalidKeyError`.
-
-    A ``str`` is base64, standard or URL-safe alphabet, padding optional, surrounding whitespace ignored:
-    keys are pasted from terminals and environment variables, and being strict about those details would
-    only produce confusing failures. ``bytes`` are taken as the raw key. Either way the result must be
-    exactly 32 bytes; the error says what was wrong (length, alphabet, type) and never repeats the key.
-
-    32 bytes that are printable text (``b"my-shared-aes-key-of-32-bytes!!!"``) are refused: that is a
-    password-strength key in disguise, not 256 random bits. The original fastPort Dart client never used
-    such a key either: it base64-decodes its ``aesKey`` and requires 32 bytes, exactly as a ``str`` here.
-    """
-    if isinstance(key, str):
-        return _parse_text_key(key)
-    if isinstance(key, bytes | bytearray | memoryview):
-        raw = bytes(key)
-        if len(raw) != KEY_SIZE:
-            hint = ""
-            if raw.strip() and _decodes_to_key(raw):
-                hint = " (it looks like base64 text: pass it as str, not bytes)"
-            raise InvalidKeyError(
-                f"raw key is {len(raw)} bytes; AES-256 needs {KEY_SIZE}{hint} — {_KEYGEN_HINT}"
-            )
-        if _is_text(raw):
-            raise InvalidKeyError(
-                f"raw key is {KEY_SIZE} bytes of printable text, not random bytes: a text is a password, not "
-                f"an AES-256 key (original fastPort clients base64-decode their aesKey too) — {_KEYGEN_HINT}"
-            )
-        return raw
-    raise InvalidKeyError(
-        f"key must be a base64 str or {KEY_SIZE} raw bytes, not {type(key).__name__} — {_KEYGEN_HINT}"
-    )
-
-
-def _parse_text_key(key: str) -> bytes:
-    text = key.strip()
-    if not text:
-        raise InvalidKeyError(f"key is empty — {_KEYGEN_HINT}")
-    # A 32-character text is most likely copied from the original guide's `aesKey: 'shared-aes-key-32-...'`
-    # example; the original Dart client base64-decodes aesKey as we do, so such a text was never a key.
-    raw_hint = (
-        f" (a {KEY_SIZE}-character text is not a key: the key is the base64 of {KEY_SIZE} random bytes, "
-        "as the original fastPort clients' aesKey is)"
-        if len(text.encode("utf-8", "surrogatepass")) == KEY_SIZE
-        else ""
-    )
-    if not text.isascii():
-        raise InvalidKeyError(
-            f"key is not base64: it contains non-ASCII characters{raw_hint} — {_KEYGEN_HINT}"
-        )
-    normalised = text.replace("-", "+").replace("_", "/")
-    normalised += "=" * (-len(normalised) % 4)
-    try:
-        raw = base64.b64decode(normalised, validate=True)
-    except binascii.Error:
-        raise InvalidKeyError(
-            f"key is not valid base64 (standard or URL-safe alphabet){raw_hint} — {_KEYGEN_HINT}"
-        ) from None
-    if len(raw) != KEY_SIZE:
-        raise InvalidKeyError(
-            f"key decodes to {len(raw)} bytes; AES-256 needs {KEY_SIZE}{raw_hint} — {_KEYGEN_HINT}"
-        )
-    return raw
-
-
-def _is_text(raw: bytes) -> bool:
-    """Whether ``raw`` is printable UTF-8 text (for 32 random bytes that has odds of about 1 in 10**13)."""
-    try:
-        return raw.decode("utf-8").isprintable()
-    except UnicodeDecodeError:
-        return False
-
-
-def _decodes_to_key(raw: bytes) -> bool:
-    try:
-        return len(base64.b64decode(raw.strip(), validate=True)) == KEY_SIZE
-    except (binascii.Error, ValueError):
-        return False
 
 
 def _derive_keys(key: bytes) -> tuple[bytes, bytes]:

@@ -31,10 +31,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import jwt
-
-from .crypto import parse_key
 from .errors import ErrorCode, InvalidKeyError, LocalProtocolError, RemoteProtocolError
+from .keys import parse_key
 from .topics import check_filter, within_any
 
 __all__ = ["ALGORITHM", "TokenScope", "decode_token_key", "mint_token", "verify_token"]
@@ -99,6 +97,8 @@ def verify_token(token: str, key: bytes, now: float, *, session: str | None = No
     Raises :class:`RemoteProtocolError` with ``invalid_token`` (not a JWT, bad signature, other
     algorithm, missing or malformed claims, not yet valid) or ``token_expired``.
     """
+    import jwt  # here, not at module level: a server that never sees a token does not load PyJWT
+
     try:
         # Signature and presence checks only: the time checks are done below, against the core's ``now``.
         claims: dict[str, Any] = jwt.decode(
@@ -154,4 +154,6 @@ def mint_token(
             except RemoteProtocolError as exc:
                 raise LocalProtocolError(exc.message) from None
         claims[name] = filters
+    import jwt
+
     return jwt.encode(claims, key, algorithm=ALGORITHM)

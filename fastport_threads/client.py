@@ -26,7 +26,7 @@ from fastport_core.client import Token
 from fastport_core.client_api import DEFAULT_MAX_BUFFER, DEFAULT_TIMEOUT, Message, describe_error
 from fastport_core.client_app import ClientApp, ClientViews, Consumer, Ended, Job, Ticket
 from fastport_core.config import ClientConfig
-from fastport_core.crypto import SuiteName
+from fastport_core.keys import SuiteName
 
 from .transport import Phase, Transport
 

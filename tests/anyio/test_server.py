@@ -229,48 +229,6 @@ async def test_a_bug_on_one_connection_costs_only_that_connection(
     await assert_healthy(server)
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_asyncio_send_leaves_no_bytes_in_the_transport(anyio_backend: str) -> None:
-    """Canary for an anyio behaviour the direct write relies on (see ``server._Connection``): on asyncio,
-    ``SocketStream.send`` returns only once the transport's buffer is empty, so a direct write on the
-    socket afterwards cannot overtake bytes still queued in the transport. If anyio ever changes that,
-    this fails and the direct write must be limited to trio."""
-    size = 16 * 1024 * 1024  # far more than the kernel's socket buffers take
-    gate, sent = anyio.Event(), anyio.Event()
-
-    async def reader(stream: anyio.abc.SocketStream) -> None:
-        await gate.wait()
-        received = 0
-        async with stream:
-            while received < size:
-                received += len(await stream.receive())
-
-    with anyio.fail_after(TIMEOUT):
-        async with (
-            await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
-            anyio.create_task_group() as task_group,
-        ):
-            task_group.start_soon(listener.serve, reader)
-            sender = await anyio.connect_tcp(
-                "127.0.0.1", listener.extra(anyio.abc.SocketAttribute.local_port)
-            )
-            transport = sender._transport  # type: ignore[attr-defined]
-
-            async def send() -> None:
-                await sender.send(b"x" * size)
-                assert transport.get_write_buffer_size() == 0  # returned only once everything left it
-                sent.set()
-
-            task_group.start_soon(send)
-            while transport.get_write_buffer_size() == 0:  # the kernel is full: bytes wait in the transport
-                await anyio.sleep(0.01)
-            assert not sent.is_set()
-            gate.set()
-            await sent.wait()
-            await sender.aclose()
-            task_group.cancel_scope.cancel()
-
-
 # --------------------------------------------------------------------------------------------------------
 # The timer task
 
@@ -481,6 +439,43 @@ async def test_a_subscriber_that_never_reads_is_dropped_and_never_blocks_the_pub
                 "messageId": "after",
                 "deliveredTo": 0,
             }
+
+
+async def test_a_write_blocked_past_write_timeout_drops_the_connection(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber that stops reading blocks the server's write to it (reported to the core when the
+    socket does not take a write at once: the streams path's writer, a link's ``pause_writing``); past
+    ``write_timeout`` the core says abort and the socket is dropped, while the publisher carries on."""
+    monkeypatch.setattr(server_module, "CLOSE_LINGER", 0.2)
+    limits = Limits(
+        max_inflight_per_subscriber=100_000,
+        max_pending_bytes_per_session=1024 * 1024 * 1024,
+        max_output_buffer=64 * 1024 * 1024,  # so that the write deadline is the bound that trips
+    )
+    config = ServerConfig(limits=limits, password_hash_cost=16, ping_interval=None, write_timeout=0.5)
+    payload = "x" * 32 * 1024
+    async with Server("127.0.0.1", 0, config=config, sessions=SESSIONS) as server:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await anyio.to_thread.run_sync(raw.connect, ("127.0.0.1", server.port))
+        slow = RawClient(await SocketStream.from_socket(raw))
+        await slow.handshake(server.port)
+        assert (await slow.init("alpha", "alpha-password"))["success"]
+        await slow.subscribe("firehose")
+        async with await connected(server.port) as publisher:
+            for i in range(200):  # ~6 MiB: far more than the kernel's buffers take, far less than the bound
+                with anyio.fail_after(TIMEOUT):
+                    assert (await publisher.request(publish_frame("firehose", payload, f"w-{i}")))["success"]
+            with anyio.fail_after(TIMEOUT):
+                while not server.core.metrics.value("write_timeouts"):
+                    await anyio.sleep(0.05)
+                while len(server._connections) > 1:
+                    await anyio.sleep(0.05)
+            assert not server.core.metrics.value("output_overflows")
+            answer = await publisher.request(publish_frame("firehose", "after", "after"))
+            assert answer["deliveredTo"] == 0
+        await slow.aclose()
 
 
 # --------------------------------------------------------------------------------------------------------
