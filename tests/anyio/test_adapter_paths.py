@@ -56,10 +56,9 @@ async def test_trio_plain_tcp_connections_write_directly(server: Server) -> None
 
 
 @pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
-async def test_links_work_on_uvloop_when_installed(anyio_backend: object) -> None:
-    """uvloop (``fastport serve --uvloop``) serves plain TCP connections as links too: its transports are
-    not ``asyncio.Transport`` subclasses, so nothing may assume they are."""
-    pytest.importorskip("uvloop")
+async def test_links_work_on_uvloop(anyio_backend: object) -> None:
+    """uvloop (``fastport serve --uvloop``; in the dev extra) serves plain TCP connections as links too: its
+    transports are not ``asyncio.Transport`` subclasses, so nothing may assume they are."""
     async with Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS) as server:
         with anyio.fail_after(TIMEOUT):
             async with (
