@@ -870,6 +870,8 @@ class _Session:
             # in the store (``spilled``) count as delivered but hold nothing in memory.
             owed = message.owed = len(message.deliveries)
             delivered = message.delivered_to = owed + spilled
+            if spilled:
+                message.publisher = None  # settled only once the away subscribers ACK: no ack_received
             if owed:
                 self.messages[message_id] = message
                 self.pending_bytes += message.size

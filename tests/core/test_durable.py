@@ -433,3 +433,17 @@ def test_a_subscriber_forgotten_while_away_takes_its_stored_backlog_with_it() ->
     commit(core, store, 61.0)
     assert store.deliveries == {} and store.messages == {} and store.subscribers == {}
     assert core.metrics.value("deliveries_given_up", "demo", "detached") == 1
+
+
+def test_a_message_also_stored_for_an_away_subscriber_gets_no_early_ack_received() -> None:
+    store = ModelStore()
+    core = durable_core()
+    away = subscribed(core, clientId="dev", persistent=True)
+    core.connection_lost(away.conn, 0.0)
+    here = subscribed(core)
+    pub = peer(core)
+    pub.publish("t", "m1")
+    commit(core, store)
+    ack(here, of_type(here.pump(), "message")[0])
+    commit(core, store)
+    assert [f["type"] for f in pub.pump()] == ["publish_response"]  # "dev" has not ACKed it yet
