@@ -81,8 +81,6 @@ class StoreWriter:
         self._requests: list[BacklogRequest] = []
         """Backlog pages the core asked for and the store has not answered yet."""
         """Batches taken from the core and not yet durable (retried together after a failure)."""
-        self.commits = 0
-        """Transactions committed (each carries one or more batches)."""
 
     async def load(self) -> Snapshot:
         return await anyio.to_thread.run_sync(self._store.load, limiter=self._limiter)
@@ -133,7 +131,6 @@ class StoreWriter:
                 self._after_commit()
                 return False
             self._uncommitted = []
-            self.commits += 1
             core.store_committed(batches[-1].seq, self._now())
             self._after_commit()
         while self._requests:

@@ -1194,11 +1194,6 @@ class Broker:
 
     # -- the store (DESIGN §7; see fastport_core.storage) ----------------------------------------------------
 
-    @property
-    def durable(self) -> bool:
-        """Whether a store keeps the broker's state (it journals its changes)."""
-        return self._journal is not None
-
     def set_store_available(self, available: bool) -> None:
         """The store failed a commit (``False``: refuse publishes and session changes with
         ``store_unavailable`` until it works again) or committed again (``True``)."""

@@ -29,8 +29,6 @@ class ModelStore:
         self.messages: dict[tuple[str, str], MessageRecord] = {}
         self.deliveries: dict[tuple[str, str, str], DeliveryRecord] = {}
         self.publishes: dict[tuple[str, str], PublishRecord] = {}
-        self.committed = 0
-        """The ``seq`` of the last batch committed (numbered per process: a restart counts from 1 again)."""
         self.fail = False
         """Make :meth:`commit` raise (a full disk) until cleared."""
         self.failures = 0
@@ -73,7 +71,6 @@ class ModelStore:
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "batches commit in order"
         for batch in batches:
             self._apply(batch)
-            self.committed = batch.seq
 
     def close(self) -> None:
         pass
