@@ -23,6 +23,7 @@ from fastport_core.errors import (
 )
 
 from .client import Client, MessageStream, connect
+from .cluster import ClusterError, ClusterOptions, NatsCluster
 from .server import Server, serve
 from .store import SqliteStore, StoreError, StoreReport, StoreUnavailable
 
@@ -31,6 +32,8 @@ __all__ = [
     "Client",
     "ClientClosedError",
     "ClientConfig",
+    "ClusterError",
+    "ClusterOptions",
     "ConnectError",
     "ConnectionState",
     "FastportError",
@@ -39,6 +42,7 @@ __all__ = [
     "LocalProtocolError",
     "Message",
     "MessageStream",
+    "NatsCluster",
     "PublishRefusedError",
     "PublishTimeoutError",
     "Server",

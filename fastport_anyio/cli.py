@@ -51,6 +51,7 @@ from fastport_core.keys import generate_key
 
 from . import cli_pubsub, cli_store, cli_token
 from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, debug_requested, report_failure
+from .cluster import ClusterError, ClusterOptions, NatsCluster
 from .durability import Store
 from .server import Server
 from .store import SqliteStore, StoreError
@@ -126,6 +127,26 @@ def add_serve_parser(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         "restarts, created when missing (env FASTPORT_STORE; default: in memory)",
     )
     parser.add_argument(
+        "--cluster",
+        metavar="URLS",
+        help="run as a node of a cluster over NATS JetStream: comma-separated nats:// URLs (env "
+        "FASTPORT_CLUSTER; needs the cluster extra; instead of --store)",
+    )
+    parser.add_argument("--cluster-user", metavar="USER", help="NATS user (env FASTPORT_CLUSTER_USER)")
+    parser.add_argument(
+        "--cluster-password", metavar="PASSWORD", help="NATS password (env FASTPORT_CLUSTER_PASSWORD)"
+    )
+    parser.add_argument("--cluster-token", metavar="TOKEN", help="NATS token (env FASTPORT_CLUSTER_TOKEN)")
+    parser.add_argument(
+        "--cluster-ca", metavar="PEM", help="CA file for NATS's TLS certificate (tls:// URLs)"
+    )
+    parser.add_argument(
+        "--cluster-replicas",
+        type=int,
+        metavar="N",
+        help="JetStream replicas of each session's stream (default 1; 3 on a three-server NATS cluster)",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
@@ -159,6 +180,12 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         certfile=args.certfile,
         keyfile=args.keyfile,
         store=args.store,
+        cluster=args.cluster,
+        cluster_user=args.cluster_user,
+        cluster_password=args.cluster_password,
+        cluster_token=args.cluster_token,
+        cluster_ca=args.cluster_ca,
+        cluster_replicas=args.cluster_replicas,
         log_level=args.log_level,
         admin_user=args.admin_user,
         admin_password=args.admin_password,
@@ -233,8 +260,12 @@ async def serve_until_signalled(
 ) -> None:
     """Run a server for ``settings`` until one of ``signals``; then stop it gracefully.
 
-    A second signal during the graceful stop drops the remaining connections at once.
+    A second signal during the graceful stop drops the remaining connections at once. With
+    ``settings.cluster`` the node joins its cluster first (a :class:`ClusterError` if it cannot).
     """
+    cluster = (
+        await NatsCluster.connect(cluster_options(settings), settings.config) if settings.cluster else None
+    )
     async with Server(
         settings.host,
         settings.port,
@@ -244,6 +275,7 @@ async def serve_until_signalled(
         ssl_context=ssl_context,
         shutdown_timeout=settings.shutdown_timeout,
         store=store,
+        cluster=cluster,
     ) as server:
         with anyio.open_signal_receiver(*signals) as received:
             async with anyio.create_task_group() as task_group:
@@ -275,6 +307,8 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     if settings.source is not None:
         logger.info("config file: %s", settings.source)
     logger.debug("event loop: %s%s", args.backend, " (uvloop)" if options else "")
+    if settings.cluster and args.backend != "asyncio":
+        raise CommandError("--cluster runs on the asyncio backend (nats-py is asyncio only)", EXIT_USAGE)
     store = _open_store(settings)
     try:
         anyio.run(
@@ -287,10 +321,24 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None
         if exc.errno == errno.EADDRINUSE:
             raise CommandError(f"cannot listen on {where}: the address is already in use") from None
         raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    except ClusterError as exc:
+        raise CommandError(f"cannot join the cluster: {exc}", EXIT_USAGE) from None
     except LocalProtocolError as exc:  # a config session the broker refuses (name too long, ...)
         raise CommandError(f"cannot create the configured sessions: {exc}", EXIT_USAGE) from None
     logger.info("stopped")
     return EXIT_OK
+
+
+def cluster_options(settings: ServerSettings) -> ClusterOptions:
+    """How the node reaches NATS, from its settings (``--cluster`` and the ``cluster_*`` keys)."""
+    return ClusterOptions(
+        settings.cluster,
+        user=settings.cluster_user,
+        password=settings.cluster_password,
+        token=settings.cluster_token,
+        tls_ca=str(settings.cluster_ca) if settings.cluster_ca is not None else None,
+        replicas=settings.cluster_replicas,
+    )
 
 
 def _open_store(settings: ServerSettings) -> SqliteStore | None:

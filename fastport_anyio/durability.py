@@ -1,8 +1,10 @@
-"""The server's link to its store: group commits on one worker thread (DESIGN §7).
+"""The server's link to what keeps its state: group commits to a store or a cluster's engine (DESIGN §7, §8).
 
 The sans-IO core journals every change to durable state and holds the confirmations that depend on it
-(:mod:`fastport_core.storage`). This module is the adapter's half: whenever the core has changes, the
-:class:`StoreWriter` takes them as a batch and commits it in a worker thread, one commit at a time. While
+(:mod:`fastport_core.storage`). This module is the adapter's half. A :class:`Backend` is what keeps the
+state: an SQLite store (:class:`ThreadedStore` runs its blocking calls on one worker thread) or a NATS
+JetStream cluster (:class:`~fastport_anyio.cluster.NatsCluster`); in memory there is none. Whenever the
+core has changes, the :class:`StoreWriter` takes them as a batch and commits it, one commit at a time. While
 a commit runs the event loop goes on serving, and everything journalled meanwhile becomes the next
 batch: the busier the broker, the more each transaction carries (group commit), with no added latency
 when it is idle. Under load it waits a couple of milliseconds before taking the next batch, so that more
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import ClassVar, Final, Protocol
 
 import anyio
 import anyio.to_thread
@@ -26,7 +28,7 @@ import anyio.to_thread
 from fastport_core.server import ServerCore
 from fastport_core.storage import BacklogRequest, MessageRecord, Snapshot, StoreBatch
 
-__all__ = ["Store", "StoreWriter"]
+__all__ = ["Backend", "Store", "StoreWriter", "ThreadedStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +64,79 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+class Backend(Protocol):
+    """What keeps a server's state: the three modes (in memory, a store, a cluster) share the core and
+    differ only in this. The server calls :meth:`load` once, runs :meth:`serve` beside the
+    :class:`StoreWriter`, which calls :meth:`commit` and :meth:`load_backlog` one at a time, and calls
+    :meth:`aclose` last."""
+
+    shared: ClassVar[bool]
+    """A cluster's engine: the core runs as one of its nodes (``ServerCore(cluster=True)``)."""
+
+    async def load(self) -> Snapshot:
+        """What the core restores at start (:meth:`ServerCore.restore`)."""
+        ...
+
+    async def serve(self, core: ServerCore, now: Callable[[], float], flush: Callable[[], None]) -> None:
+        """Whatever the backend does besides commits (a cluster's feeds), until cancelled; ``flush`` after
+        every core call."""
+        ...
+
+    async def commit(self, batches: Sequence[StoreBatch]) -> None:
+        """Make ``batches`` durable, in order; raise if that failed (the same batches come again)."""
+        ...
+
+    async def load_backlog(self, request: BacklogRequest) -> list[tuple[MessageRecord, int]]:
+        """A page of a resumable subscriber's stored backlog (see :class:`BacklogRequest`)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class ThreadedStore:
+    """A :class:`Store` as a :class:`Backend`: its blocking calls run on one worker thread, one at a time,
+    so the event loop goes on serving while SQLite writes."""
+
+    shared: ClassVar[bool] = False
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def load(self) -> Snapshot:
+        return await anyio.to_thread.run_sync(self._store.load, limiter=self._limiter)
+
+    async def serve(self, core: ServerCore, now: Callable[[], float], flush: Callable[[], None]) -> None:
+        """Nothing: a store only answers commits and reads."""
+
+    async def commit(self, batches: Sequence[StoreBatch]) -> None:
+        await anyio.to_thread.run_sync(self._store.commit, batches, limiter=self._limiter)
+
+    async def load_backlog(self, request: BacklogRequest) -> list[tuple[MessageRecord, int]]:
+        return await anyio.to_thread.run_sync(self._store.load_backlog, *request, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self._store.close, limiter=self._limiter)
+
+
 class StoreWriter:
-    """Commits the core's store batches in order, grouped, on one thread; see the module docstring.
+    """Commits the core's store batches in order, grouped, one commit at a time; see the module docstring.
 
     ``after_commit`` is the server's flush (the core has confirmations to send once a commit is done).
     """
 
     def __init__(
-        self, core: ServerCore, store: Store, now: Callable[[], float], after_commit: Callable[[], None]
+        self, core: ServerCore, backend: Backend, now: Callable[[], float], after_commit: Callable[[], None]
     ) -> None:
         self._core = core
-        self._store = store
+        self._backend = backend
         self._now = now
         self._after_commit = after_commit
-        self._limiter = anyio.CapacityLimiter(1)
         self._wake = anyio.Event()
         self._uncommitted: list[StoreBatch] = []
         self._requests: list[BacklogRequest] = []
         """Backlog pages the core asked for and the store has not answered yet."""
         """Batches taken from the core and not yet durable (retried together after a failure)."""
-
-    async def load(self) -> Snapshot:
-        return await anyio.to_thread.run_sync(self._store.load, limiter=self._limiter)
 
     def wake(self) -> None:
         """The core journalled changes: commit them as soon as the commit in progress (if any) returns."""
@@ -112,7 +165,7 @@ class StoreWriter:
         with anyio.CancelScope(shield=True):
             if not await self._commit():
                 logger.error("the store could not be written at shutdown: the last changes are lost")
-            await anyio.to_thread.run_sync(self._store.close, limiter=self._limiter)
+            await self._backend.aclose()
 
     async def _commit(self) -> bool:
         """Take the core's pending batches and commit them with any left from a failed attempt; then read
@@ -124,7 +177,7 @@ class StoreWriter:
         batches = self._uncommitted
         if batches:
             try:
-                await anyio.to_thread.run_sync(self._store.commit, batches, limiter=self._limiter)
+                await self._backend.commit(batches)
             except Exception as exc:
                 logger.warning("store commit failed (%s): refusing publishes until it works again", exc)
                 core.store_failed(self._now())
@@ -136,9 +189,7 @@ class StoreWriter:
         while self._requests:
             request = self._requests[0]
             try:
-                rows = await anyio.to_thread.run_sync(
-                    self._store.load_backlog, *request, limiter=self._limiter
-                )
+                rows = await self._backend.load_backlog(request)
             except Exception as exc:
                 logger.warning("reading a stored backlog failed (%s): retrying", exc)
                 return False

@@ -70,7 +70,7 @@ from fastport_core.config import ServerConfig
 from fastport_core.config_file import SessionSpec
 from fastport_core.server import ServerCore
 
-from .durability import Store, StoreWriter
+from .durability import Backend, Store, StoreWriter, ThreadedStore
 from .fastpath import direct_send
 from .link import Link
 
@@ -203,7 +203,13 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         shutdown_timeout: float = 5.0,
         store: Store | None = None,
+        cluster: Backend | None = None,
     ) -> None:
+        """``store``: keep the state in this store (``--store``); ``cluster``: run as a node of this
+        cluster (``--cluster``, :class:`~fastport_anyio.cluster.NatsCluster`); neither: in memory."""
+        if store is not None and cluster is not None:
+            raise ValueError("a server keeps its state in a store or in a cluster, not both")
+        backend = ThreadedStore(store) if store is not None else cluster
         self.core = ServerCore(
             config,
             admin_credentials=admin,
@@ -211,9 +217,10 @@ class Server:
             web_files=web_files(),
             secure_cookies=ssl_context is not None,
             console_history=True,
-            durable=store is not None,
+            durable=backend is not None,
+            cluster=backend is not None and backend.shared,
         )
-        self._store = store
+        self._backend = backend
         self._store_writer: StoreWriter | None = None
         self._verify_limiter = anyio.CapacityLimiter(VERIFY_WORKERS)
         self.host = host
@@ -265,9 +272,9 @@ class Server:
         self._now = _loop_clock()
         now = self._now()
         self.core.set_wall_clock(time.time(), now)  # token expiry is wall-clock time
-        if self._store is not None:
-            self._store_writer = StoreWriter(self.core, self._store, self._now, self._flush)
-            self.core.restore(await self._store_writer.load(), now)
+        if self._backend is not None:
+            self._store_writer = StoreWriter(self.core, self._backend, self._now, self._flush)
+            self.core.restore(await self._backend.load(), now)
         for spec in self._sessions:
             self.core.broker.configure_session(
                 spec.name,
@@ -305,6 +312,8 @@ class Server:
                     task_group.start_soon(self._run_timer)
                 if self._store_writer is not None:
                     task_group.start_soon(self._store_writer.run)
+                if self._backend is not None:
+                    task_group.start_soon(self._backend.serve, self.core, self._now, self._flush)
                 if self._loop is None or self._ssl_context is not None:
                     for socket_listener in self._listeners:
                         task_group.start_soon(self._accept_loop, socket_listener, task_group)
@@ -748,6 +757,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     shutdown_timeout: float = 5.0,
     store: Store | None = None,
+    cluster: Backend | None = None,
     task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a broker until cancelled or until :meth:`Server.shutdown` is called.
@@ -764,6 +774,7 @@ async def serve(
         ssl_context=ssl_context,
         shutdown_timeout=shutdown_timeout,
         store=store,
+        cluster=cluster,
     ) as server:
         task_status.started(server)
         await server.wait_stopped()

@@ -28,12 +28,12 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
-from fastport_core.config import DEFAULT_DEDUPE_TTL, Limits, SessionSettings
+from fastport_core.config import DEFAULT_DEDUPE_TTL, Limits
 from fastport_core.errors import FastportError, LocalProtocolError
 from fastport_core.storage import (
     SCHEMA_VERSION,
@@ -44,6 +44,8 @@ from fastport_core.storage import (
     Snapshot,
     StoreBatch,
     SubscriberRecord,
+    settings_from_json,
+    settings_to_json,
 )
 
 __all__ = [
@@ -93,8 +95,6 @@ _TABLES: Final = ("subscribers", "messages", "deliveries", "publishes")
 # SQLite primary result codes (sqlite3.h) of failures that may pass: retry the same batches later.
 _TRANSIENT: Final = frozenset({5, 6, 7, 10, 13})  # BUSY, LOCKED, NOMEM, IOERR, FULL
 _SQLITE_CORRUPT: Final = 11
-
-_session_settings_fields: Final = tuple(f.name for f in fields(SessionSettings))
 
 _subscriber_row = attrgetter("session", "client_id", "persistent", "topics")
 _publish_row = attrgetter("session", "message_id", "delivered_to", "at")
@@ -163,19 +163,10 @@ def _corrupt(path: Path, problem: str) -> str:
     return f"the store {path} is corrupt ({problem}): restore a backup (`fastport store check` tells more)"
 
 
-def _settings_json(settings: SessionSettings) -> str:
-    return json.dumps(asdict(settings), separators=(",", ":"))
-
-
-def _settings_from_json(text: str) -> SessionSettings:
-    values: dict[str, Any] = json.loads(text)
-    return SessionSettings(**{name: values[name] for name in _session_settings_fields if name in values})
-
-
 def _session_row(record: SessionRecord) -> tuple[object, ...]:
     return (
         record.name, record.password_hash, record.secret_hash, record.token_key,
-        _settings_json(record.settings), record.suspended,
+        settings_to_json(record.settings), record.suspended,
     )  # fmt: skip
 
 
@@ -352,7 +343,7 @@ class SqliteStore:
         try:
             sessions = [
                 SessionRecord(
-                    name, password, secret, bytes(key), _settings_from_json(settings), bool(suspended)
+                    name, password, secret, bytes(key), settings_from_json(settings), bool(suspended)
                 )
                 for name, password, secret, key, settings, suspended in conn.execute("SELECT * FROM sessions")
             ]

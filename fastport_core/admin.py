@@ -53,12 +53,13 @@ from .auth import AuthThrottle
 from .broker import (
     AccessDeniedError,
     BrokerStats,
+    ClusterUnavailableError,
     SessionExistsError,
     StoreUnavailableError,
     UnknownSessionError,
 )
 from .config import ServerConfig, SessionSettings
-from .errors import LocalProtocolError
+from .errors import ErrorCode, LocalProtocolError
 from .metrics import Metrics
 from .peers import throttle_key
 
@@ -110,6 +111,11 @@ class BrokerLike(Protocol):
     @property
     def store_available(self) -> bool:
         """``False`` while a durable broker cannot write its store (``/healthz`` answers 503)."""
+        ...
+
+    @property
+    def unavailable_code(self) -> ErrorCode:
+        """What ``/healthz`` reports meanwhile: ``store_unavailable``, or ``cluster_unavailable``."""
         ...
 
 
@@ -189,6 +195,11 @@ class AdminErrorCode(HttpErrorCode):
         HTTPStatus.SERVICE_UNAVAILABLE,
         "The broker cannot write its store (a full disk, an I/O error): nothing changed; retry shortly.",
     )
+    CLUSTER_UNAVAILABLE = (
+        "cluster_unavailable",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "The cluster node has lost its engine (NATS): nothing changed; retry shortly (or on another node).",
+    )
     AUTH_THROTTLED = (
         "auth_throttled",
         HTTPStatus.TOO_MANY_REQUESTS,
@@ -213,6 +224,7 @@ _BROKER_REFUSALS: Final[tuple[tuple[type[LocalProtocolError], AdminErrorCode], .
     (SessionExistsError, AdminErrorCode.SESSION_EXISTS),
     (UnknownSessionError, AdminErrorCode.UNKNOWN_SESSION),
     (AccessDeniedError, AdminErrorCode.ACCESS_DENIED),
+    (ClusterUnavailableError, AdminErrorCode.CLUSTER_UNAVAILABLE),
     (StoreUnavailableError, AdminErrorCode.STORE_UNAVAILABLE),
 )
 
@@ -493,7 +505,8 @@ class AdminApi:
         sessions, connections = self._broker.health()
         if not self._broker.store_available:
             # A load balancer should send clients elsewhere: this node refuses publishes meanwhile.
-            fields = {"status": "store_unavailable", "sessions": sessions, "connections": connections}
+            status = self._broker.unavailable_code.value
+            fields = {"status": status, "sessions": sessions, "connections": connections}
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, fields)
         return _json(HTTPStatus.OK, {"status": "ok", "sessions": sessions, "connections": connections})
 

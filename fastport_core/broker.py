@@ -92,13 +92,14 @@ from .storage import (
 )
 from .timers import Deadlines
 from .tokens import TokenScope, decode_token_key, verify_token
-from .topics import TopicTrie, check_filter, check_topic, has_wildcard
+from .topics import TopicTrie, check_filter, check_topic, filter_matches, has_wildcard
 
 __all__ = [
     "AccessDeniedError",
     "Broker",
     "BrokerOutput",
     "BrokerStats",
+    "ClusterUnavailableError",
     "GiveUpReason",
     "SessionExistsError",
     "SessionStats",
@@ -177,6 +178,10 @@ class AccessDeniedError(LocalProtocolError):
 
 class StoreUnavailableError(LocalProtocolError):
     """A session operation while the store cannot be written (it would not survive a restart)."""
+
+
+class ClusterUnavailableError(StoreUnavailableError):
+    """The node cannot reach the cluster's engine: the same refusal, named for what operators look at."""
 
 
 class GiveUpReason(StrEnum):
@@ -376,7 +381,7 @@ class _Connection:
 class _Context:
     """What the broker shares with each of its sessions."""
 
-    __slots__ = ("config", "deadlines", "disconnect", "journal", "metrics", "output", "settled")
+    __slots__ = ("config", "deadlines", "disconnect", "journal", "metrics", "output", "settled", "shared")
 
     def __init__(
         self,
@@ -385,10 +390,14 @@ class _Context:
         metrics: Metrics,
         disconnect: Callable[[_Connection, CloseCode, str, float], None],
         journal: Journal | None,
+        *,
+        shared: bool = False,
     ) -> None:
         self.config = config
         self.journal = journal
         """Changes to durable state since the last store batch; ``None``: the broker runs in memory."""
+        self.shared = shared
+        """A shared engine (a cluster) holds messages and resumable subscribers: see :class:`Broker`."""
         self.output = output
         self.metrics = metrics
         self.deadlines: Deadlines[_Session | _Connection] = Deadlines()
@@ -425,6 +434,7 @@ class _Session:
         "_requests",
         "_retries",
         "_settled",
+        "_shared",
         "_starved",
         "clients",
         "connections",
@@ -479,6 +489,7 @@ class _Session:
         self._disconnect = context.disconnect
         self._settled = context.settled
         self._journal = context.journal
+        self._shared = context.shared
         self.saved = False
         """A taken store batch wrote it and none deleted it since."""
         self.suspended = False
@@ -794,6 +805,8 @@ class _Session:
         subscriber.topics.add(topic)
         if self._journal is not None and subscriber.client_id is not None:
             self._journal.put(subscriber)
+            if self._shared:
+                return  # the engine picks its messages (its topics are in the record), not the routing
         if has_wildcard(topic):
             self.filters.add(topic, subscriber)
         else:
@@ -805,6 +818,8 @@ class _Session:
         subscriber.topics.discard(topic)
         if self._journal is not None and subscriber.client_id is not None:
             self._journal.put(subscriber)
+            if self._shared:
+                return
         if has_wildcard(topic):
             self.filters.discard(topic, subscriber)
             return
@@ -836,13 +851,9 @@ class _Session:
             return delivered
         if self.suspended:
             raise RemoteProtocolError("the session is suspended", code=ErrorCode.SESSION_SUSPENDED)
-        subscribers = self.topics.get(p.topic)
-        if self.filters:
-            matched = self.filters.match(p.topic)
-            if matched:  # one entry per subscriber, however many of its filters (and its topic) match
-                if subscribers is not None:
-                    matched.update(subscribers)
-                subscribers = matched
+        if self._shared:
+            return self._hand_over(publisher, p, now)
+        subscribers = self._subscribers_of(p.topic)
         if subscribers is None or (len(subscribers) == 1 and publisher in subscribers):
             self.dedupe.add(message_id, 0, now)
             if self._journal is not None:
@@ -850,13 +861,51 @@ class _Session:
             self._publishes.value += 1
             self._settle_now(publisher, p)
             return 0
-        limit = self._limits.max_pending_bytes_per_session
         message = _Message(p, now + self.settings.message_expiry_time, publisher.connection)
-        if self.pending_bytes + message.size > limit and not self._shed_backlogs(limit - message.size):
+        self._check_room(message, shed=True)
+        try:
+            self._deliver(message, publisher, subscribers, now)
+        finally:
+            delivered = message.delivered_to
+            self.dedupe.add(message_id, delivered, now)
+            if self._journal is not None:
+                self._journal.publishes.append((self, message_id, delivered, now))
+            self._publishes.value += 1
+        return delivered
+
+    def _subscribers_of(self, topic: str) -> dict[_Subscriber, None] | None:
+        """Who a message on ``topic`` goes to: one entry per subscriber, however many of its filters (and
+        its topic) match."""
+        subscribers = self.topics.get(topic)
+        if self.filters:
+            matched = self.filters.match(topic)
+            if matched:
+                if subscribers is not None:
+                    matched.update(subscribers)
+                subscribers = matched
+        return subscribers
+
+    def _check_room(self, message: _Message, *, shed: bool) -> None:
+        """Refuse ``message`` with ``session_full`` if the session's pending bytes have no room for it
+        (after shedding backlogs, with ``shed``: see :meth:`_shed_backlogs`)."""
+        limit = self._limits.max_pending_bytes_per_session
+        if self.pending_bytes + message.size > limit and not (
+            shed and self._shed_backlogs(limit - message.size)
+        ):
             raise RemoteProtocolError(
                 f"the session holds {self.pending_bytes} bytes of un-ACKed messages (limit {limit})",
                 code=ErrorCode.SESSION_FULL,
             )
+
+    def _deliver(
+        self,
+        message: _Message,
+        publisher: _Subscriber | None,
+        subscribers: dict[_Subscriber, None],
+        now: float,
+    ) -> None:
+        """Fan ``message`` out to ``subscribers`` (but its ``publisher``) and hold it while any ACK is owed;
+        sets ``message.delivered_to``."""
         if not self.retry_queue or not self.messages:  # a queue head may move earlier: one arm covers both
             self._arm(min(now + self.settings.retry_interval, message.expires_at))
         slow: list[_Connection] = []
@@ -869,26 +918,85 @@ class _Session:
             # so the message is stored owing exactly that many ACKs, or not at all. Deliveries recorded only
             # in the store (``spilled``) count as delivered but hold nothing in memory.
             owed = message.owed = len(message.deliveries)
-            delivered = message.delivered_to = owed + spilled
+            message.delivered_to = owed + spilled
             if spilled:
                 message.publisher = None  # settled only once the away subscribers ACK: no ack_received
             if owed:
-                self.messages[message_id] = message
+                self.messages[message.publish.message_id] = message
                 self.pending_bytes += message.size
-            elif not spilled:
-                self._settle_now(publisher, p)
-            self.dedupe.add(message_id, delivered, now)
+            elif not spilled and publisher is not None:
+                self._settle_now(publisher, message.publish)
             if (journal := self._journal) is not None:
-                journal.publishes.append((self, message_id, delivered, now))
                 for delivery in message.deliveries:
                     if delivery.subscriber.client_id is not None:
                         journal.put(delivery)
-            self._publishes.value += 1
             if slow:
                 reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
                 for connection in slow:
                     self._disconnect(connection, CloseCode.SLOW_CONSUMER, reason, now)
-        return delivered
+
+    # -- a shared engine (DESIGN §8) ------------------------------------------------------------------------
+
+    def _hand_over(self, publisher: _Subscriber, p: Publish, now: float) -> int:
+        """Shared mode: the engine takes the message (confirmed once it has it) and feeds it back to every
+        node, this one included, which fans it out then (:meth:`feed`). ``deliveredTo`` is 0: no node knows
+        the other nodes' subscribers."""
+        assert self._journal is not None
+        message = _Message(p, now + self.settings.message_expiry_time, None)
+        self._check_room(message, shed=False)
+        self.dedupe.add(p.message_id, 0, now)
+        self._journal.outgoing.append((publisher, message))
+        self._publishes.value += 1
+        return 0
+
+    def feed(self, record: MessageRecord, origin: _Connection | None, offset: float, now: float) -> None:
+        """A message the shared engine stored (published on any node): fan it out to this node's
+        subscribers but its publisher (``origin``, when it published here). Resumable subscribers are not
+        routed in shared mode: the engine delivers their messages (:meth:`deliver_engine`)."""
+        message = _stored_message(record, offset)
+        if message.expires_at <= now:
+            return
+        subscribers = self._subscribers_of(record.topic)
+        if not subscribers:
+            return
+        publisher = origin.subscriber if origin is not None and origin.session is self else None
+        self._deliver(message, publisher, subscribers, now)
+
+    def deliver_engine(
+        self, subscriber: _Subscriber, rows: list[tuple[MessageRecord, int]], offset: float, now: float
+    ) -> list[str]:
+        """Deliveries the engine hands this node for resumable ``subscriber``, oldest first, as
+        ``(message, retries so far)``: into its backlog and fed as its window allows. Returns the ids of
+        those it does not take (no subscription or token grants their topic): the engine counts them done.
+        A message it holds already (the engine delivers again what is un-ACKed) is not sent twice."""
+        connection = subscriber.connection
+        scope = connection.scope if connection is not None else None
+        taken: list[tuple[MessageRecord, int]] = []
+        refused: list[str] = []
+        for row in rows:
+            topic = row[0].topic
+            wanted = topic in subscriber.topics or any(
+                has_wildcard(f) and filter_matches(f, topic) for f in subscriber.topics
+            )
+            if wanted and (scope is None or scope.may_subscribe(topic)):
+                taken.append(row)
+            else:
+                refused.append(row[0].message_id)
+        if taken:
+            self.load_backlog(subscriber, taken, True, offset, now)
+        return refused
+
+    def _hand_back(self, subscriber: _Subscriber) -> None:
+        """Shared mode: a resumable subscriber's connection is gone. Its un-ACKed deliveries stay the
+        engine's (another node, or this one again, gets them when it resumes): forget them here unACKed."""
+        assert self._journal is not None and subscriber.client_id is not None
+        del self.clients[subscriber.client_id]
+        for delivery in [*subscriber.backlog.values(), *subscriber.inflight.values()]:
+            self.retry_queue.pop(delivery, None)
+            self._release(delivery.message)
+        subscriber.backlog.clear()
+        subscriber.inflight.clear()
+        self._journal.detached.append((self, subscriber.client_id))
 
     def _shed_backlogs(self, room: int) -> bool:
         """The session is full: under DROP_OLDEST, give up (``overflow``) the backlogged deliveries of the
@@ -925,7 +1033,7 @@ class _Session:
     def _fan_out(
         self,
         message: _Message,
-        publisher: _Subscriber,
+        publisher: _Subscriber | None,
         subscribers: dict[_Subscriber, None],
         slow: list[_Connection],
         now: float,
@@ -1035,7 +1143,13 @@ class _Session:
             subscriber = _Subscriber(self, connection, client_id, persistent, self.window_bytes)
             if client_id is not None:
                 self.clients[client_id] = subscriber
-                if self._journal is not None:
+                if self._shared:
+                    # The engine keeps it (it may have for a while: what it waits for, its topics) and
+                    # delivers its messages here from now on; a release deletes it (``saved``).
+                    assert self._journal is not None
+                    subscriber.saved = True
+                    self._journal.attached.append((self, client_id))
+                elif self._journal is not None:
                     self._journal.put(subscriber)
             connection.subscriber = subscriber
             return
@@ -1077,6 +1191,8 @@ class _Session:
         elif clean and not subscriber.persistent:
             self._forget_client(subscriber)
             self._give_up_all(subscriber, GiveUpReason.RELEASED)
+        elif self._shared:
+            self._hand_back(subscriber)
         else:
             self._detach(subscriber, now)
         if not self.connections:
@@ -1102,6 +1218,8 @@ class _Session:
         self._unroute(subscriber)
         if self._journal is not None:
             self._journal.drop(subscriber, subscriber.saved)
+            if self._shared:
+                self._journal.detached.append((self, subscriber.client_id))
 
     def set_suspended(self, suspended: bool, now: float) -> None:
         """Suspend (deliveries wait) or resume (re-send whatever waited, in order)."""
@@ -1143,9 +1261,20 @@ class Broker:
         random: Callable[[int], bytes] = os.urandom,
         offload_verification: bool = False,
         durable: bool = False,
+        shared: bool = False,
     ) -> None:
         """``durable``: a store keeps the broker's state; the broker journals every change to it (see
-        :meth:`take_store_batch`) and queues frames that promise durability on ``output.confirmations``."""
+        :meth:`take_store_batch`) and queues frames that promise durability on ``output.confirmations``.
+
+        ``shared`` (implies ``durable``): this broker is one node of several over a shared engine (a
+        cluster, DESIGN §8). Sessions are the engine's (changes go out in store batches and come back from
+        every node through :meth:`engine_session`); a publish is handed to the engine
+        (``StoreBatch.outgoing``) and confirmed once it has it, and every node fans out what the engine
+        feeds it (:meth:`engine_messages`); a resumable subscriber's messages and un-ACKed deliveries
+        live in the engine, which delivers them to the node it is connected to
+        (:meth:`engine_deliveries`); an ACK goes back as ``StoreBatch.deliveries_dropped``."""
+        durable = durable or shared
+        self._shared = shared
         self._config = config
         self._offload = offload_verification
         """Queue scrypt checks on :attr:`output` (``verifications``) instead of running them inline."""
@@ -1163,7 +1292,11 @@ class Broker:
         """Where a successful ``publish_response`` and ``ack_received`` go (held until durable, or not)."""
         self._store_ok = True
         """``False`` while the store cannot be written: publishes and session changes are refused."""
-        self._context = _Context(config, self.output, self.metrics, self._disconnect, self._journal)
+        self._context = _Context(
+            config, self.output, self.metrics, self._disconnect, self._journal, shared=shared
+        )
+        self.unavailable_code = ErrorCode.CLUSTER_UNAVAILABLE if shared else ErrorCode.STORE_UNAVAILABLE
+        """What a publish is refused with while the store (or the cluster's engine) cannot take changes."""
         self._deadlines = self._context.deadlines
         self._throttle = AuthThrottle(
             config.auth_throttle_base,
@@ -1210,6 +1343,8 @@ class Broker:
 
     def _check_store(self) -> None:
         if not self._store_ok:
+            if self._shared:
+                raise ClusterUnavailableError("the node has lost the cluster's engine: retry shortly")
             raise StoreUnavailableError("the broker cannot write its store: retry shortly")
 
     def journal_seq(self) -> int:
@@ -1241,8 +1376,8 @@ class Broker:
             if isinstance(obj, _Delivery):
                 subscriber = obj.subscriber
                 session = subscriber.session
-                if sessions.get(session.name) is not session:
-                    continue
+                if sessions.get(session.name) is not session or (put and self._shared):
+                    continue  # the engine counts its own deliveries: it is only told about ACKs
                 message = obj.message
                 client_id = subscriber.client_id
                 assert client_id is not None
@@ -1298,7 +1433,28 @@ class Broker:
             if sessions.get(session.name) is session:
                 batch.publishes.append(PublishRecord(session.name, message_id, delivered, at + offset))
         journal.publishes.clear()
+        if self._shared:
+            self._take_shared(journal, batch, offset)
         return batch
+
+    def _take_shared(self, journal: Journal, batch: StoreBatch, offset: float) -> None:
+        sessions = self._sessions
+        for owner, stored in journal.outgoing:
+            publisher = cast(_Subscriber, owner)
+            message = cast(_Message, stored)
+            session = publisher.session
+            if sessions.get(session.name) is session:
+                self._message_seq += 1
+                message.seq = self._message_seq
+                conn = publisher.connection.conn if publisher.connection is not None else 0
+                batch.outgoing.append((_message_record(session.name, message, offset), conn))
+        journal.outgoing.clear()
+        for taken, out in ((journal.detached, batch.detached), (journal.attached, batch.attached)):
+            for owner, client_id in taken:
+                session = cast(_Session, owner)
+                if sessions.get(session.name) is session:
+                    out.append((session.name, client_id))
+            taken.clear()
 
     def _save_message(self, batch: StoreBatch, session: str, message: _Message, offset: float) -> None:
         self._message_seq += 1
@@ -1330,18 +1486,7 @@ class Broker:
         offset = self._epoch_offset
         sessions: dict[str, _Session] = {}
         for record in snapshot.sessions:
-            session = _Session(
-                record.name,
-                PasswordHash.decode(record.password_hash),
-                PasswordHash.decode(record.secret_hash),
-                record.settings,
-                token_key=record.token_key,
-                context=self._context,
-                now=now,
-            )
-            session.suspended = record.suspended
-            session.saved = True
-            sessions[record.name] = self._sessions[record.name] = session
+            sessions[record.name] = self._sessions[record.name] = self._restored(record, now)
         subscribers: dict[tuple[str, str], _Subscriber] = {}
         for sub in snapshot.subscribers:
             if (owner := sessions.get(sub.session)) is None:
@@ -1368,6 +1513,97 @@ class Broker:
             "restored %d session(s), %d resumable subscriber(s) with %d stored delivery(ies)",
             len(sessions), len(subscribers), sum(s.spilled for s in subscribers.values()),
         )  # fmt: skip
+
+    # -- a shared engine (``shared``; DESIGN §8) ----------------------------------------------------------
+
+    def engine_messages(self, messages: list[tuple[MessageRecord, int]], now: float) -> None:
+        """Messages the engine stored, in its order, each with the connection id that published it on this
+        node (0: another node): every node fans each out to its own subscribers. One of a session this node
+        does not know (yet, or any more) is skipped."""
+        offset = self._epoch_offset
+        connections = self._connections
+        for record, origin in messages:
+            session = self._sessions.get(record.session)
+            if session is not None:
+                session.feed(record, connections.get(origin) if origin else None, offset, now)
+        self._queue_settled()
+
+    def engine_deliveries(
+        self, session_name: str, client_id: str, rows: list[tuple[MessageRecord, int]], now: float
+    ) -> list[str] | None:
+        """The engine's deliveries for a resumable subscriber this node serves (``StoreBatch.attached``),
+        oldest first, as ``(message, retries so far)``. ``None``: it is not served here any more (hand them
+        back); else the ids it does not take, which the engine counts done (see
+        :meth:`_Session.deliver_engine`)."""
+        session = self._sessions.get(session_name)
+        subscriber = session.clients.get(client_id) if session is not None else None
+        if session is None or subscriber is None or subscriber.connection is None:
+            return None
+        refused = session.deliver_engine(subscriber, rows, self._epoch_offset, now)
+        self._queue_settled()
+        return refused
+
+    def engine_subscriptions(self, session_name: str, client_id: str, topics: list[str]) -> None:
+        """What a resumable subscriber had subscribed to, as the engine kept it: it resumed here, and its
+        subscriptions come back (those its token still grants; those it made meanwhile stay)."""
+        session = self._sessions.get(session_name)
+        subscriber = session.clients.get(client_id) if session is not None else None
+        if session is None or subscriber is None or subscriber.connection is None:
+            return
+        scope = subscriber.connection.scope
+        limit = self._config.limits.max_subscriptions_per_connection
+        for topic in topics:
+            if topic in subscriber.topics or len(subscriber.topics) >= limit:
+                continue
+            if _check_subscribe(scope, topic) is None:
+                session.subscribe(subscriber, topic)
+        self.metrics.inc("subscribers_resumed", session_name)
+
+    def engine_session(self, record: SessionRecord, now: float) -> None:
+        """A session as the engine holds it (created or changed on any node, this one included): create it
+        here or bring it in line. A rotated token key closes the connections its old tokens opened."""
+        session = self._sessions.get(record.name)
+        if session is None:
+            session = self._sessions[record.name] = self._restored(record, now)
+            _log.info("session %r joined from the cluster", record.name)
+            return
+        session.saved = True
+        password, secret = record.password_hash, record.secret_hash
+        if session.password.encode() != password:
+            session.password = PasswordHash.decode(password)
+        if session.secret.encode() != secret:
+            session.secret = PasswordHash.decode(secret)
+        session.settings = record.settings
+        if session.token_key != record.token_key:
+            session.token_key = record.token_key
+            reason = "the session's token key was rotated"
+            for connection in [c for c in session.connections if c.scope is not None]:
+                self._disconnect(connection, CloseCode.TOKEN_REVOKED, reason, now)
+        if session.suspended != record.suspended:
+            session.set_suspended(record.suspended, now)
+            state = "suspended" if record.suspended else "resumed"
+            _log.info("session %r %s (by a node of the cluster)", record.name, state)
+        self._queue_settled()
+
+    def engine_session_dropped(self, name: str, now: float) -> None:
+        """The session was dropped on some node: drop it here too (its connections close with 4001)."""
+        session = self._sessions.get(name)
+        if session is not None:
+            self._drop(session, "dropped", CloseCode.SESSION_DROPPED, journal=False)
+
+    def _restored(self, record: SessionRecord, now: float) -> _Session:
+        session = _Session(
+            record.name,
+            PasswordHash.decode(record.password_hash),
+            PasswordHash.decode(record.secret_hash),
+            record.settings,
+            token_key=record.token_key,
+            context=self._context,
+            now=now,
+        )
+        session.suspended = record.suspended
+        session.saved = True
+        return session
 
     # -- connection lifecycle ------------------------------------------------------------------------------
 
@@ -1454,7 +1690,7 @@ class Broker:
             try:
                 if not self._store_ok:
                     raise RemoteProtocolError(
-                        "the broker cannot write its store: retry shortly", code=ErrorCode.STORE_UNAVAILABLE
+                        "the broker cannot store the message now: retry shortly", code=self.unavailable_code
                     )
                 if connection.scope is not None or has_wildcard(packet.topic):
                     _check_publish(connection.scope, packet.topic)
@@ -1569,8 +1805,9 @@ class Broker:
     def verification_done(self, check: PasswordCheck, ok: bool, now: float) -> None:
         """The result of a check from ``output.verifications``: finish (or refuse) its ``init``.
 
-        Ignored if its connection is gone or the check is not the one it waits for. A session dropped, or
-        dropped and created again, meanwhile makes the check fail.
+        Ignored if its connection is gone or the check is not the one it waits for. A session dropped
+        meanwhile makes the check fail; one whose password changed meanwhile (dropped and created again, or
+        written by another node of a cluster) is checked again, against its current password.
         """
         self._verifying -= 1
         connection = self._connections.get(check.conn)
@@ -1579,7 +1816,15 @@ class Broker:
         packet = connection.verifying[1]
         connection.verifying = None
         session = self._sessions.get(packet.session_name)
-        ok = ok and session is not None and session.password is check.password_hash
+        if session is not None and session.password is not check.password_hash:
+            # The session's password hash changed during the check (another node of a cluster wrote the
+            # session, perhaps with the same password under another salt): check again against it.
+            again = PasswordCheck(connection.conn, session.password, packet.password or "")
+            self._verifying += 1
+            connection.verifying = (again, packet)
+            self.output.verifications.append(again)
+            return
+        ok = ok and session is not None
         if ok:
             check.password_hash.remember(packet.password or "")
         self._verified(connection, packet, ok, now)
@@ -1840,9 +2085,9 @@ class Broker:
         self._check_store()
         self._drop(session, "dropped", CloseCode.SESSION_DROPPED)
 
-    def _drop(self, session: _Session, reason: str, code: CloseCode) -> None:
+    def _drop(self, session: _Session, reason: str, code: CloseCode, *, journal: bool = True) -> None:
         del self._sessions[session.name]
-        if self._journal is not None:
+        if self._journal is not None and journal:
             self._journal.drop(session, session.saved)
             self._journal.changes += 1
         self._deadlines.cancel(session)
@@ -1883,6 +2128,11 @@ class Broker:
 
     def session_names(self) -> list[str]:
         return sorted(self._sessions)
+
+    def session_settings(self, name: str) -> SessionSettings | None:
+        """The session's delivery settings (``None``: no such session)."""
+        session = self._sessions.get(name)
+        return session.settings if session is not None else None
 
     def health(self) -> tuple[int, int]:
         """``(sessions, connections)`` in O(1), for ``/healthz`` (:meth:`stats` walks every session)."""

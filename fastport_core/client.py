@@ -134,7 +134,12 @@ logger = logging.getLogger(__name__)
 # States and transitions.
 
 _TRANSIENT_REFUSALS: Final = frozenset(
-    {ErrorCode.SESSION_SUSPENDED.value, ErrorCode.SESSION_FULL.value, ErrorCode.STORE_UNAVAILABLE.value}
+    {
+        ErrorCode.SESSION_SUSPENDED.value,
+        ErrorCode.SESSION_FULL.value,
+        ErrorCode.STORE_UNAVAILABLE.value,
+        ErrorCode.CLUSTER_UNAVAILABLE.value,
+    }
 )
 """``publish_response`` refusals that pass by themselves: the publish is retried, not failed."""
 

@@ -60,6 +60,10 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, str]] = {
     "FASTPORT_PORT": "port",
     "FASTPORT_LOG_LEVEL": "log_level",
     "FASTPORT_STORE": "store",
+    "FASTPORT_CLUSTER": "cluster",
+    "FASTPORT_CLUSTER_USER": "cluster_user",
+    "FASTPORT_CLUSTER_PASSWORD": "cluster_password",
+    "FASTPORT_CLUSTER_TOKEN": "cluster_token",
     "FASTPORT_ADMIN_USER": "admin_user",
     "FASTPORT_ADMIN_PASSWORD": "admin_password",
 }
@@ -110,6 +114,16 @@ class ServerSettings:
     store: Path | None = None
     """The SQLite database that keeps sessions, resumable subscribers and un-ACKed messages across
     restarts; ``None``: the broker runs in memory."""
+    cluster: tuple[str, ...] = ()
+    """NATS URLs (``nats://host:port``): the server is a node of a cluster over NATS JetStream, which keeps
+    the state instead of a store (DESIGN §8); empty: a single broker."""
+    cluster_user: str | None = None
+    cluster_password: str | None = None
+    cluster_token: str | None = None
+    cluster_ca: Path | None = None
+    """A CA file NATS's TLS certificate is verified against."""
+    cluster_replicas: int = 1
+    """JetStream replicas of each session's stream and of the sessions' bucket."""
     log_level: str = "INFO"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds a graceful stop waits for clients to answer the 1001 close before dropping them."""
@@ -126,6 +140,12 @@ class Overrides:
     certfile: str | Path | None = None
     keyfile: str | Path | None = None
     store: str | Path | None = None
+    cluster: str | None = None
+    cluster_user: str | None = None
+    cluster_password: str | None = None
+    cluster_token: str | None = None
+    cluster_ca: str | Path | None = None
+    cluster_replicas: int | None = None
     log_level: str | None = None
     admin_user: str | None = None
     admin_password: str | None = None
@@ -141,7 +161,8 @@ class Overrides:
 #: ``[server]`` keys that belong to the adapter rather than to :class:`ServerConfig`.
 _ADAPTER_KEYS: Final[Mapping[str, type]] = {
     "host": str, "port": int, "certfile": str, "keyfile": str, "store": str, "log_level": str,
-    "shutdown_timeout": float,
+    "shutdown_timeout": float, "cluster": str, "cluster_user": str, "cluster_password": str,
+    "cluster_token": str, "cluster_ca": str, "cluster_replicas": int,
 }  # fmt: skip
 
 
@@ -285,7 +306,7 @@ def _parse(document: Mapping[str, Any], source: str, base_dir: Path | None) -> _
         for key, kind in _ADAPTER_KEYS.items()
         if key in server
     }
-    for key in ("certfile", "keyfile", "store"):
+    for key in ("certfile", "keyfile", "store", "cluster_ca"):
         if key in adapter and base_dir is not None:
             adapter[key] = base_dir / adapter[key]
     for key in ("user", "password"):
@@ -417,6 +438,18 @@ def load_settings(
     certfile = Path(merged["certfile"]) if "certfile" in merged else None
     keyfile = Path(merged["keyfile"]) if "keyfile" in merged else None
     store = Path(merged["store"]) if merged.get("store") else None
+    cluster = tuple(url.strip() for url in str(merged.get("cluster") or "").split(",") if url.strip())
+    if cluster and store is not None:
+        raise ConfigError(
+            f"{origin('cluster')}: a cluster node keeps its state in NATS JetStream: give --cluster or "
+            "--store, not both"
+        )
+    for url in cluster:
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"{origin('cluster')}: {url!r} is not a nats:// or tls:// URL")
+    replicas = int(merged.get("cluster_replicas", 1))
+    if not 1 <= replicas <= 5:  # JetStream's own bound
+        raise ConfigError(f"{origin('cluster_replicas')}: replicas must be 1 to 5")
     if keyfile is not None and certfile is None:
         raise ConfigError(f"{origin('keyfile')}: a keyfile needs a certfile")
     shutdown_timeout = float(merged.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT))
@@ -438,6 +471,12 @@ def load_settings(
         certfile=certfile,
         keyfile=keyfile,
         store=store,
+        cluster=cluster,
+        cluster_user=merged.get("cluster_user"),
+        cluster_password=merged.get("cluster_password"),
+        cluster_token=merged.get("cluster_token"),
+        cluster_ca=Path(merged["cluster_ca"]) if merged.get("cluster_ca") else None,
+        cluster_replicas=replicas,
         log_level=log_level,
         shutdown_timeout=shutdown_timeout,
         source=path,

@@ -61,7 +61,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from .admin import AdminApi, HttpErrorCode, HttpResponse, LoginOutcome
-from .broker import BrokerStats, StoreUnavailableError, UnknownSessionError
+from .broker import BrokerStats, ClusterUnavailableError, StoreUnavailableError, UnknownSessionError
 from .errors import LocalProtocolError
 from .metrics import Metrics
 
@@ -191,6 +191,11 @@ class ConsoleErrorCode(HttpErrorCode):
         "store_unavailable",
         HTTPStatus.SERVICE_UNAVAILABLE,
         "The broker cannot write its store (a full disk, an I/O error): nothing changed; retry shortly.",
+    )
+    CLUSTER_UNAVAILABLE = (
+        "cluster_unavailable",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "The cluster node has lost its engine (NATS): nothing changed; retry shortly (or on another node).",
     )
     METHOD_NOT_ALLOWED = (
         "method_not_allowed",
@@ -596,7 +601,7 @@ class Console:
         except UnknownSessionError as exc:
             raise _Refused(ConsoleErrorCode.UNKNOWN_SESSION, str(exc)) from None
         except StoreUnavailableError as exc:
-            raise _Refused(ConsoleErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+            raise _Refused(_unavailable(exc), str(exc)) from None
         return self._json({"success": True, "sessionName": name})
 
     def _suspend_session(
@@ -612,7 +617,7 @@ class Console:
         except UnknownSessionError as exc:
             raise _Refused(ConsoleErrorCode.UNKNOWN_SESSION, str(exc)) from None
         except StoreUnavailableError as exc:
-            raise _Refused(ConsoleErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+            raise _Refused(_unavailable(exc), str(exc)) from None
         return self._json({"success": True, "sessionName": name, "suspended": suspend})
 
 
@@ -628,3 +633,9 @@ ROUTES: Final[Mapping[str, _Route]] = {
     "/console/dropSession": _Route("POST", True, Console._drop_session),
     "/console/suspendSession": _Route("POST", True, Console._suspend_session),
 }
+
+
+def _unavailable(exc: StoreUnavailableError) -> ConsoleErrorCode:
+    if isinstance(exc, ClusterUnavailableError):
+        return ConsoleErrorCode.CLUSTER_UNAVAILABLE
+    return ConsoleErrorCode.STORE_UNAVAILABLE

@@ -86,6 +86,11 @@ class ErrorCode(StrEnum):
         "store_unavailable",
         "The broker cannot write its store (a full disk, an I/O error): nothing was accepted; retry shortly.",
     )
+    CLUSTER_UNAVAILABLE = (
+        "cluster_unavailable",
+        "The cluster node has lost its engine (NATS): nothing was accepted; retry shortly, here or on "
+        "another node.",
+    )
     INVALID_TOPIC = (
         "invalid_topic",
         "A publish topic holds ``+`` or ``#``, which only subscription filters may use.",

@@ -52,7 +52,7 @@ from .handshake import HttpRequest, HttpServerConnection, WebSocketUpgrade
 from .metrics import Metrics, close_code_label
 from .peers import TrustedProxies, client_address, throttle_key
 from .protocol import CLIENT_PACKETS, Init, PacketParser, encode_error
-from .storage import BacklogRequest, MessageRecord, Snapshot, StoreBatch
+from .storage import BacklogRequest, MessageRecord, SessionRecord, Snapshot, StoreBatch
 from .timers import Deadlines
 from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
 
@@ -111,12 +111,15 @@ class ServerCore:
         secure_cookies: bool = False,
         console_history: bool = False,
         durable: bool = False,
+        cluster: bool = False,
     ) -> None:
         """``web_files``: the web console's pages by relative path (``admin/index.html``: bytes), read by the
         adapter from the package (:mod:`.console`); ``secure_cookies``: the server runs TLS;
         ``console_history``: sample the broker for the console's charts (a timer every few seconds, so
         off by default for tests that step the core's deadlines one by one); ``durable``: a store keeps the
-        broker's state (the adapter takes :meth:`take_store_batch` and reports :meth:`store_committed`)."""
+        broker's state (the adapter takes :meth:`take_store_batch` and reports :meth:`store_committed`);
+        ``cluster``: the broker is one node of a cluster over a shared engine, which the adapter drives
+        through the same batches and the ``engine_*`` methods (``Broker(shared=True)``)."""
         self.config = config = config or ServerConfig()
         self.metrics = Metrics()
         self.broker = Broker(
@@ -125,6 +128,7 @@ class ServerCore:
             random=random,
             offload_verification=offload_verification,
             durable=durable,
+            shared=cluster,
         )
         self._offload = offload_verification
         self._verifications: list[PasswordCheck] = []
@@ -350,6 +354,45 @@ class ServerCore:
         self.broker.backlog_loaded(request, rows, now)
         if self._output:
             self._apply(now)
+
+    # -- the cluster's engine (with ``cluster``; see Broker.engine_*) ---------------------------------------
+
+    def engine_messages(self, messages: list[tuple[MessageRecord, int]], now: float) -> None:
+        """Messages the engine stored, each with the id of the connection here that published it (or 0)."""
+        self.broker.engine_messages(messages, now)
+        if self._output:
+            self._apply(now)
+
+    def engine_deliveries(
+        self, session: str, client_id: str, rows: list[tuple[MessageRecord, int]], now: float
+    ) -> list[str] | None:
+        """The engine's deliveries for a resumable subscriber served here; see
+        :meth:`Broker.engine_deliveries` for the answer."""
+        refused = self.broker.engine_deliveries(session, client_id, rows, now)
+        if self._output:
+            self._apply(now)
+        return refused
+
+    def engine_subscriptions(self, session: str, client_id: str, topics: list[str], now: float) -> None:
+        """A resumable subscriber that resumed here gets back the subscriptions the engine kept."""
+        self.broker.engine_subscriptions(session, client_id, topics)
+
+    def engine_session(self, record: SessionRecord, now: float) -> None:
+        """A session created or changed on any node of the cluster."""
+        self.broker.engine_session(record, now)
+        if self._output:
+            self._apply(now)
+
+    def engine_session_dropped(self, name: str, now: float) -> None:
+        """A session dropped on any node of the cluster: its connections here close with 4001."""
+        self.broker.engine_session_dropped(name, now)
+        if self._output:
+            self._apply(now)
+
+    def engine_available(self, available: bool) -> None:
+        """The node lost its engine (``False``: publishes and session changes are refused with
+        ``cluster_unavailable``, ``/healthz`` answers 503) or has it back."""
+        self.broker.set_store_available(available)
 
     def store_failed(self, now: float) -> None:
         """A commit failed (a full disk, an I/O error); the adapter retries the same batches. Meanwhile

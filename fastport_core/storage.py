@@ -26,8 +26,9 @@ offset), so expiry continues across a restart, however long the server was down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final, NamedTuple
 
 from .config import SessionSettings
 
@@ -45,6 +46,8 @@ __all__ = [
     "StoreBatch",
     "SubscriberKey",
     "SubscriberRecord",
+    "settings_from_json",
+    "settings_to_json",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -54,6 +57,21 @@ SubscriberKey = tuple[str, str]
 """``(session, clientId)``."""
 DeliveryKey = tuple[str, str, str]
 """``(session, messageId, clientId)``."""
+
+
+_SETTINGS_FIELDS: Final = tuple(f.name for f in fields(SessionSettings))
+
+
+def settings_to_json(settings: SessionSettings) -> str:
+    """A session's settings as a JSON object (field: value), as every store keeps them."""
+    return json.dumps(asdict(settings), separators=(",", ":"))
+
+
+def settings_from_json(text: str) -> SessionSettings:
+    """:func:`settings_to_json`'s inverse; fields it does not know are ignored, missing ones default (a
+    store written by another version)."""
+    values: dict[str, Any] = json.loads(text)
+    return SessionSettings(**{name: values[name] for name in _SETTINGS_FIELDS if name in values})
 
 
 class SessionRecord(NamedTuple):
@@ -138,13 +156,23 @@ class StoreBatch:
     deliveries: list[DeliveryRecord] = field(default_factory=list)
     deliveries_dropped: list[DeliveryKey] = field(default_factory=list)
     publishes: list[PublishRecord] = field(default_factory=list)
+    # What only a shared engine (a cluster, DESIGN §8) is given; a store never sees them filled.
+    outgoing: list[tuple[MessageRecord, int]] = field(default_factory=list)
+    """Published messages for the engine to store and feed back to every node (``Broker(shared=True)``),
+    each with its publisher's connection id (a node does not send a publisher its own message)."""
+    attached: list[SubscriberKey] = field(default_factory=list)
+    """Resumable subscribers this node now serves: the engine delivers their messages here."""
+    detached: list[SubscriberKey] = field(default_factory=list)
+    """Resumable subscribers this node no longer serves: the engine hands their un-ACKed deliveries back
+    (to whichever node serves them next). Listed before ``attached`` when both name one subscriber."""
 
     def __len__(self) -> int:
         """Records in the batch (what a commit writes)."""
         return (
             len(self.sessions) + len(self.sessions_dropped) + len(self.subscribers)
             + len(self.subscribers_dropped) + len(self.messages) + len(self.deliveries)
-            + len(self.deliveries_dropped) + len(self.publishes)
+            + len(self.deliveries_dropped) + len(self.publishes) + len(self.outgoing)
+            + len(self.attached) + len(self.detached)
         )  # fmt: skip
 
 
@@ -198,10 +226,15 @@ class Journal:
     nothing to delete (each object knows whether it was ``saved``).
     """
 
-    __slots__ = ("changed", "changes", "publishes", "spills", "taken")
+    __slots__ = ("attached", "changed", "changes", "detached", "outgoing", "publishes", "spills", "taken")
 
     def __init__(self) -> None:
         self.changed: dict[object, bool] = {}
+        self.outgoing: list[tuple[object, object]] = []
+        """``(session, message)`` per publish a shared engine takes (see :attr:`StoreBatch.outgoing`)."""
+        self.attached: list[tuple[object, str]] = []
+        """``(session, clientId)``: see :attr:`StoreBatch.attached`."""
+        self.detached: list[tuple[object, str]] = []
         self.spills: list[tuple[object, object]] = []
         """``(subscriber, message)``: a delivery recorded only in the store (its subscriber is away)."""
         self.publishes: list[tuple[object, str, int, float]] = []
@@ -212,7 +245,9 @@ class Journal:
         """Session-level changes journalled so far (what an admin answer that must wait for them detects)."""
 
     def __bool__(self) -> bool:
-        return bool(self.changed or self.publishes or self.spills)
+        return bool(
+            self.changed or self.publishes or self.spills or self.outgoing or self.attached or self.detached
+        )
 
     def put(self, obj: object) -> None:
         """``obj``'s durable record changed (or it is new)."""

@@ -33,7 +33,12 @@ const KEYGEN_HINT = "make one with `fastport keygen`";
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
 const HEX64 = /^[0-9a-f]{64}$/;
 
-const TRANSIENT_PUBLISH_REFUSALS = new Set(["session_suspended", "session_full", "store_unavailable"]);
+const TRANSIENT_PUBLISH_REFUSALS = new Set([
+  "session_suspended",
+  "session_full",
+  "store_unavailable",
+  "cluster_unavailable",
+]);
 const RETRYABLE_INIT_REFUSALS = new Set(["auth_throttled", "session_suspended", "too_many_connections"]);
 const CLOSE_REPLACED = 4005;
 

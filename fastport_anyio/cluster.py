@@ -1,0 +1,616 @@
+"""A fastport node as one of a cluster over NATS JetStream (DESIGN §8; ``fastport serve --cluster``).
+
+The core runs as one node of a shared broker (``ServerCore(cluster=True)``) and this module is its link to
+the engine, the third :class:`~fastport_anyio.durability.Backend` beside the in-memory mode and the SQLite
+store. Everything crosses the seam as data, in both directions:
+
+* **Out** (:meth:`NatsCluster.commit`, through the :class:`~fastport_anyio.durability.StoreWriter`'s
+  group commits): session records go to the key-value bucket ``fastport_sessions`` (after their stream
+  exists); published messages to their session's stream, with ``Nats-Msg-Id`` = ``messageId`` so that a
+  publish retried on another node is stored once (the stream's duplicate window is the session's dedupe
+  window), and the core sends each ``publish_response`` only once JetStream's PubAck is in; ACKs of a
+  resumable subscriber's deliveries ACK its JetStream messages; its subscriptions go to its consumer's
+  metadata; a release deletes its consumer.
+* **In** (:meth:`NatsCluster.serve`): every node watches the bucket (a session created, changed, suspended
+  or dropped anywhere takes effect here: ``engine_session``); every node reads each session's stream
+  from an ordered consumer (the *feed*) and fans every message out to its own subscribers
+  (``engine_messages``); for each resumable subscriber connected here a *pump* pulls from its durable
+  consumer and hands the deliveries to the core (``engine_deliveries``).
+
+JetStream names: a session's stream is ``FP_<h>`` with the one subject ``fastport.<h>`` (``h``: the first
+32 hex digits of the session name's SHA-256, as names may hold any character); a resumable subscriber's
+durable consumer is ``fp_<h'>`` (``h'`` of session and clientId). A durable consumer takes every message
+of its session from its creation on (the core keeps those matching the subscriber's subscriptions and
+the others are ACKed at once), ``ack_wait`` is the session's ``retryInterval`` (so a node killed with
+``kill -9`` hands its deliveries on within one retry interval), ``max_ack_pending`` the in-flight
+window, and ``inactive_threshold`` the ``messageExpiryTime`` a detached subscriber is kept for.
+Streams keep messages for ``messageExpiryTime`` (``max_age``, limits retention).
+
+nats-py is asyncio-only: a cluster node runs on the asyncio backend (with or without uvloop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final
+
+import anyio
+import anyio.abc
+import orjson
+
+from fastport_core.config import ServerConfig
+from fastport_core.errors import FastportError
+from fastport_core.server import ServerCore
+from fastport_core.storage import (
+    BacklogRequest,
+    MessageRecord,
+    SessionRecord,
+    Snapshot,
+    StoreBatch,
+    SubscriberKey,
+    SubscriberRecord,
+    settings_from_json,
+    settings_to_json,
+)
+
+__all__ = ["ClusterError", "ClusterOptions", "NatsCluster"]
+
+logger = logging.getLogger(__name__)
+
+BUCKET: Final = "fastport_sessions"
+"""The key-value bucket every node shares the sessions through."""
+ORIGIN_HEADER: Final = "Fastport-Origin"
+"""``<node id>:<connection id>`` of the publisher (a node does not send a publisher its own message)."""
+PUBLISH_TIMEOUT: Final = 5.0
+"""Seconds a batch's publishes may wait for their PubAcks before the commit counts as failed (retried)."""
+PULL_WAIT: Final = 1.0
+"""Seconds a pump's pull request waits for messages before it is renewed. Short, because a pump stopped
+mid-request leaves the request open in JetStream, and what reaches it waits ``ack_wait`` to come back."""
+FEED_HEARTBEAT: Final = 1.0
+"""Seconds between JetStream's heartbeats on a feed: two missed ones (NATS restarted and lost the
+feed's consumer) make nats-py re-create it from the last message it saw."""
+WATCH_WAIT: Final = 5.0
+"""Seconds the session watch waits for a change before asking again."""
+START_MARGIN: Final = 1.0
+"""Seconds before its attach a new consumer starts from: clocks of nodes and NATS are not one clock."""
+
+
+class ClusterError(FastportError):
+    """The cluster cannot be joined (NATS unreachable, no JetStream, refused credentials): a startup error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    """How to reach NATS (``--cluster`` and the ``cluster_*`` settings)."""
+
+    servers: tuple[str, ...]
+    """``nats://host:port`` URLs of the NATS cluster (any of them will do; the client follows the rest)."""
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None
+    """A CA file to verify NATS's TLS certificate (``tls://`` URLs) against."""
+    replicas: int = 1
+    """JetStream replicas of each session's stream and of the bucket (3 on a three-server NATS cluster)."""
+    connect_timeout: float = 5.0
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def stream_name(session: str) -> str:
+    return f"FP_{_digest(session)}"
+
+
+def _subject(session: str) -> str:
+    return f"fastport.{_digest(session)}"
+
+
+def consumer_name(session: str, client_id: str) -> str:
+    return f"fp_{_digest(session, client_id)}"
+
+
+def _key(session: str) -> str:
+    return base64.urlsafe_b64encode(session.encode()).decode("ascii").rstrip("=")
+
+
+def _session_of_key(key: str) -> str:
+    return base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)).decode()
+
+
+def encode_session(record: SessionRecord) -> bytes:
+    return orjson.dumps(
+        {
+            "name": record.name,
+            "password": record.password_hash,
+            "secret": record.secret_hash,
+            "tokenKey": base64.b64encode(record.token_key).decode("ascii"),
+            "settings": settings_to_json(record.settings),
+            "suspended": record.suspended,
+        }
+    )
+
+
+def decode_session(value: bytes) -> SessionRecord:
+    fields = orjson.loads(value)
+    return SessionRecord(
+        fields["name"],
+        fields["password"],
+        fields["secret"],
+        base64.b64decode(fields["tokenKey"]),
+        settings_from_json(fields["settings"]),
+        bool(fields["suspended"]),
+    )
+
+
+def encode_message(record: MessageRecord) -> bytes:
+    return orjson.dumps(record[:2] + record[3:])  # all but the node-local seq
+
+
+def decode_message(body: bytes, seq: int) -> MessageRecord:
+    session, message_id, topic, data, hash_, timestamp, encoding, expires_at, size = orjson.loads(body)
+    return MessageRecord(session, message_id, seq, topic, data, hash_, timestamp, encoding, expires_at, size)
+
+
+class NatsCluster:
+    """The node's link to NATS JetStream; see the module docstring. Make one with :meth:`connect`."""
+
+    shared: ClassVar[bool] = True
+
+    def __init__(self, nc: Any, options: ClusterOptions, config: ServerConfig) -> None:
+        # nats-py is an optional dependency (the ``cluster`` extra): imported only by a cluster node.
+        import nats.js.api
+        import nats.js.errors
+
+        self._api: Any = nats.js.api
+        self._errors: Any = nats.js.errors
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._options = options
+        self._config = config
+        self.node = uuid.uuid4().hex[:12]
+        """This process's id in the cluster (publishers' messages are tagged with it)."""
+        self._kv: Any = None
+        self._watcher: Any = None
+        self._core: ServerCore | None = None
+        self._now: Callable[[], float] = time.monotonic
+        self._flush: Callable[[], None] = lambda: None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._feeds: dict[str, Any] = {}
+        """Session name -> its feed subscription (an ordered push consumer)."""
+        self._inbox: list[tuple[MessageRecord, int]] = []
+        """Feed messages not yet given to the core (handed over once per event-loop turn)."""
+        self._draining = False
+        self._pumps: dict[SubscriberKey, anyio.Event] = {}
+        """Running pumps, by subscriber: set the event to stop one (it stops after its pull request)."""
+        self._held: dict[SubscriberKey, dict[str, Any]] = {}
+        """The JetStream messages a pump handed the core and the core has not ACKed: by message id."""
+        self._consumer_lock = asyncio.Lock()
+        self._feeds_lock = asyncio.Lock()
+        """One feed sync at a time (a commit's and the watch's may overlap): never two feeds of a session."""
+
+    # -- joining -------------------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, options: ClusterOptions, config: ServerConfig) -> NatsCluster:
+        """Connect to NATS (every configured server tried once) and open the sessions' bucket; raise
+        :class:`ClusterError` if either fails. Once joined, a lost connection is retried forever."""
+        try:
+            import nats
+        except ImportError:
+            raise ClusterError("--cluster needs nats-py: pip install 'fastport[cluster]'") from None
+        cluster: NatsCluster | None = None
+
+        async def disconnected() -> None:
+            if cluster is not None:
+                cluster._lost()
+
+        async def reconnected() -> None:
+            if cluster is not None:
+                cluster._back()
+
+        async def error(exc: Exception) -> None:
+            logger.warning("NATS: %s", exc)
+
+        tls = ssl.create_default_context(cafile=options.tls_ca) if options.tls_ca else None
+        try:
+            nc = await nats.connect(
+                servers=list(options.servers),
+                user=options.user,
+                password=options.password,
+                token=options.token,
+                tls=tls,
+                name="fastport",
+                connect_timeout=int(max(1, options.connect_timeout)),
+                allow_reconnect=True,
+                # Once per server at start (nats-py would retry a first connect for minutes), then
+                # forever: ``max_reconnect_attempts`` is raised below, once the node has joined.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+            )
+        except Exception as exc:
+            where = ", ".join(options.servers)
+            raise ClusterError(f"cannot reach NATS at {where}: {exc or type(exc).__name__}") from None
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 1
+        cluster = cls(nc, options, config)
+        try:
+            await cluster._open_bucket()
+        except Exception as exc:
+            await nc.close()
+            where = ", ".join(options.servers)
+            raise ClusterError(f"NATS at {where} has no usable JetStream: {exc}") from None
+        return cluster
+
+    async def _open_bucket(self) -> None:
+        try:
+            self._kv = await self._js.key_value(BUCKET)
+        except self._errors.BucketNotFoundError:
+            self._kv = await self._js.create_key_value(
+                bucket=BUCKET, history=1, replicas=self._options.replicas
+            )
+
+    # -- the Backend protocol ----------------------------------------------------------------------------
+
+    async def load(self) -> Snapshot:
+        """The sessions in the bucket; the watch that read them goes on in :meth:`serve` (no gap)."""
+        self._watcher = await self._kv.watchall()
+        sessions: dict[str, SessionRecord] = {}
+        while (entry := await self._watcher.updates(timeout=self._options.connect_timeout)) is not None:
+            if entry.value and entry.operation is None:
+                record = decode_session(entry.value)
+                sessions[record.name] = record
+        logger.info("cluster: node %s joined; %d session(s) in the cluster", self.node, len(sessions))
+        return Snapshot(sessions=list(sessions.values()))
+
+    async def serve(self, core: ServerCore, now: Callable[[], float], flush: Callable[[], None]) -> None:
+        self._core, self._now, self._flush = core, now, flush
+        async with anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            await self._sync_feeds()
+            task_group.start_soon(self._watch)
+
+    async def commit(self, batches: Sequence[StoreBatch]) -> None:
+        for batch in batches:
+            await self._commit(batch)
+
+    async def load_backlog(self, request: BacklogRequest) -> list[tuple[MessageRecord, int]]:
+        """Never asked: a cluster node's resumable subscribers are fed by their consumers, not pages."""
+        return []
+
+    async def aclose(self) -> None:
+        for key in list(self._pumps):
+            await self._stop_pump(key)
+        for subscription in self._feeds.values():
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        self._feeds.clear()
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        with contextlib.suppress(Exception):
+            await self._nc.drain()
+
+    # -- out: a batch -------------------------------------------------------------------------------------
+
+    async def _commit(self, batch: StoreBatch) -> None:
+        for name in batch.sessions_dropped:
+            await self._drop_session(name)
+        for record in batch.sessions:
+            await self._ensure_stream(record)
+            await self._kv.put(_key(record.name), encode_session(record))
+        if batch.sessions or batch.sessions_dropped:
+            await self._sync_feeds()
+        if batch.outgoing:
+            await self._publish(batch.outgoing)
+        for key in batch.detached:
+            await self._stop_pump(key)
+        for session, client_id in batch.subscribers_dropped:
+            await self._stop_pump((session, client_id))
+            await self._delete_consumer(session, client_id)
+        for subscriber in batch.subscribers:
+            await self._save_subscriber(subscriber)
+        for key in batch.attached:
+            self._start_pump(key)
+        for session, message_id, client_id in batch.deliveries_dropped:
+            msg = self._held.get((session, client_id), {}).pop(message_id, None)
+            if msg is not None:
+                await msg.ack()
+
+    async def _publish(self, outgoing: list[tuple[MessageRecord, int]]) -> None:
+        """Store the messages (PubAck for each, all at once); raise if any is not stored."""
+        js = self._js
+        node = self.node
+        futures = []
+        for record, conn in outgoing:
+            headers = {"Nats-Msg-Id": record.message_id, ORIGIN_HEADER: f"{node}:{conn}"}
+            futures.append(
+                await js.publish_async(_subject(record.session), encode_message(record), headers=headers)
+            )
+        with anyio.fail_after(PUBLISH_TIMEOUT):
+            await asyncio.gather(*futures)
+
+    async def _ensure_stream(self, record: SessionRecord) -> None:
+        api = self._api
+        config = api.StreamConfig(
+            name=stream_name(record.name),
+            subjects=[_subject(record.name)],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=float(record.settings.message_expiry_time),
+            # JetStream wants the window within the age (a message expired is forgotten anyway).
+            duplicate_window=float(min(self._config.dedupe_ttl, record.settings.message_expiry_time)),
+            num_replicas=self._options.replicas,
+        )
+        try:
+            await self._js.add_stream(config)
+        except self._errors.BadRequestError:  # exists with another config (settings changed): update
+            await self._js.update_stream(config)
+
+    async def _drop_session(self, name: str) -> None:
+        await self._stop_feed(name)
+        for key in [key for key in self._pumps if key[0] == name]:
+            await self._stop_pump(key)
+        with contextlib.suppress(self._errors.NotFoundError):
+            await self._js.delete_stream(stream_name(name))
+        await self._kv.delete(_key(name))
+
+    # -- in: sessions -------------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Apply every change to the bucket (this node's own too: applying one is idempotent)."""
+        core = self._core
+        assert core is not None and self._watcher is not None
+        while True:
+            try:
+                entry = await self._watcher.updates(timeout=WATCH_WAIT)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # the connection is being re-established: the watch resumes
+                logger.debug("cluster: session watch: %s", exc)
+                await anyio.sleep(0.5)
+                continue
+            if entry is None:
+                continue
+            try:
+                name = _session_of_key(entry.key)
+                dropped = entry.operation in ("DEL", "PURGE") or not entry.value
+                record = None if dropped else decode_session(entry.value)
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("cluster: ignoring a damaged session entry %r: %s", entry.key, exc)
+                continue
+            if record is None:
+                core.engine_session_dropped(name, self._now())
+            else:
+                # Its feed first: once the session is here, a member may subscribe, and every message
+                # published from then on must reach it.
+                async with self._feeds_lock:
+                    if name not in self._feeds:
+                        await self._start_feed(name)
+                core.engine_session(record, self._now())
+            self._flush()
+            await self._sync_feeds()
+
+    # -- in: messages -------------------------------------------------------------------------------------
+
+    async def _sync_feeds(self) -> None:
+        """Read the stream of every session this node knows, and only those."""
+        core = self._core
+        if core is None:
+            return
+        async with self._feeds_lock:
+            names = set(core.session_names())
+            for name in [name for name in self._feeds if name not in names]:
+                await self._stop_feed(name)
+            for name in names - self._feeds.keys():
+                await self._start_feed(name)
+
+    async def _start_feed(self, name: str) -> None:
+        """Read the session's stream from now on (an ordered consumer: nats-py re-creates it, from where
+        it was, when NATS restarts)."""
+        try:
+            self._feeds[name] = await self._js.subscribe(
+                _subject(name),
+                stream=stream_name(name),
+                ordered_consumer=True,
+                deliver_policy=self._api.DeliverPolicy.NEW,
+                cb=self._on_feed,
+                idle_heartbeat=FEED_HEARTBEAT,
+            )
+        except Exception as exc:
+            # Its stream is made by the node that commits the session: the next sync starts the feed.
+            logger.info("cluster: cannot read session %r's stream yet (%s)", name, exc)
+
+    async def _stop_feed(self, name: str) -> None:
+        subscription = self._feeds.pop(name, None)
+        if subscription is not None:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def _on_feed(self, msg: Any) -> None:
+        headers = msg.headers or {}
+        node, _, conn = headers.get(ORIGIN_HEADER, "").partition(":")
+        try:
+            record = decode_message(msg.data, 0)
+        except (ValueError, TypeError) as exc:
+            logger.warning("cluster: ignoring a damaged message on %s: %s", msg.subject, exc)
+            return
+        self._inbox.append((record, int(conn) if node == self.node and conn.isdigit() else 0))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Hand the core what the feeds brought in this event-loop turn, in one call."""
+        self._draining = False
+        inbox, self._inbox = self._inbox, []
+        if self._core is not None and inbox:
+            self._core.engine_messages(inbox, self._now())
+            self._flush()
+
+    # -- resumable subscribers ----------------------------------------------------------------------------
+
+    def _start_pump(self, key: SubscriberKey) -> None:
+        if self._task_group is None:
+            return
+        stop = self._pumps[key] = anyio.Event()
+        self._task_group.start_soon(self._pump, key, stop)
+
+    async def _stop_pump(self, key: SubscriberKey) -> None:
+        """Stop delivering ``key`` here and hand its un-ACKed messages back to JetStream at once.
+
+        The pump is not cancelled: a pull request abandoned mid-way stays open in JetStream, and what it
+        is sent then waits ``ack_wait`` before another node gets it. It stops after its request returns
+        (within :data:`PULL_WAIT`), handing back what that brought.
+        """
+        stop = self._pumps.pop(key, None)
+        if stop is not None:
+            stop.set()
+        for msg in self._held.pop(key, {}).values():
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    async def _pump(self, key: SubscriberKey, stop: anyio.Event) -> None:
+        session, client_id = key
+        core = self._core
+        assert core is not None
+        window = self._config.limits.max_inflight_per_subscriber
+        first = True
+        while not stop.is_set():  # (re)bind: at the start, and when its consumer or the connection failed
+            try:
+                topics = await self._ensure_consumer(session, client_id)
+                subscription = await self._js.pull_subscribe_bind(
+                    durable=consumer_name(session, client_id), stream=stream_name(session)
+                )
+            except Exception as exc:
+                logger.warning("cluster: subscriber %r of %r: %s (retrying)", client_id, session, exc)
+                await anyio.sleep(1.0)
+                continue
+            if first:
+                core.engine_subscriptions(session, client_id, topics, self._now())
+                self._flush()
+                first = False
+            try:
+                while not stop.is_set():
+                    try:
+                        batch = await subscription.fetch(window, timeout=PULL_WAIT)
+                    except TimeoutError:
+                        continue
+                    if stop.is_set():
+                        for msg in batch:
+                            await msg.nak()
+                        return
+                    await self._hand_over(key, batch, self._held.setdefault(key, {}))
+            except Exception as exc:
+                logger.info("cluster: pulling for %r of %r: %s (binding again)", client_id, session, exc)
+                await anyio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+
+    async def _hand_over(self, key: SubscriberKey, batch: list[Any], held: dict[str, Any]) -> None:
+        core = self._core
+        assert core is not None
+        rows: list[tuple[MessageRecord, int]] = []
+        for msg in batch:
+            metadata = msg.metadata
+            try:
+                record = decode_message(msg.data, metadata.sequence.stream)
+            except (ValueError, TypeError):
+                logger.warning("cluster: terminating a damaged message on %s", msg.subject)
+                await msg.term()
+                continue
+            held[record.message_id] = msg
+            rows.append((record, max(0, metadata.num_delivered - 1)))
+        refused = core.engine_deliveries(*key, rows, self._now())
+        self._flush()
+        if refused is None:  # it left meanwhile: hand these back (its detach hands back the rest)
+            for record, _ in rows:
+                msg = held.pop(record.message_id, None)
+                if msg is not None:
+                    await msg.nak()
+            return
+        for message_id in refused:
+            msg = held.pop(message_id, None)
+            if msg is not None:
+                await msg.ack()
+
+    async def _ensure_consumer(self, session: str, client_id: str) -> list[str]:
+        """Create the subscriber's consumer unless it exists; the topics it kept (empty when new)."""
+        stream, durable = stream_name(session), consumer_name(session, client_id)
+        async with self._consumer_lock:
+            try:
+                info = await self._js.consumer_info(stream, durable)
+            except self._errors.NotFoundError:
+                await self._js.add_consumer(stream, config=self._consumer_config(session, client_id, ()))
+                return []
+        metadata = info.config.metadata or {}
+        topics: list[str] = orjson.loads(metadata.get("topics", "[]"))
+        return topics
+
+    async def _save_subscriber(self, record: SubscriberRecord) -> None:
+        """Keep the subscriber's subscriptions with its consumer (a resume on any node restores them)."""
+        stream, durable = stream_name(record.session), consumer_name(record.session, record.client_id)
+        async with self._consumer_lock:
+            try:
+                info = await self._js.consumer_info(stream, durable)
+            except self._errors.NotFoundError:
+                config = self._consumer_config(record.session, record.client_id, record.topics)
+            else:
+                config = info.config
+                config.metadata = _metadata(record.topics)
+            await self._js.add_consumer(stream, config=config)
+
+    def _consumer_config(self, session: str, client_id: str, topics: Sequence[str]) -> Any:
+        api = self._api
+        core = self._core
+        settings = core.broker.session_settings(session) if core is not None else None
+        settings = settings or self._config.default_session_settings
+        start = datetime.fromtimestamp(time.time() - START_MARGIN, UTC)
+        return api.ConsumerConfig(
+            durable_name=consumer_name(session, client_id),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=start,
+            ack_wait=float(settings.retry_interval),
+            max_ack_pending=self._config.limits.max_inflight_per_subscriber,
+            max_deliver=-1,
+            inactive_threshold=float(settings.message_expiry_time),
+            metadata=_metadata(topics),
+        )
+
+    async def _delete_consumer(self, session: str, client_id: str) -> None:
+        async with self._consumer_lock:
+            with contextlib.suppress(self._errors.NotFoundError):
+                await self._js.delete_consumer(stream_name(session), consumer_name(session, client_id))
+
+    # -- the connection -----------------------------------------------------------------------------------
+
+    def _lost(self) -> None:
+        logger.warning("cluster: lost NATS: refusing publishes (cluster_unavailable) until it is back")
+        if self._core is not None:
+            self._core.engine_available(False)
+
+    def _back(self) -> None:
+        logger.info("cluster: NATS is back")
+        if self._core is not None:
+            self._core.engine_available(True)
+            self._flush()
+
+
+def _metadata(topics: Sequence[str]) -> dict[str, str]:
+    return {"topics": orjson.dumps(sorted(topics)).decode()}
