@@ -172,9 +172,11 @@ class NatsCluster:
         # nats-py is an optional dependency (the ``cluster`` extra): imported only by a cluster node.
         import nats.js.api
         import nats.js.errors
+        import nats.js.kv
 
         self._api: Any = nats.js.api
         self._errors: Any = nats.js.errors
+        self._kv_entry: type = nats.js.kv.KeyValue.Entry
         self._nc = nc
         self._js = nc.jetstream()
         self._options = options
@@ -386,6 +388,8 @@ class NatsCluster:
                 continue
             if entry is None:
                 continue
+            if not isinstance(entry, self._kv_entry):
+                return  # the watch was stopped (aclose)
             try:
                 name = _session_of_key(entry.key)
                 dropped = entry.operation in ("DEL", "PURGE") or not entry.value

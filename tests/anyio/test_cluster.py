@@ -94,8 +94,8 @@ async def test_a_publish_on_one_node_reaches_subscribers_on_every_node(
     ):
         assert (await near.subscribe("t"))["success"] and (await far.subscribe("t"))["success"]
         answer = await pub.request(publish_frame("t", "hello", "m1"))
-        # Confirmed once JetStream has it; no node knows the others' subscribers.
-        assert answer == {"type": "publish_response", "success": True, "messageId": "m1", "deliveredTo": 0}
+        # Confirmed once JetStream has it; no deliveredTo: no node knows the others' subscribers.
+        assert answer == {"type": "publish_response", "success": True, "messageId": "m1"}
         for client in (near, far):
             message = await receive_message(client)
             assert (message["messageId"], message["data"], message["topic"]) == ("m1", "hello", "t")
@@ -238,3 +238,25 @@ async def test_losing_nats_refuses_publishes_until_it_is_back(
         await eventually(healthy)
         assert (await pub.request(publish_frame("t", "after", "k3")))["success"]
         assert (await receive_message(sub))["messageId"] == "k3"
+
+
+async def test_no_echo_to_the_publisher_and_unsubscribe_stops_delivery_on_every_node(
+    anyio_backend: str, nats_server: NatsServer
+) -> None:
+    async with (
+        nodes(nats_server, 2) as (a, b),
+        await member(a.port) as pub,
+        await member(b.port) as sub,
+    ):
+        assert (await pub.subscribe("t"))["success"] and (await sub.subscribe("t"))["success"]
+        assert (await sub.subscribe("barrier"))["success"]
+        assert (await pub.request(publish_frame("t", "x", "own")))["success"]
+        assert (await receive_message(sub))["messageId"] == "own"
+        answer = await sub.request({"type": "unsubscribe", "topic": "t"})
+        assert answer == {"type": "unsubscribe_response", "success": True, "topic": "t"}
+        assert (await pub.request(publish_frame("t", "x", "after-unsubscribe")))["success"]
+        assert (await pub.request(publish_frame("barrier", "x", "b1")))["success"]
+        # The stream keeps order: once b1 is here, after-unsubscribe would have been too.
+        assert (await receive_message(sub))["messageId"] == "b1"
+        # The publisher's next frame answers its own request: no echo of "own" (nor of the others).
+        assert (await pub.subscribe("other"))["type"] == "subscribe_response"

@@ -63,7 +63,7 @@ def test_a_publish_is_confirmed_once_the_engine_has_it_and_every_node_fans_it_ou
     assert ids(near) == [] and ids(far) == []  # nor fanned out before the engine feeds it back
     engine.commit(a)
     (response,) = of_type(pub.pump(), "publish_response")
-    assert response == {"type": "publish_response", "success": True, "messageId": "m1", "deliveredTo": 0}
+    assert response == {"type": "publish_response", "success": True, "messageId": "m1"}
     assert ids(near) == ids(far) == ["m1"]
     assert ids(pub) == []  # the publisher does not get its own message, as on a single node
     assert of_type(pub.received, "ack_received") == []  # no node knows when every subscriber ACKed
@@ -203,3 +203,12 @@ def test_a_password_changed_by_another_node_during_its_check_is_checked_again() 
     (again,) = a.take_verifications()
     a.verification_done(again, again.password_hash.verify("pw"), 0.0)
     assert of_type(member.pump(), "init_response")[0]["success"] is True
+
+
+def test_a_cluster_node_never_expires_an_idle_session_on_its_own() -> None:
+    engine = ModelEngine()
+    a = node(engine)
+    a.broker.configure_session("idle", "pw", 0.0, SessionSettings(session_expiry=10.0))
+    engine.commit(a)
+    a.handle_timeout(1000.0)  # idle here; perhaps busy on another node
+    assert "idle" in a.session_names() and "idle" in engine.sessions
