@@ -176,7 +176,7 @@ class NatsCluster:
 
         self._api: Any = nats.js.api
         self._errors: Any = nats.js.errors
-        self._kv_entry: type = nats.js.kv.KeyValue.Entry
+        self._kv_entry: Any = nats.js.kv.KeyValue.Entry
         self._nc = nc
         self._js = nc.jetstream()
         self._options = options
