@@ -287,6 +287,10 @@ class NatsCluster:
             task_group.start_soon(self._watch)
 
     async def commit(self, batches: Sequence[StoreBatch]) -> None:
+        if not self._nc.is_connected:
+            # nats-py would buffer what it can (ACKs) and let the commit "succeed" with NATS away; the
+            # batches wait for the connection instead, and the node refuses publishes meanwhile.
+            raise ClusterError("not connected to NATS")
         for batch in batches:
             await self._commit(batch)
 
@@ -518,7 +522,8 @@ class NatsCluster:
                         for msg in batch:
                             await msg.nak()
                         return
-                    await self._hand_over(key, batch, self._held.setdefault(key, {}))
+                    if not await self._hand_over(key, batch, self._held.setdefault(key, {})):
+                        return  # it left meanwhile: the batch that says so stops nothing more
             except Exception as exc:
                 logger.info("cluster: pulling for %r of %r: %s (binding again)", client_id, session, exc)
                 await anyio.sleep(0.5)
@@ -526,7 +531,8 @@ class NatsCluster:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
 
-    async def _hand_over(self, key: SubscriberKey, batch: list[Any], held: dict[str, Any]) -> None:
+    async def _hand_over(self, key: SubscriberKey, batch: list[Any], held: dict[str, Any]) -> bool:
+        """Give the core a pulled batch; ``False`` if the subscriber is not served here any more."""
         core = self._core
         assert core is not None
         rows: list[tuple[MessageRecord, int]] = []
@@ -547,11 +553,12 @@ class NatsCluster:
                 msg = held.pop(record.message_id, None)
                 if msg is not None:
                     await msg.nak()
-            return
+            return False
         for message_id in refused:
             msg = held.pop(message_id, None)
             if msg is not None:
                 await msg.ack()
+        return True
 
     async def _ensure_consumer(self, session: str, client_id: str) -> list[str]:
         """Create the subscriber's consumer unless it exists; the topics it kept (empty when new)."""

@@ -1000,7 +1000,7 @@ class _Session:
             self._release(delivery.message)
         subscriber.backlog.clear()
         subscriber.inflight.clear()
-        self._journal.detached.append((self, subscriber.client_id))
+        self._journal.presence.append((self, subscriber.client_id, False))
 
     def _shed_backlogs(self, room: int) -> bool:
         """The session is full: under DROP_OLDEST, give up (``overflow``) the backlogged deliveries of the
@@ -1152,7 +1152,7 @@ class _Session:
                     # delivers its messages here from now on; a release deletes it (``saved``).
                     assert self._journal is not None
                     subscriber.saved = True
-                    self._journal.attached.append((self, client_id))
+                    self._journal.presence.append((self, client_id, True))
                 elif self._journal is not None:
                     self._journal.put(subscriber)
             connection.subscriber = subscriber
@@ -1223,7 +1223,7 @@ class _Session:
         if self._journal is not None:
             self._journal.drop(subscriber, subscriber.saved)
             if self._shared:
-                self._journal.detached.append((self, subscriber.client_id))
+                self._journal.presence.append((self, subscriber.client_id, False))
 
     def set_suspended(self, suspended: bool, now: float) -> None:
         """Suspend (deliveries wait) or resume (re-send whatever waited, in order)."""
@@ -1453,12 +1453,19 @@ class Broker:
                 conn = publisher.connection.conn if publisher.connection is not None else 0
                 batch.outgoing.append((_message_record(session.name, message, offset), conn))
         journal.outgoing.clear()
-        for taken, out in ((journal.detached, batch.detached), (journal.attached, batch.attached)):
-            for owner, client_id in taken:
-                session = cast(_Session, owner)
-                if sessions.get(session.name) is session:
-                    out.append((session.name, client_id))
-            taken.clear()
+        # Net presence per subscriber: the engine takes back what this node held if it left at any point
+        # (``detached``), and serves it here if its last change was to arrive (``attached``).
+        changes: dict[tuple[str, str], list[bool]] = {}
+        for owner, client_id, attached in journal.presence:
+            session = cast(_Session, owner)
+            if sessions.get(session.name) is session:
+                changes.setdefault((session.name, client_id), []).append(attached)
+        journal.presence.clear()
+        for key, arrived in changes.items():
+            if False in arrived:
+                batch.detached.append(key)
+            if arrived[-1]:
+                batch.attached.append(key)
 
     def _save_message(self, batch: StoreBatch, session: str, message: _Message, offset: float) -> None:
         self._message_seq += 1

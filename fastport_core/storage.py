@@ -163,8 +163,9 @@ class StoreBatch:
     attached: list[SubscriberKey] = field(default_factory=list)
     """Resumable subscribers this node now serves: the engine delivers their messages here."""
     detached: list[SubscriberKey] = field(default_factory=list)
-    """Resumable subscribers this node no longer serves: the engine hands their un-ACKed deliveries back
-    (to whichever node serves them next). Listed before ``attached`` when both name one subscriber."""
+    """Resumable subscribers this node stopped serving since the last batch: the engine takes back what
+    it had handed this node for them (for whichever node serves them next). One that left and came back
+    is in both lists: the engine applies ``detached`` first."""
 
     def __len__(self) -> int:
         """Records in the batch (what a commit writes)."""
@@ -226,17 +227,17 @@ class Journal:
     nothing to delete (each object knows whether it was ``saved``).
     """
 
-    __slots__ = ("attached", "changed", "changes", "detached", "outgoing", "publishes", "spills", "taken")
+    __slots__ = ("changed", "changes", "outgoing", "presence", "publishes", "spills", "taken")
 
     def __init__(self) -> None:
         self.changed: dict[object, bool] = {}
-        self.outgoing: list[tuple[object, object]] = []
-        """``(session, message)`` per publish a shared engine takes (see :attr:`StoreBatch.outgoing`)."""
-        self.attached: list[tuple[object, str]] = []
-        """``(session, clientId)``: see :attr:`StoreBatch.attached`."""
-        self.detached: list[tuple[object, str]] = []
         self.spills: list[tuple[object, object]] = []
         """``(subscriber, message)``: a delivery recorded only in the store (its subscriber is away)."""
+        self.outgoing: list[tuple[object, object]] = []
+        """``(publisher, message)`` per publish a shared engine takes (see :attr:`StoreBatch.outgoing`)."""
+        self.presence: list[tuple[object, str, bool]] = []
+        """``(session, clientId, attached)``, in the order they happened: a resumable subscriber this node
+        began (``True``) or stopped (``False``) serving (see :attr:`StoreBatch.attached`)."""
         self.publishes: list[tuple[object, str, int, float]] = []
         """``(session, messageId, deliveredTo, now)`` per accepted publish: its dedupe entry."""
         self.taken = 0
@@ -245,9 +246,7 @@ class Journal:
         """Session-level changes journalled so far (what an admin answer that must wait for them detects)."""
 
     def __bool__(self) -> bool:
-        return bool(
-            self.changed or self.publishes or self.spills or self.outgoing or self.attached or self.detached
-        )
+        return bool(self.changed or self.publishes or self.spills or self.outgoing or self.presence)
 
     def put(self, obj: object) -> None:
         """``obj``'s durable record changed (or it is new)."""
