@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ from wsproto.events import (
 from fastport_anyio import Server, SessionSpec
 from fastport_core.admin import AdminCredentials
 from fastport_core.config import ServerConfig
+from tests.nats_support import NatsServer
 
 TIMEOUT = 10.0
 """Seconds any single wait in these tests may take before the test fails."""
@@ -55,6 +57,16 @@ async def server(anyio_backend: str) -> AsyncIterator[Server]:
     """A server on a free port with two sessions and the admin API on."""
     async with Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, admin=ADMIN) as running:
         yield running
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real ``nats-server -js`` on a free port with a temporary store (the cluster tests)."""
+    server = NatsServer(store_dir=tmp_path / "jetstream").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class ServerClosed(Exception):

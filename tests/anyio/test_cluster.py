@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -35,15 +34,6 @@ from .conftest import (
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"ops:admin-secret").decode()}
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Any:
-    server = NatsServer(store_dir=tmp_path / "jetstream").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @asynccontextmanager
@@ -163,8 +153,11 @@ async def test_admin_changes_on_one_node_take_effect_on_every_node(
             )
             assert status == 200, raw
 
+            attempts = iter(range(1000))
+
             async def refused() -> bool:
-                answer = await pub.request(publish_frame("t", "x", "g2"))
+                # A new id each time: a retried id is confirmed again (dedupe), suspended or not.
+                answer = await pub.request(publish_frame("t", "x", f"g2-{next(attempts)}"))
                 return answer.get("code") == "session_suspended"
 
             await eventually(refused)

@@ -10,8 +10,7 @@ design and as docs/operations.md ("Cluster") says, are left out by name below, e
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -56,15 +55,6 @@ for _module in (test_wire_compat, test_server, test_client):
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # nats-py is asyncio only
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(store_dir=tmp_path / "jetstream").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -9,15 +9,10 @@ seeded generator, so a failure is reproducible.
 
 from __future__ import annotations
 
-import base64
-import os
 import random
-import re
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import orjson
@@ -26,85 +21,39 @@ import pytest
 from tests.nats_support import NatsServer, free_port
 
 from .conftest import TIMEOUT, RawClient, http_request, publish_frame
-from .test_durable_process import Broker, _drain, publish_until_killed, receive_acking
+from .test_durable_process import (
+    AUTH,
+    Broker,
+    broker,
+    member,
+    publish_until_killed,
+    receive_acking,
+    serve_command,
+)
+from .test_durable_process import CONFIG as DURABLE_CONFIG
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """
-[server]
-password_hash_cost = 16
-ping_interval = 5
-
+# The durable tests' config, with a short retryInterval: JetStream hands a killed node's deliveries on
+# after one retry interval.
+CONFIG = (
+    DURABLE_CONFIG
+    + """
 [defaults]
 retryInterval = 1000
-
-[admin]
-user = "ops"
-password = "ops-password"
-
-[[sessions]]
-name = "alpha"
-password = "alpha-password"
 """
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"ops:ops-password").decode()}
+)
 
 
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(store_dir=tmp_path / "jetstream").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _argv(tmp_path: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
-    config = tmp_path / "fastport.toml"
-    config.write_text(CONFIG, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTPORT_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "fastport_anyio", "serve", "--config", str(config), "--port", "0", *extra]
-    return argv, env
-
-
-@asynccontextmanager
-async def node(tmp_path: Path, nats: NatsServer) -> AsyncIterator[Broker]:
+def node(tmp_path: Path, nats: NatsServer) -> AbstractAsyncContextManager[Broker]:
     """One ``fastport serve --cluster`` process, once it listens."""
-    argv, env = _argv(tmp_path, "--cluster", nats.url)
-    process = await anyio.open_process(argv, env=env, stdout=None)
-    try:
-        seen = bytearray()
-        stderr = process.stderr
-        assert stderr is not None
-        with anyio.fail_after(TIMEOUT):
-            while (found := re.search(rb"ws://127\.0\.0\.1:(\d+)", seen)) is None:
-                chunk = await stderr.receive()
-                seen += chunk
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(_drain, stderr)
-            yield Broker(process, int(found.group(1)))
-            task_group.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await process.aclose()
+    return broker(tmp_path, "--cluster", nats.url, config=CONFIG)
 
 
 @asynccontextmanager
 async def cluster(tmp_path: Path, nats: NatsServer, count: int = 3) -> AsyncIterator[list[Broker]]:
     async with AsyncExitStack() as stack:
         yield [await stack.enter_async_context(node(tmp_path, nats)) for _ in range(count)]
-
-
-async def member(port: int, **init: Any) -> RawClient:
-    client = await RawClient.connect(port)
-    answer = await client.request(
-        {"type": "init", "sessionName": "alpha", "password": "alpha-password", **init}
-    )
-    assert answer["success"] is True, answer
-    return client
 
 
 async def test_kill_9_of_the_subscribers_node_loses_no_confirmed_message(
@@ -188,7 +137,7 @@ async def test_sessions_live_in_the_cluster_not_in_a_node(tmp_path: Path, nats_s
 
 
 async def test_a_node_that_cannot_reach_nats_exits_2_with_one_line(tmp_path: Path) -> None:
-    argv, env = _argv(tmp_path, "--cluster", f"nats://127.0.0.1:{free_port()}")
+    argv, env = serve_command(tmp_path, CONFIG, "--cluster", f"nats://127.0.0.1:{free_port()}")
     with anyio.fail_after(TIMEOUT):
         result = await anyio.run_process(argv, env=env, check=False)
     assert result.returncode == 2

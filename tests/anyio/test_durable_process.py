@@ -67,14 +67,20 @@ class Broker:
             assert await self.process.wait() == 0
 
 
-@asynccontextmanager
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    config = tmp_path / "fastport.toml"
-    config.write_text(CONFIG, encoding="utf-8")
+def serve_command(tmp_path: Path, config: str, *options: str) -> tuple[list[str], dict[str, str]]:
+    """``fastport serve`` with ``config`` (written to ``tmp_path``) and ``options``, and its environment."""
+    path = tmp_path / "fastport.toml"
+    path.write_text(config, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTPORT_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "fastport_anyio", "serve", "--config", str(config), "--port", "0"]
-    argv += ["--store", str(tmp_path / "store.db")]
+    argv = [sys.executable, "-m", "fastport_anyio", "serve", "--config", str(path), "--port", "0", *options]
+    return argv, env
+
+
+@asynccontextmanager
+async def broker(tmp_path: Path, *options: str, config: str = CONFIG) -> AsyncIterator[Broker]:
+    """A ``fastport serve`` process, once it listens; ``options`` default to ``--store`` in ``tmp_path``."""
+    argv, env = serve_command(tmp_path, config, *(options or ("--store", str(tmp_path / "store.db"))))
     process = await anyio.open_process(argv, env=env, stdout=None)
     try:
         seen = bytearray()
