@@ -118,8 +118,8 @@ class ServerSettings:
     """NATS URLs (``nats://host:port``): the server is a node of a cluster over NATS JetStream, which keeps
     the state instead of a store (DESIGN §8); empty: a single broker."""
     cluster_user: str | None = None
-    cluster_password: str | None = None
-    cluster_token: str | None = None
+    cluster_password: str | None = field(default=None, repr=False)
+    cluster_token: str | None = field(default=None, repr=False)
     cluster_ca: Path | None = None
     """A CA file NATS's TLS certificate is verified against."""
     cluster_replicas: int = 1

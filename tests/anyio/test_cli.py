@@ -177,6 +177,11 @@ def test_trusted_proxy_flags_replace_the_config_files(capsys: pytest.CaptureFixt
     assert "--trusted-proxy" in one_line_error(capsys.readouterr().err, "serve")
 
 
+def test_a_cluster_node_needs_the_asyncio_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--cluster", "nats://127.0.0.1:4222", "--backend", "trio"]) == EXIT_USAGE
+    assert "--cluster runs on the asyncio backend" in one_line_error(capsys.readouterr().err, "serve")
+
+
 def test_uvloop_flag_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--uvloop", "--backend", "trio"]) == EXIT_USAGE
     assert "--uvloop needs --backend asyncio" in one_line_error(capsys.readouterr().err, "serve")

@@ -177,6 +177,9 @@ def test_unknown_keys_name_the_key_and_the_file(tmp_path: Path, text: str, messa
             "[sessions #1] tokenKey: invalid token key",
         ),
         ("[[sessions]]\nname='a'\npassword='b'\ntokenKey=3\n", "tokenKey: must be a non-empty string"),
+        ("[server]\nstore = 's.db'\ncluster = 'nats://n:4222'\n", "give --cluster or --store, not both"),
+        ("[server]\ncluster = 'n:4222'\n", "'n:4222' is not a nats:// or tls:// URL"),
+        ("[server]\ncluster = 'nats://n:4222'\ncluster_replicas = 7\n", "replicas must be 1 to 5"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -240,6 +243,18 @@ def test_empty_environment_variables_count_as_unset() -> None:
 def test_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="FASTPORT_PORT: port must be an integer"):
         load_settings(environ={"FASTPORT_PORT": "http"})
+
+
+def test_the_cluster_settings_from_the_file_the_environment_and_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\ncluster = 'nats://a:4222, nats://b:4222'\ncluster_ca = 'ca.pem'\n")
+    settings = load_settings(path, environ={"FASTPORT_CLUSTER_PASSWORD": "nats-secret"})
+    assert settings.cluster == ("nats://a:4222", "nats://b:4222")
+    assert settings.cluster_ca == tmp_path / "ca.pem"  # relative to the file
+    assert (settings.cluster_password, settings.cluster_replicas) == ("nats-secret", 1)
+    assert "nats-secret" not in repr(settings)
+    flags = Overrides(cluster="tls://c:4222", cluster_user="fp", cluster_replicas=3)
+    settings = load_settings(path, environ={}, overrides=flags)
+    assert (settings.cluster, settings.cluster_user, settings.cluster_replicas) == (("tls://c:4222",), "fp", 3)
 
 
 def test_passwords_stay_out_of_repr(tmp_path: Path) -> None:
