@@ -254,7 +254,11 @@ def test_the_cluster_settings_from_the_file_the_environment_and_flags(tmp_path: 
     assert "nats-secret" not in repr(settings)
     flags = Overrides(cluster="tls://c:4222", cluster_user="fp", cluster_replicas=3)
     settings = load_settings(path, environ={}, overrides=flags)
-    assert (settings.cluster, settings.cluster_user, settings.cluster_replicas) == (("tls://c:4222",), "fp", 3)
+    assert (settings.cluster, settings.cluster_user, settings.cluster_replicas) == (
+        ("tls://c:4222",),
+        "fp",
+        3,
+    )
 
 
 def test_passwords_stay_out_of_repr(tmp_path: Path) -> None:
