@@ -270,12 +270,16 @@ class NatsCluster:
 
     async def load(self) -> Snapshot:
         """The sessions in the bucket; the watch that read them goes on in :meth:`serve` (no gap)."""
-        self._watcher = await self._kv.watchall()
         sessions: dict[str, SessionRecord] = {}
-        while (entry := await self._watcher.updates(timeout=self._options.connect_timeout)) is not None:
-            if entry.value and entry.operation is None:
-                record = decode_session(entry.value)
-                sessions[record.name] = record
+        try:
+            self._watcher = await self._kv.watchall()
+            wait = self._options.connect_timeout
+            while (entry := await self._watcher.updates(timeout=wait)) is not None:
+                if entry.value and entry.operation is None:
+                    record = decode_session(entry.value)
+                    sessions[record.name] = record
+        except Exception as exc:  # a timeout, a damaged entry: the node cannot know the sessions
+            raise ClusterError(f"cannot read the sessions from NATS ({BUCKET}): {exc}") from None
         logger.info("cluster: node %s joined; %d session(s) in the cluster", self.node, len(sessions))
         return Snapshot(sessions=list(sessions.values()))
 
