@@ -12,7 +12,9 @@ store. Everything crosses the seam as data, in both directions:
   resumable subscriber's deliveries ACK its JetStream messages; its subscriptions go to its consumer's
   metadata; a release deletes its consumer.
 * **In** (:meth:`NatsCluster.serve`): every node watches the bucket (a session created, changed, suspended
-  or dropped anywhere takes effect here: ``engine_session``); every node reads each session's stream
+  or dropped anywhere takes effect here: ``engine_session``) and the ``clientId`` claims (a resumable
+  subscriber resumed on another node closes its connection here with 4003: ``engine_client_claimed``);
+  every node reads each session's stream
   from an ordered consumer (the *feed*) and fans every message out to its own subscribers
   (``engine_messages``); for each resumable subscriber connected here a *pump* pulls from its durable
   consumer and hands the deliveries to the core (``engine_deliveries``).
@@ -39,7 +41,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
@@ -69,6 +71,11 @@ logger = logging.getLogger(__name__)
 
 BUCKET: Final = "fastport_sessions"
 """The key-value bucket every node shares the sessions through."""
+CLIENTS_BUCKET: Final = "fastport_clients"
+"""Which node serves each resumable subscriber (``clientId``) now: a node that sees a later claim than its
+own closes its connection with 4003, as one node does when a second connection resumes a ``clientId``."""
+CLAIM_TTL: Final = 86400.0
+"""Seconds a claim is kept: only a claim newer than a node's own matters, so old ones may go."""
 ORIGIN_HEADER: Final = "Fastport-Origin"
 """``<node id>:<connection id>`` of the publisher (a node does not send a publisher its own message)."""
 PUBLISH_TIMEOUT: Final = 5.0
@@ -79,6 +86,8 @@ mid-request leaves the request open in JetStream, and what reaches it waits ``ac
 FEED_HEARTBEAT: Final = 1.0
 """Seconds between JetStream's heartbeats on a feed: two missed ones (NATS restarted and lost the
 feed's consumer) make nats-py re-create it from the last message it saw."""
+CLOSE_FLUSH: Final = 2.0
+"""Seconds a closing node waits for NATS to take what it still has to send."""
 WATCH_WAIT: Final = 5.0
 """Seconds the session watch waits for a change before asking again."""
 START_MARGIN: Final = 1.0
@@ -119,6 +128,10 @@ def _subject(session: str) -> str:
 
 def consumer_name(session: str, client_id: str) -> str:
     return f"fp_{_digest(session, client_id)}"
+
+
+def _claim_key(session: str, client_id: str) -> str:
+    return _digest(session, client_id)
 
 
 def _key(session: str) -> str:
@@ -185,6 +198,10 @@ class NatsCluster:
         """This process's id in the cluster (publishers' messages are tagged with it)."""
         self._kv: Any = None
         self._watcher: Any = None
+        self._clients: Any = None
+        self._claim_watcher: Any = None
+        self._claims: dict[SubscriberKey, int] = {}
+        """The ``clientId`` claims of the subscribers this node serves: their revision in the bucket."""
         self._core: ServerCore | None = None
         self._now: Callable[[], float] = time.monotonic
         self._flush: Callable[[], None] = lambda: None
@@ -259,11 +276,16 @@ class NatsCluster:
         return cluster
 
     async def _open_bucket(self) -> None:
+        self._kv = await self._bucket(BUCKET)
+        self._clients = await self._bucket(CLIENTS_BUCKET, ttl=CLAIM_TTL)
+        self._claim_watcher = await self._clients.watchall()
+
+    async def _bucket(self, name: str, ttl: float | None = None) -> Any:
         try:
-            self._kv = await self._js.key_value(BUCKET)
+            return await self._js.key_value(name)
         except self._errors.BucketNotFoundError:
-            self._kv = await self._js.create_key_value(
-                bucket=BUCKET, history=1, replicas=self._options.replicas
+            return await self._js.create_key_value(
+                bucket=name, history=1, ttl=ttl, replicas=self._options.replicas
             )
 
     # -- the Backend protocol ----------------------------------------------------------------------------
@@ -288,7 +310,8 @@ class NatsCluster:
         async with anyio.create_task_group() as task_group:
             self._task_group = task_group
             await self._sync_feeds()
-            task_group.start_soon(self._watch)
+            task_group.start_soon(self._follow, self._watcher, self._apply_session)
+            task_group.start_soon(self._follow, self._claim_watcher, self._apply_claim)
 
     async def commit(self, batches: Sequence[StoreBatch]) -> None:
         if not self._nc.is_connected:
@@ -309,11 +332,16 @@ class NatsCluster:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
         self._feeds.clear()
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+        for watcher in (self._watcher, self._claim_watcher):
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+        # Send what is queued (the ACKs and hand-backs above) and close; nats-py's drain() could wait its
+        # whole timeout on a pull request the shutdown cancelled.
         with contextlib.suppress(Exception):
-            await self._nc.drain()
+            await self._nc.flush(timeout=CLOSE_FLUSH)
+        with contextlib.suppress(Exception):
+            await self._nc.close()
 
     # -- out: a batch -------------------------------------------------------------------------------------
 
@@ -328,13 +356,18 @@ class NatsCluster:
         if batch.outgoing:
             await self._publish(batch.outgoing)
         for key in batch.detached:
+            self._claims.pop(key, None)
             await self._stop_pump(key)
         for session, client_id in batch.subscribers_dropped:
             await self._stop_pump((session, client_id))
             await self._delete_consumer(session, client_id)
+            with contextlib.suppress(self._errors.KeyNotFoundError):
+                await self._clients.delete(_claim_key(session, client_id))
         for subscriber in batch.subscribers:
             await self._save_subscriber(subscriber)
         for key in batch.attached:
+            claim = {"session": key[0], "clientId": key[1], "node": self.node}
+            self._claims[key] = await self._clients.put(_claim_key(*key), orjson.dumps(claim))
             self._start_pump(key)
         for session, message_id, client_id in batch.deliveries_dropped:
             msg = self._held.get((session, client_id), {}).pop(message_id, None)
@@ -381,41 +414,56 @@ class NatsCluster:
 
     # -- in: sessions -------------------------------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        """Apply every change to the bucket (this node's own too: applying one is idempotent)."""
-        core = self._core
-        assert core is not None and self._watcher is not None
+    async def _follow(self, watcher: Any, apply: Callable[[Any], Awaitable[None]]) -> None:
+        """Apply every change a bucket's watch reports, until the watch is stopped (:meth:`aclose`)."""
         while True:
             try:
-                entry = await self._watcher.updates(timeout=WATCH_WAIT)
+                entry = await watcher.updates(timeout=WATCH_WAIT)
             except TimeoutError:
                 continue
             except Exception as exc:  # the connection is being re-established: the watch resumes
-                logger.debug("cluster: session watch: %s", exc)
+                logger.debug("cluster: watch: %s", exc)
                 await anyio.sleep(0.5)
                 continue
             if entry is None:
-                continue
+                continue  # the end of the initial values
             if not isinstance(entry, self._kv_entry):
-                return  # the watch was stopped (aclose)
+                return  # stopped
             try:
-                name = _session_of_key(entry.key)
-                dropped = entry.operation in ("DEL", "PURGE") or not entry.value
-                record = None if dropped else decode_session(entry.value)
+                await apply(entry)
             except (ValueError, KeyError, TypeError) as exc:
-                logger.warning("cluster: ignoring a damaged session entry %r: %s", entry.key, exc)
-                continue
-            if record is None:
-                core.engine_session_dropped(name, self._now())
-            else:
-                # Its feed first: once the session is here, a member may subscribe, and every message
-                # published from then on must reach it.
-                async with self._feeds_lock:
-                    if name not in self._feeds:
-                        await self._start_feed(name)
-                core.engine_session(record, self._now())
+                logger.warning("cluster: ignoring a damaged entry %r: %s", entry.key, exc)
+
+    async def _apply_session(self, entry: Any) -> None:
+        """A session created, changed or dropped (by this node too: applying one again changes nothing)."""
+        core = self._core
+        assert core is not None
+        name = _session_of_key(entry.key)
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            core.engine_session_dropped(name, self._now())
+        else:
+            record = decode_session(entry.value)
+            # Its feed first: once the session is here, a member may subscribe, and every message
+            # published from then on must reach it.
+            async with self._feeds_lock:
+                if name not in self._feeds:
+                    await self._start_feed(name)
+            core.engine_session(record, self._now())
+        self._flush()
+        await self._sync_feeds()
+
+    async def _apply_claim(self, entry: Any) -> None:
+        """Another node's connection took a ``clientId`` this node serves: the later claim wins (4003)."""
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            return
+        claim = orjson.loads(entry.value)
+        key = (claim["session"], claim["clientId"])
+        mine = self._claims.get(key)
+        if claim["node"] != self.node and mine is not None and entry.revision > mine:
+            del self._claims[key]
+            assert self._core is not None
+            self._core.engine_client_claimed(*key, self._now())
             self._flush()
-            await self._sync_feeds()
 
     # -- in: messages -------------------------------------------------------------------------------------
 

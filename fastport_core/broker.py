@@ -1571,6 +1571,15 @@ class Broker:
         if topics:  # the engine had kept it: a resume (a new subscriber has nothing kept)
             self.metrics.inc("subscribers_resumed", session_name)
 
+    def engine_client_claimed(self, session_name: str, client_id: str, now: float) -> None:
+        """A connection on another node resumed ``client_id``: close the one here with 4003, as a second
+        connection resuming it here would (its un-ACKed deliveries go back to the engine)."""
+        session = self._sessions.get(session_name)
+        subscriber = session.clients.get(client_id) if session is not None else None
+        if subscriber is not None and subscriber.connection is not None:
+            reason = "another connection resumed this clientId (on another node)"
+            self._disconnect(subscriber.connection, CloseCode.REPLACED, reason, now)
+
     def engine_session(self, record: SessionRecord, now: float) -> None:
         """A session as the engine holds it (created or changed on any node, this one included): create it
         here or bring it in line. A rotated token key closes the connections its old tokens opened."""

@@ -377,6 +377,12 @@ class ServerCore:
         """A resumable subscriber that resumed here gets back the subscriptions the engine kept."""
         self.broker.engine_subscriptions(session, client_id, topics)
 
+    def engine_client_claimed(self, session: str, client_id: str, now: float) -> None:
+        """A connection on another node resumed ``client_id``: the one here closes with 4003."""
+        self.broker.engine_client_claimed(session, client_id, now)
+        if self._output:
+            self._apply(now)
+
     def engine_session(self, record: SessionRecord, now: float) -> None:
         """A session created or changed on any node of the cluster."""
         self.broker.engine_session(record, now)

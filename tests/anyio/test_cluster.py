@@ -253,3 +253,23 @@ async def test_no_echo_to_the_publisher_and_unsubscribe_stops_delivery_on_every_
         assert (await receive_message(sub))["messageId"] == "b1"
         # The publisher's next frame answers its own request: no echo of "own" (nor of the others).
         assert (await pub.subscribe("other"))["type"] == "subscribe_response"
+
+
+async def test_a_client_id_resumed_on_another_node_closes_the_first_connection_with_4003(
+    anyio_backend: str, nats_server: NatsServer
+) -> None:
+    async with nodes(nats_server, 2) as (a, b):
+        first = await member(a.port, clientId="dev")
+        assert (await first.subscribe("t"))["success"]
+        # A barrier: this publish is confirmed once a's commits up to it are done, the one that gave the
+        # cluster dev's subscription included (it travels with a's next commit, milliseconds later).
+        assert (await first.request(publish_frame("sync", "x", "sync")))["success"]
+        async with await member(b.port, clientId="dev") as second:
+            with anyio.fail_after(TIMEOUT):
+                closed = await first.receive_close()
+            assert closed.code == 4003
+            async with await member(a.port) as pub:
+                assert (await pub.request(publish_frame("t", "x", "after")))["success"]
+            message = await receive_message(second)  # its subscription came with it
+            assert message["messageId"] == "after"
+        await first.aclose()

@@ -212,3 +212,15 @@ def test_a_cluster_node_never_expires_an_idle_session_on_its_own() -> None:
     engine.commit(a)
     a.handle_timeout(1000.0)  # idle here; perhaps busy on another node
     assert "idle" in a.session_names() and "idle" in engine.sessions
+
+
+def test_a_client_id_claimed_on_another_node_closes_its_connection_here_with_4003() -> None:
+    engine = ModelEngine()
+    a = node(engine)
+    sub = subscribed(a, clientId="dev")
+    engine.commit(a)
+    a.engine_client_claimed("demo", "dev", 0.0)
+    sub.pump()
+    assert sub.ws.close_code == CloseCode.REPLACED
+    batch = a.take_store_batch()
+    assert batch is not None and batch.detached == [("demo", "dev")]  # its deliveries go back
