@@ -72,8 +72,9 @@ logger = logging.getLogger(__name__)
 BUCKET: Final = "fastport_sessions"
 """The key-value bucket every node shares the sessions through."""
 CLIENTS_BUCKET: Final = "fastport_clients"
-"""Which node serves each resumable subscriber (``clientId``) now: a node that sees a later claim than its
-own closes its connection with 4003, as one node does when a second connection resumes a ``clientId``."""
+"""Which node serves each resumable subscriber (``clientId``) now, since when: a node that sees a later
+arrival than its own closes its connection with 4003, as one node does when a second connection resumes a
+``clientId``."""
 CLAIM_TTL: Final = 86400.0
 """Seconds a claim is kept: only a claim newer than a node's own matters, so old ones may go."""
 ORIGIN_HEADER: Final = "Fastport-Origin"
@@ -91,7 +92,8 @@ CLOSE_FLUSH: Final = 2.0
 WATCH_WAIT: Final = 5.0
 """Seconds the session watch waits for a change before asking again."""
 START_MARGIN: Final = 1.0
-"""Seconds before its attach a new consumer starts from: clocks of nodes and NATS are not one clock."""
+"""Seconds before its subscriber arrived a new consumer starts from: the node's clock and NATS's (which
+stamps the messages) are not one clock."""
 
 
 class ClusterError(FastportError):
@@ -200,8 +202,8 @@ class NatsCluster:
         self._watcher: Any = None
         self._clients: Any = None
         self._claim_watcher: Any = None
-        self._claims: dict[SubscriberKey, int] = {}
-        """The ``clientId`` claims of the subscribers this node serves: their revision in the bucket."""
+        self._claims: dict[SubscriberKey, tuple[float, str]] = {}
+        """The subscribers this node serves: when each arrived (and this node's id, to break ties)."""
         self._core: ServerCore | None = None
         self._now: Callable[[], float] = time.monotonic
         self._flush: Callable[[], None] = lambda: None
@@ -355,20 +357,34 @@ class NatsCluster:
             await self._sync_feeds()
         if batch.outgoing:
             await self._publish(batch.outgoing)
-        for key in batch.detached:
-            self._claims.pop(key, None)
-            await self._stop_pump(key)
         for session, client_id in batch.subscribers_dropped:
             await self._stop_pump((session, client_id))
             await self._delete_consumer(session, client_id)
             with contextlib.suppress(self._errors.KeyNotFoundError):
                 await self._clients.delete(_claim_key(session, client_id))
+        kept: dict[SubscriberKey, list[str]] = {}
+        for session, client_id, arrived in batch.presence:
+            if arrived is not None and (session, client_id) not in kept:
+                # Its consumer first (a new one holds every message from the moment it arrived), and
+                # what it kept comes back before this batch's subscriptions are written over it.
+                kept[session, client_id] = topics = await self._ensure_consumer(session, client_id, arrived)
+                assert self._core is not None
+                self._core.engine_subscriptions(session, client_id, topics, self._now())
+                self._flush()
         for subscriber in batch.subscribers:
-            await self._save_subscriber(subscriber)
-        for key in batch.attached:
-            claim = {"session": key[0], "clientId": key[1], "node": self.node}
-            self._claims[key] = await self._clients.put(_claim_key(*key), orjson.dumps(claim))
-            self._start_pump(key)
+            key = (subscriber.session, subscriber.client_id)
+            await self._save_subscriber(subscriber._replace(topics=(*subscriber.topics, *kept.get(key, ()))))
+        final = {(session, client_id): arrived for session, client_id, arrived in batch.presence}
+        for key, arrived in final.items():  # one that came and went in this batch is gone
+            if arrived is None:
+                self._claims.pop(key, None)
+                await self._stop_pump(key)
+            else:
+                await self._stop_pump(key)  # it left and came back: what it was handed goes back
+                self._claims[key] = (arrived, self.node)
+                claim = {"session": key[0], "clientId": key[1], "node": self.node, "arrived": arrived}
+                await self._clients.put(_claim_key(*key), orjson.dumps(claim))
+                self._start_pump(key)
         for session, message_id, client_id in batch.deliveries_dropped:
             msg = self._held.get((session, client_id), {}).pop(message_id, None)
             if msg is not None:
@@ -459,7 +475,8 @@ class NatsCluster:
         claim = orjson.loads(entry.value)
         key = (claim["session"], claim["clientId"])
         mine = self._claims.get(key)
-        if claim["node"] != self.node and mine is not None and entry.revision > mine:
+        # The later arrival wins (not the later write: a node may commit an older arrival late).
+        if claim["node"] != self.node and mine is not None and (claim["arrived"], claim["node"]) > mine:
             del self._claims[key]
             assert self._core is not None
             self._core.engine_client_claimed(*key, self._now())
@@ -549,10 +566,11 @@ class NatsCluster:
         core = self._core
         assert core is not None
         window = self._config.limits.max_inflight_per_subscriber
-        first = True
-        while not stop.is_set():  # (re)bind: at the start, and when its consumer or the connection failed
+        rebind = False
+        while not stop.is_set():  # bind; again when its consumer or the connection failed
             try:
-                topics = await self._ensure_consumer(session, client_id)
+                if rebind:  # a consumer gone meanwhile is made again, from now on
+                    await self._ensure_consumer(session, client_id, time.time())
                 subscription = await self._js.pull_subscribe_bind(
                     durable=consumer_name(session, client_id), stream=stream_name(session)
                 )
@@ -560,10 +578,7 @@ class NatsCluster:
                 logger.warning("cluster: subscriber %r of %r: %s (retrying)", client_id, session, exc)
                 await anyio.sleep(1.0)
                 continue
-            if first:
-                core.engine_subscriptions(session, client_id, topics, self._now())
-                self._flush()
-                first = False
+            rebind = True
             try:
                 while not stop.is_set():
                     try:
@@ -612,14 +627,16 @@ class NatsCluster:
                 await msg.ack()
         return True
 
-    async def _ensure_consumer(self, session: str, client_id: str) -> list[str]:
-        """Create the subscriber's consumer unless it exists; the topics it kept (empty when new)."""
+    async def _ensure_consumer(self, session: str, client_id: str, since: float) -> list[str]:
+        """Create the subscriber's consumer unless it exists, holding every message stored from ``since``
+        (wall-clock seconds) on; the topics it kept (none when new)."""
         stream, durable = stream_name(session), consumer_name(session, client_id)
         async with self._consumer_lock:
             try:
                 info = await self._js.consumer_info(stream, durable)
             except self._errors.NotFoundError:
-                await self._js.add_consumer(stream, config=self._consumer_config(session, client_id, ()))
+                config = self._consumer_config(session, client_id, (), since)
+                await self._js.add_consumer(stream, config=config)
                 return []
         metadata = info.config.metadata or {}
         topics: list[str] = orjson.loads(metadata.get("topics", "[]"))
@@ -632,18 +649,18 @@ class NatsCluster:
             try:
                 info = await self._js.consumer_info(stream, durable)
             except self._errors.NotFoundError:
-                config = self._consumer_config(record.session, record.client_id, record.topics)
+                config = self._consumer_config(record.session, record.client_id, record.topics, time.time())
             else:
                 config = info.config
                 config.metadata = _metadata(record.topics)
             await self._js.add_consumer(stream, config=config)
 
-    def _consumer_config(self, session: str, client_id: str, topics: Sequence[str]) -> Any:
+    def _consumer_config(self, session: str, client_id: str, topics: Sequence[str], since: float) -> Any:
         api = self._api
         core = self._core
         settings = core.broker.session_settings(session) if core is not None else None
         settings = settings or self._config.default_session_settings
-        start = datetime.fromtimestamp(time.time() - START_MARGIN, UTC)
+        start = datetime.fromtimestamp(since - START_MARGIN, UTC)
         return api.ConsumerConfig(
             durable_name=consumer_name(session, client_id),
             ack_policy=api.AckPolicy.EXPLICIT,
@@ -676,4 +693,4 @@ class NatsCluster:
 
 
 def _metadata(topics: Sequence[str]) -> dict[str, str]:
-    return {"topics": orjson.dumps(sorted(topics)).decode()}
+    return {"topics": orjson.dumps(sorted(set(topics))).decode()}

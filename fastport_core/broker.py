@@ -84,6 +84,7 @@ from .storage import (
     DeliveryRecord,
     Journal,
     MessageRecord,
+    Presence,
     PublishRecord,
     SessionRecord,
     Snapshot,
@@ -1000,7 +1001,7 @@ class _Session:
             self._release(delivery.message)
         subscriber.backlog.clear()
         subscriber.inflight.clear()
-        self._journal.presence.append((self, subscriber.client_id, False))
+        self._journal.presence.append((self, subscriber.client_id, False, 0.0))
 
     def _shed_backlogs(self, room: int) -> bool:
         """The session is full: under DROP_OLDEST, give up (``overflow``) the backlogged deliveries of the
@@ -1152,7 +1153,7 @@ class _Session:
                     # delivers its messages here from now on; a release deletes it (``saved``).
                     assert self._journal is not None
                     subscriber.saved = True
-                    self._journal.presence.append((self, client_id, True))
+                    self._journal.presence.append((self, client_id, True, now))
                 elif self._journal is not None:
                     self._journal.put(subscriber)
             connection.subscriber = subscriber
@@ -1223,7 +1224,7 @@ class _Session:
         if self._journal is not None:
             self._journal.drop(subscriber, subscriber.saved)
             if self._shared:
-                self._journal.presence.append((self, subscriber.client_id, False))
+                self._journal.presence.append((self, subscriber.client_id, False, 0.0))
 
     def set_suspended(self, suspended: bool, now: float) -> None:
         """Suspend (deliveries wait) or resume (re-send whatever waited, in order)."""
@@ -1453,19 +1454,11 @@ class Broker:
                 conn = publisher.connection.conn if publisher.connection is not None else 0
                 batch.outgoing.append((_message_record(session.name, message, offset), conn))
         journal.outgoing.clear()
-        # Net presence per subscriber: the engine takes back what this node held if it left at any point
-        # (``detached``), and serves it here if its last change was to arrive (``attached``).
-        changes: dict[tuple[str, str], list[bool]] = {}
-        for owner, client_id, attached in journal.presence:
+        for owner, client_id, arrived, at in journal.presence:
             session = cast(_Session, owner)
             if sessions.get(session.name) is session:
-                changes.setdefault((session.name, client_id), []).append(attached)
+                batch.presence.append(Presence(session.name, client_id, at + offset if arrived else None))
         journal.presence.clear()
-        for key, arrived in changes.items():
-            if False in arrived:
-                batch.detached.append(key)
-            if arrived[-1]:
-                batch.attached.append(key)
 
     def _save_message(self, batch: StoreBatch, session: str, message: _Message, offset: float) -> None:
         self._message_seq += 1
@@ -1542,7 +1535,7 @@ class Broker:
     def engine_deliveries(
         self, session_name: str, client_id: str, rows: list[tuple[MessageRecord, int]], now: float
     ) -> list[str] | None:
-        """The engine's deliveries for a resumable subscriber this node serves (``StoreBatch.attached``),
+        """The engine's deliveries for a resumable subscriber this node serves (``StoreBatch.presence``),
         oldest first, as ``(message, retries so far)``. ``None``: it is not served here any more (hand them
         back); else the ids it does not take, which the engine counts done (see
         :meth:`_Session.deliver_engine`)."""
@@ -1867,6 +1860,10 @@ class Broker:
         """The password is right: the remaining ``init`` checks (suspended, connection limit), then join."""
         if session.suspended:
             self._refuse_init(connection, ErrorCode.SESSION_SUSPENDED, "the session is suspended")
+            return
+        if self._shared and packet.client_id is not None and not self._store_ok:
+            # Its state lives in the engine, which this node cannot reach: another node can serve it.
+            self._refuse_init(connection, ErrorCode.CLUSTER_UNAVAILABLE, "the node has lost the cluster")
             return
         resumed = session.clients.get(packet.client_id) if packet.client_id is not None else None
         replaced = resumed.connection if resumed is not None else None

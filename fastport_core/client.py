@@ -201,6 +201,7 @@ _RETRYABLE_INIT_REFUSALS: Final = frozenset(
         ErrorCode.SESSION_SUSPENDED,
         ErrorCode.TOO_MANY_CONNECTIONS,
         ErrorCode.SERVER_BUSY,
+        ErrorCode.CLUSTER_UNAVAILABLE,
     }
 )
 """``init`` refusals that may succeed later without any change on the client's side."""

@@ -40,6 +40,7 @@ __all__ = [
     "DeliveryRecord",
     "Journal",
     "MessageRecord",
+    "Presence",
     "PublishRecord",
     "SessionRecord",
     "Snapshot",
@@ -160,12 +161,9 @@ class StoreBatch:
     outgoing: list[tuple[MessageRecord, int]] = field(default_factory=list)
     """Published messages for the engine to store and feed back to every node (``Broker(shared=True)``),
     each with its publisher's connection id (a node does not send a publisher its own message)."""
-    attached: list[SubscriberKey] = field(default_factory=list)
-    """Resumable subscribers this node now serves: the engine delivers their messages here."""
-    detached: list[SubscriberKey] = field(default_factory=list)
-    """Resumable subscribers this node stopped serving since the last batch: the engine takes back what
-    it had handed this node for them (for whichever node serves them next). One that left and came back
-    is in both lists: the engine applies ``detached`` first."""
+    presence: list[Presence] = field(default_factory=list)
+    """Resumable subscribers this node began or stopped serving, in that order: the engine delivers an
+    arrived one's messages here, and takes back from a departed one what it had handed it."""
 
     def __len__(self) -> int:
         """Records in the batch (what a commit writes)."""
@@ -173,8 +171,19 @@ class StoreBatch:
             len(self.sessions) + len(self.sessions_dropped) + len(self.subscribers)
             + len(self.subscribers_dropped) + len(self.messages) + len(self.deliveries)
             + len(self.deliveries_dropped) + len(self.publishes) + len(self.outgoing)
-            + len(self.attached) + len(self.detached)
+            + len(self.presence)
         )  # fmt: skip
+
+
+class Presence(NamedTuple):
+    """A resumable subscriber a node of a cluster began or stopped serving (``StoreBatch.presence``)."""
+
+    session: str
+    client_id: str
+    arrived: float | None
+    """Wall-clock seconds when it arrived; ``None``: it left. What the engine holds for a subscriber
+    starts when it first arrived, even when the engine creates its state later (every message published
+    once it could subscribe)."""
 
 
 class BacklogRecord(NamedTuple):
@@ -235,9 +244,9 @@ class Journal:
         """``(subscriber, message)``: a delivery recorded only in the store (its subscriber is away)."""
         self.outgoing: list[tuple[object, object]] = []
         """``(publisher, message)`` per publish a shared engine takes (see :attr:`StoreBatch.outgoing`)."""
-        self.presence: list[tuple[object, str, bool]] = []
-        """``(session, clientId, attached)``, in the order they happened: a resumable subscriber this node
-        began (``True``) or stopped (``False``) serving (see :attr:`StoreBatch.attached`)."""
+        self.presence: list[tuple[object, str, bool, float]] = []
+        """``(session, clientId, arrived, now)``, in the order they happened: a resumable subscriber this
+        node began (``True``) or stopped (``False``) serving (see :attr:`StoreBatch.presence`)."""
         self.publishes: list[tuple[object, str, int, float]] = []
         """``(session, messageId, deliveredTo, now)`` per accepted publish: its dedupe entry."""
         self.taken = 0

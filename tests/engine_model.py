@@ -21,6 +21,8 @@ class Consumer:
     """A resumable subscriber's durable consumer: every message of its session from its creation on."""
 
     topics: tuple[str, ...] = ()
+    since: float = 0.0
+    """It holds the messages stored from then on (its subscriber's arrival that created it)."""
     pending: dict[str, tuple[MessageRecord, int]] = field(default_factory=dict)
     """Not ACKed yet: message id -> (message, times delivered)."""
     node: ServerCore | None = None
@@ -33,6 +35,8 @@ class ModelEngine:
     def __init__(self) -> None:
         self.sessions: dict[str, SessionRecord] = {}
         self.streams: dict[str, list[MessageRecord]] = {}
+        self.stored_at: dict[tuple[str, str], float] = {}
+        """When each message was stored (a new consumer holds those stored from its subscriber's arrival)."""
         self.consumers: dict[tuple[str, str], Consumer] = {}
         self.nodes: list[ServerCore] = []
         self.acked: list[tuple[str, str, str]] = []
@@ -63,31 +67,56 @@ class ModelEngine:
                     continue  # the duplicate window
                 stored = record._replace(seq=len(stream) + 1)
                 stream.append(stored)
+                self.stored_at[record.session, record.message_id] = now
                 for (session, _), consumer in self.consumers.items():
                     if session == record.session:
                         consumer.pending[record.message_id] = (stored, 0)
                 for each in self.nodes:
                     each.engine_messages([(stored, conn if each is node else 0)], now)
-            for key in batch.detached:
-                consumer = self.consumers.get(key)
-                if consumer is not None and consumer.node is node:
-                    consumer.node = None
-                    consumer.outstanding.clear()
             for key in batch.subscribers_dropped:
                 self.consumers.pop(key, None)
+            kept: dict[tuple[str, str], tuple[str, ...]] = {}
+            for session, client_id, arrived in batch.presence:
+                key = (session, client_id)
+                if arrived is None or key in kept:
+                    continue
+                if key not in self.consumers:  # new: every message stored since it arrived
+                    self.consumers[key] = Consumer(since=arrived, pending={
+                        m.message_id: (m, 0) for m in self.streams.get(session, [])
+                        if self.stored_at[session, m.message_id] >= arrived
+                    })  # fmt: skip
+                kept[key] = self.consumers[key].topics
+                node.engine_subscriptions(session, client_id, list(kept[key]), now)
             for sub in batch.subscribers:
-                self.consumers.setdefault((sub.session, sub.client_id), Consumer()).topics = sub.topics
-            for key in batch.attached:
-                consumer = self.consumers.setdefault(key, Consumer())
-                consumer.node = node
-                consumer.outstanding.clear()
-                node.engine_subscriptions(*key, list(consumer.topics), now)
+                key = (sub.session, sub.client_id)
+                topics = tuple(sorted({*sub.topics, *kept.get(key, ())}))
+                self.consumers.setdefault(key, Consumer()).topics = topics
+            final = {(session, client_id): arrived for session, client_id, arrived in batch.presence}
+            for key, arrived in final.items():  # one that came and went in this batch is gone
+                consumer = self.consumers.get(key)
+                if consumer is None:
+                    continue
+                if arrived is not None:
+                    consumer.node = node
+                    consumer.outstanding.clear()
+                elif consumer.node is node:
+                    consumer.node = None
+                    consumer.outstanding.clear()
             for session, message_id, client_id in batch.deliveries_dropped:
                 consumer = self.consumers.get((session, client_id))
                 if consumer is not None and consumer.pending.pop(message_id, None) is not None:
                     consumer.outstanding.discard(message_id)
                     self.acked.append((session, client_id, message_id))
             node.store_committed(batch.seq, now)
+
+    def lost(self, node: ServerCore) -> None:
+        """``node`` died (``kill -9``): it reads nothing more, and what it was handed and had not ACKed is
+        due to whoever serves its subscribers next (JetStream's ``ack_wait``)."""
+        self.nodes.remove(node)
+        for consumer in self.consumers.values():
+            if consumer.node is node:
+                consumer.node = None
+                consumer.outstanding.clear()
 
     def deliver(self, now: float = 0.0) -> None:
         """Every attached consumer's pump hands its node what it has not handed it yet."""

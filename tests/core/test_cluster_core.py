@@ -223,4 +223,13 @@ def test_a_client_id_claimed_on_another_node_closes_its_connection_here_with_400
     sub.pump()
     assert sub.ws.close_code == CloseCode.REPLACED
     batch = a.take_store_batch()
-    assert batch is not None and batch.detached == [("demo", "dev")]  # its deliveries go back
+    assert batch is not None and batch.presence == [("demo", "dev", None)]  # its deliveries go back
+
+
+def test_a_node_without_its_engine_refuses_a_resumable_init_but_not_an_anonymous_one() -> None:
+    engine = ModelEngine()
+    a = node(engine)
+    a.engine_available(False)
+    refused = RawPeer(a).init("demo", "pw", clientId="dev")
+    assert refused["success"] is False and refused["code"] == "cluster_unavailable"
+    assert RawPeer(a).init("demo", "pw")["success"] is True

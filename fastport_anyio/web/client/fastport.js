@@ -39,8 +39,14 @@ const TRANSIENT_PUBLISH_REFUSALS = new Set([
   "store_unavailable",
   "cluster_unavailable",
 ]);
-const RETRYABLE_INIT_REFUSALS = new Set(["auth_throttled", "session_suspended", "too_many_connections"]);
-const CLOSE_REPLACED = 4005;
+const RETRYABLE_INIT_REFUSALS = new Set([
+  "auth_throttled",
+  "session_suspended",
+  "too_many_connections",
+  "server_busy",
+  "cluster_unavailable",
+]);
+const CLOSE_REPLACED = 4003;
 
 /** A refusal or failure reported by the server or the client (``code`` is the protocol's error code). */
 export class FastportError extends Error {
