@@ -408,9 +408,12 @@ class _Context:
         """Keys: a session (its retry, expiry and idle timers) or a connection (its token's expiry)."""
         self.disconnect = disconnect
         """Forget a connection, then close it (the broker owns the connection table)."""
-        self.settled: list[tuple[_Connection, str, str]] | None = [] if config.send_ack_received else None
+        self.settled: list[tuple[_Connection, str, str]] | None = (
+            [] if config.send_ack_received and not shared else None
+        )
         """``ack_received`` frames owed to publishers: (publisher, message id, topic), queued at the end of
-        the running entry point (so always after the ``publish_response``); ``None``: turned off."""
+        the running entry point (so always after the ``publish_response``); ``None``: turned off (or a
+        cluster node, which cannot know when every node's subscribers ACKed)."""
 
 
 class _Session:
