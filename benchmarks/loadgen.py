@@ -82,6 +82,8 @@ class Params:
     mask_key: str = "5a3c9e71"
     resumable: bool = False
     """Subscribers ``init`` with a ``clientId`` (what a durable broker stores deliveries for)."""
+    subscriber_port: int = 0
+    """The port the subscribers connect to when positive (another node of a cluster); else ``port``."""
 
 
 # -- a minimal WebSocket client ------------------------------------------------------------------------
@@ -318,7 +320,8 @@ def run_publisher(params: Params) -> dict[str, Any]:
 def run_subscribers(params: Params) -> dict[str, Any]:
     """Receive ``count`` messages on each of ``connections`` connections, ACK each, measure latency."""
     deadline = time.monotonic() + params.cap
-    conns = [Connection(params.host, params.port, index) for index in range(params.connections)]
+    port = params.subscriber_port or params.port
+    conns = [Connection(params.host, port, index) for index in range(params.connections)]
     for conn in conns:  # pipelined: every init and subscribe first, then the answers
         init = {"type": "init", "sessionName": params.session, "password": params.password}
         if params.resumable:

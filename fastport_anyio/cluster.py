@@ -217,6 +217,7 @@ class NatsCluster:
         """Running pumps, by subscriber: set the event to stop one (it stops after its pull request)."""
         self._held: dict[SubscriberKey, dict[str, Any]] = {}
         """The JetStream messages a pump handed the core and the core has not ACKed: by message id."""
+        self._closing = False
         self._consumer_lock = asyncio.Lock()
         self._feeds_lock = asyncio.Lock()
         """One feed sync at a time (a commit's and the watch's may overlap): never two feeds of a session."""
@@ -328,6 +329,7 @@ class NatsCluster:
         return []
 
     async def aclose(self) -> None:
+        self._closing = True
         for key in list(self._pumps):
             await self._stop_pump(key)
         for subscription in self._feeds.values():
@@ -681,6 +683,8 @@ class NatsCluster:
     # -- the connection -----------------------------------------------------------------------------------
 
     def _lost(self) -> None:
+        if self._closing:
+            return  # the node is stopping: the connection ends on purpose
         logger.warning("cluster: lost NATS: refusing publishes (cluster_unavailable) until it is back")
         if self._core is not None:
             self._core.engine_available(False)

@@ -200,6 +200,14 @@ async def test_a_resumable_subscriber_resumes_on_another_node_with_its_deliverie
             assert (await again.subscribe("t"))["success"]  # a round trip: every ACK was handled
 
 
+async def test_a_node_that_stops_does_not_report_nats_lost(
+    anyio_backend: str, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with nodes(nats_server, 1):
+        pass
+    assert not [r for r in caplog.records if "lost NATS" in r.getMessage()]
+
+
 async def test_a_node_that_cannot_reach_nats_does_not_start(anyio_backend: str) -> None:
     with pytest.raises(ClusterError, match="cannot reach NATS"):
         await NatsCluster.connect(ClusterOptions((f"nats://127.0.0.1:{free_port()}",)), FAST_CONFIG)
