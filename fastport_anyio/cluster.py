@@ -16,8 +16,9 @@ store. Everything crosses the seam as data, in both directions:
   subscriber resumed on another node closes its connection here with 4003: ``engine_client_claimed``);
   every node reads each session's stream
   from an ordered consumer (the *feed*) and fans every message out to its own subscribers
-  (``engine_messages``); for each resumable subscriber connected here a *pump* pulls from its durable
-  consumer and hands the deliveries to the core (``engine_deliveries``).
+  (``engine_messages``); for each resumable subscriber connected here a *pull* reads its durable
+  consumer (its own pull requests, a window at a time, taken in the inbox's callback: nats-py's ``fetch``
+  costs a task per message) and hands the deliveries to the core (``engine_deliveries``).
 
 JetStream names: a session's stream is ``FP_<h>`` with the one subject ``fastport.<h>`` (``h``: the first
 32 hex digits of the session name's SHA-256, as names may hold any character); a resumable subscriber's
@@ -36,13 +37,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
@@ -82,8 +84,8 @@ ORIGIN_HEADER: Final = "Fastport-Origin"
 PUBLISH_TIMEOUT: Final = 5.0
 """Seconds a batch's publishes may wait for their PubAcks before the commit counts as failed (retried)."""
 PULL_WAIT: Final = 1.0
-"""Seconds a pump's pull request waits for messages before it is renewed. Short, because a pump stopped
-mid-request leaves the request open in JetStream, and what reaches it waits ``ack_wait`` to come back."""
+"""Seconds a pull request stays open in JetStream (then it ends, and the pull asks again). Short, because a
+request cannot be withdrawn: a stopped pull stays subscribed until its request ends."""
 FEED_HEARTBEAT: Final = 1.0
 """Seconds between JetStream's heartbeats on a feed: two missed ones (NATS restarted and lost the
 feed's consumer) make nats-py re-create it from the last message it saw."""
@@ -178,6 +180,25 @@ def decode_message(body: bytes, seq: int) -> MessageRecord:
     return MessageRecord(session, message_id, seq, topic, data, hash_, timestamp, encoding, expires_at, size)
 
 
+@dataclass(eq=False, slots=True)
+class _Pull:
+    """A resumable subscriber's pull from its durable consumer, on this node."""
+
+    key: SubscriberKey
+    subject: str
+    """``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``: where pull requests go."""
+    inbox: str
+    """Where JetStream sends the messages (and the status that ends a request)."""
+    subscription: Any = None
+    remaining: int = 0
+    """Messages the open request may still bring."""
+    active: float = 0.0
+    """``time.monotonic()`` of the last request, message or status: a request silent for long was lost."""
+    stopping: bool = False
+    buffer: list[Any] = field(default_factory=list)
+    """Messages not handed to the core yet (they are, once per event-loop turn)."""
+
+
 class NatsCluster:
     """The node's link to NATS JetStream; see the module docstring. Make one with :meth:`connect`."""
 
@@ -213,10 +234,12 @@ class NatsCluster:
         self._inbox: list[tuple[MessageRecord, int]] = []
         """Feed messages not yet given to the core (handed over once per event-loop turn)."""
         self._draining = False
-        self._pumps: dict[SubscriberKey, anyio.Event] = {}
-        """Running pumps, by subscriber: set the event to stop one (it stops after its pull request)."""
+        self._pulls: dict[SubscriberKey, _Pull] = {}
+        """The pulls of the resumable subscribers this node serves."""
+        self._ending: set[_Pull] = set()
+        """Pulls stopped, subscribed until their last request ends (see :meth:`_stop_pull`)."""
         self._held: dict[SubscriberKey, dict[str, Any]] = {}
-        """The JetStream messages a pump handed the core and the core has not ACKed: by message id."""
+        """The JetStream messages a pull handed the core and the core has not ACKed: by message id."""
         self._closing = False
         self._consumer_lock = asyncio.Lock()
         self._feeds_lock = asyncio.Lock()
@@ -310,11 +333,15 @@ class NatsCluster:
 
     async def serve(self, core: ServerCore, now: Callable[[], float], flush: Callable[[], None]) -> None:
         self._core, self._now, self._flush = core, now, flush
-        async with anyio.create_task_group() as task_group:
-            self._task_group = task_group
-            await self._sync_feeds()
-            task_group.start_soon(self._follow, self._watcher, self._apply_session)
-            task_group.start_soon(self._follow, self._claim_watcher, self._apply_claim)
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                await self._sync_feeds()
+                task_group.start_soon(self._follow, self._watcher, self._apply_session)
+                task_group.start_soon(self._follow, self._claim_watcher, self._apply_claim)
+                task_group.start_soon(self._watch_pulls)
+        finally:
+            self._task_group = None  # stopping: pulls start no more work (aclose hands back what is held)
 
     async def commit(self, batches: Sequence[StoreBatch]) -> None:
         if not self._nc.is_connected:
@@ -330,8 +357,8 @@ class NatsCluster:
 
     async def aclose(self) -> None:
         self._closing = True
-        for key in list(self._pumps):
-            await self._stop_pump(key)
+        for key in list(self._pulls):
+            await self._stop_pull(key)
         for subscription in self._feeds.values():
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -360,7 +387,7 @@ class NatsCluster:
         if batch.outgoing:
             await self._publish(batch.outgoing)
         for session, client_id in batch.subscribers_dropped:
-            await self._stop_pump((session, client_id))
+            await self._stop_pull((session, client_id))
             await self._delete_consumer(session, client_id)
             with contextlib.suppress(self._errors.KeyNotFoundError):
                 await self._clients.delete(_claim_key(session, client_id))
@@ -380,13 +407,13 @@ class NatsCluster:
         for key, arrived in final.items():  # one that came and went in this batch is gone
             if arrived is None:
                 self._claims.pop(key, None)
-                await self._stop_pump(key)
+                await self._stop_pull(key)
             else:
-                await self._stop_pump(key)  # it left and came back: what it was handed goes back
+                await self._stop_pull(key)  # it left and came back: what it was handed goes back
                 self._claims[key] = (arrived, self.node)
                 claim = {"session": key[0], "clientId": key[1], "node": self.node, "arrived": arrived}
                 await self._clients.put(_claim_key(*key), orjson.dumps(claim))
-                self._start_pump(key)
+                self._start_pull(key)
         for session, message_id, client_id in batch.deliveries_dropped:
             msg = self._held.get((session, client_id), {}).pop(message_id, None)
             if msg is not None:
@@ -424,8 +451,8 @@ class NatsCluster:
 
     async def _drop_session(self, name: str) -> None:
         await self._stop_feed(name)
-        for key in [key for key in self._pumps if key[0] == name]:
-            await self._stop_pump(key)
+        for key in [key for key in self._pulls if key[0] == name]:
+            await self._stop_pull(key)
         with contextlib.suppress(self._errors.NotFoundError):
             await self._js.delete_stream(stream_name(name))
         await self._kv.delete(_key(name))
@@ -543,67 +570,82 @@ class NatsCluster:
 
     # -- resumable subscribers ----------------------------------------------------------------------------
 
-    def _start_pump(self, key: SubscriberKey) -> None:
+    def _start_pull(self, key: SubscriberKey) -> None:
         if self._task_group is None:
             return
-        stop = self._pumps[key] = anyio.Event()
-        self._task_group.start_soon(self._pump, key, stop)
+        consumer = consumer_name(*key)
+        pull = self._pulls[key] = _Pull(
+            key, f"$JS.API.CONSUMER.MSG.NEXT.{stream_name(key[0])}.{consumer}", self._nc.new_inbox()
+        )
+        self._task_group.start_soon(self._open_pull, pull)
 
-    async def _stop_pump(self, key: SubscriberKey) -> None:
+    async def _stop_pull(self, key: SubscriberKey) -> None:
         """Stop delivering ``key`` here and hand its un-ACKed messages back to JetStream at once.
 
-        The pump is not cancelled: a pull request abandoned mid-way stays open in JetStream, and what it
-        is sent then waits ``ack_wait`` before another node gets it. It stops after its request returns
-        (within :data:`PULL_WAIT`), handing back what that brought.
+        A pull request cannot be withdrawn, and what JetStream sends to an abandoned one waits
+        ``ack_wait`` before another node gets it: the pull stays subscribed until its request ends
+        (within :data:`PULL_WAIT`), handing back whatever still comes.
         """
-        stop = self._pumps.pop(key, None)
-        if stop is not None:
-            stop.set()
+        pull = self._pulls.pop(key, None)
+        if pull is not None:
+            pull.stopping = True
+            self._ending.add(pull)
         for msg in self._held.pop(key, {}).values():
             with contextlib.suppress(Exception):
                 await msg.nak()
 
-    async def _pump(self, key: SubscriberKey, stop: anyio.Event) -> None:
-        session, client_id = key
-        core = self._core
-        assert core is not None
-        window = self._config.limits.max_inflight_per_subscriber
-        rebind = False
-        while not stop.is_set():  # bind; again when its consumer or the connection failed
-            try:
-                if rebind:  # a consumer gone meanwhile is made again, from now on
-                    await self._ensure_consumer(session, client_id, time.time())
-                subscription = await self._js.pull_subscribe_bind(
-                    durable=consumer_name(session, client_id), stream=stream_name(session)
-                )
-            except Exception as exc:
-                logger.warning("cluster: subscriber %r of %r: %s (retrying)", client_id, session, exc)
-                await anyio.sleep(1.0)
-                continue
-            rebind = True
-            try:
-                while not stop.is_set():
-                    try:
-                        batch = await subscription.fetch(window, timeout=PULL_WAIT)
-                    except TimeoutError:
-                        continue
-                    if stop.is_set():
-                        for msg in batch:
-                            await msg.nak()
-                        return
-                    if not await self._hand_over(key, batch, self._held.setdefault(key, {})):
-                        return  # it left meanwhile: the batch that says so stops nothing more
-            except Exception as exc:
-                logger.info("cluster: pulling for %r of %r: %s (binding again)", client_id, session, exc)
-                await anyio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await subscription.unsubscribe()
+    async def _open_pull(self, pull: _Pull) -> None:
+        try:
+            pull.subscription = await self._nc.subscribe(
+                pull.inbox, cb=functools.partial(self._on_pulled, pull)
+            )
+            await self._request(pull)
+        except Exception as exc:  # the watchdog asks again
+            logger.warning("cluster: subscriber %r of %r: %s (retrying)", pull.key[1], pull.key[0], exc)
 
-    async def _hand_over(self, key: SubscriberKey, batch: list[Any], held: dict[str, Any]) -> bool:
-        """Give the core a pulled batch; ``False`` if the subscriber is not served here any more."""
+    async def _request(self, pull: _Pull) -> None:
+        """Ask for a window's worth (JetStream sends them as the subscriber's ACKs make room)."""
+        window = self._config.limits.max_inflight_per_subscriber
+        pull.remaining = window
+        pull.active = time.monotonic()
+        body = orjson.dumps({"batch": window, "expires": int(PULL_WAIT * 1e9)})
+        await self._nc.publish(pull.subject, body, reply=pull.inbox)
+
+    async def _on_pulled(self, pull: _Pull, msg: Any) -> None:
+        """A message for the subscriber, or the end of a request (a status): handled in the inbox's
+        callback, without nats-py's per-message fetch machinery; the core gets them once per loop turn."""
+        pull.active = time.monotonic()
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None:
+            if status == "100":  # a heartbeat
+                return
+            if pull.stopping:
+                await self._end_pull(pull)
+            else:  # 408: the request expired; 404/409/503: no messages now, or the consumer changed
+                if status not in ("404", "408"):
+                    await self._ensure_consumer(*pull.key, time.time())
+                await self._request(pull)
+            return
+        if pull.stopping:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+        pull.remaining -= 1
+        pull.buffer.append(msg)
+        if len(pull.buffer) == 1:
+            asyncio.get_running_loop().call_soon(self._hand_over_soon, pull)
+        if pull.remaining <= 0:
+            await self._request(pull)
+
+    def _hand_over_soon(self, pull: _Pull) -> None:
+        """Give the core what the pull brought this loop turn, in order; the replies to JetStream (ACKs
+        of what the subscriber does not take, hand-backs) go out from a task."""
+        batch, pull.buffer = pull.buffer, []
         core = self._core
-        assert core is not None
+        if not batch or core is None or self._task_group is None:
+            return
+        replies: list[tuple[Any, str]] = []
+        held = self._held.setdefault(pull.key, {}) if not pull.stopping else {}
         rows: list[tuple[MessageRecord, int]] = []
         for msg in batch:
             metadata = msg.metadata
@@ -611,23 +653,43 @@ class NatsCluster:
                 record = decode_message(msg.data, metadata.sequence.stream)
             except (ValueError, TypeError):
                 logger.warning("cluster: terminating a damaged message on %s", msg.subject)
-                await msg.term()
+                replies.append((msg, "term"))
                 continue
             held[record.message_id] = msg
             rows.append((record, max(0, metadata.num_delivered - 1)))
-        refused = core.engine_deliveries(*key, rows, self._now())
+        refused = None if pull.stopping else core.engine_deliveries(*pull.key, rows, self._now())
         self._flush()
-        if refused is None:  # it left meanwhile: hand these back (its detach hands back the rest)
-            for record, _ in rows:
-                msg = held.pop(record.message_id, None)
-                if msg is not None:
-                    await msg.nak()
-            return False
-        for message_id in refused:
-            msg = held.pop(message_id, None)
-            if msg is not None:
-                await msg.ack()
-        return True
+        if refused is None:  # it left meanwhile: hand these back (its departure hands back the rest)
+            replies += [(msg, "nak") for record, _ in rows if (msg := held.pop(record.message_id, None))]
+        else:
+            replies += [(msg, "ack") for message_id in refused if (msg := held.pop(message_id, None))]
+        if replies:
+            self._task_group.start_soon(_reply, replies)
+
+    async def _end_pull(self, pull: _Pull) -> None:
+        self._ending.discard(pull)
+        if pull.subscription is not None:
+            with contextlib.suppress(Exception):
+                await pull.subscription.unsubscribe()
+
+    async def _watch_pulls(self) -> None:
+        """Ask again for a pull whose request was lost (NATS restarted), end the pulls that stopped."""
+        while True:
+            await anyio.sleep(PULL_WAIT)
+            late = time.monotonic() - 3 * PULL_WAIT
+            for pull in list(self._ending):
+                if pull.active < late:
+                    await self._end_pull(pull)
+            for pull in list(self._pulls.values()):
+                if pull.active < late and self._nc.is_connected:
+                    try:
+                        if pull.subscription is None:
+                            await self._open_pull(pull)
+                        else:
+                            await self._ensure_consumer(*pull.key, time.time())
+                            await self._request(pull)
+                    except Exception as exc:
+                        logger.info("cluster: asking again for %r: %s", pull.key[1], exc)
 
     async def _ensure_consumer(self, session: str, client_id: str, since: float) -> list[str]:
         """Create the subscriber's consumer unless it exists, holding every message stored from ``since``
@@ -694,6 +756,14 @@ class NatsCluster:
         if self._core is not None:
             self._core.engine_available(True)
             self._flush()
+
+
+async def _reply(replies: list[tuple[Any, str]]) -> None:
+    """ACK, hand back (``nak``) or terminate JetStream messages (a lost connection loses them: JetStream
+    redelivers after ``ack_wait``)."""
+    for msg, verb in replies:
+        with contextlib.suppress(Exception):
+            await getattr(msg, verb)()
 
 
 def _metadata(topics: Sequence[str]) -> dict[str, str]:
