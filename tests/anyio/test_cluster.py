@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -281,3 +282,24 @@ async def test_a_client_id_resumed_on_another_node_closes_the_first_connection_w
             message = await receive_message(second)  # its subscription came with it
             assert message["messageId"] == "after"
         await first.aclose()
+
+
+async def test_nats_credentials_are_used_and_wrong_ones_stop_the_node(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    secured = NatsServer(store_dir=tmp_path / "js", extra_args=["--user", "fp", "--pass", "nats-secret"])
+    await anyio.to_thread.run_sync(secured.start)
+    try:
+        with pytest.raises(ClusterError, match="cannot reach NATS"):
+            await NatsCluster.connect(
+                ClusterOptions((secured.url,), user="fp", password="wrong"), FAST_CONFIG
+            )
+        options = ClusterOptions((secured.url,), user="fp", password="nats-secret")
+        cluster = await NatsCluster.connect(options, FAST_CONFIG)
+        node = Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, cluster=cluster)
+        async with node, await member(node.port) as sub, await member(node.port) as pub:
+            assert (await sub.subscribe("t"))["success"]
+            assert (await pub.request(publish_frame("t", "x", "s1")))["success"]
+            assert (await receive_message(sub))["messageId"] == "s1"
+    finally:
+        await anyio.to_thread.run_sync(secured.stop)
