@@ -430,7 +430,16 @@ class NatsCluster:
                 await js.publish_async(_subject(record.session), encode_message(record), headers=headers)
             )
         with anyio.fail_after(PUBLISH_TIMEOUT):
-            await asyncio.gather(*futures)
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        known = set(self._core.session_names()) if self._core is not None else set()
+        for (record, _), result in zip(outgoing, results, strict=True):
+            if isinstance(result, BaseException):
+                if record.session not in known:
+                    # Dropped meanwhile (on another node, with its stream): its publisher was closed
+                    # with 4001 and never confirmed. Retrying would stall every later commit.
+                    logger.info("cluster: dropping a publish to session %r, gone", record.session)
+                    continue
+                raise result
 
     async def _ensure_stream(self, record: SessionRecord) -> None:
         api = self._api

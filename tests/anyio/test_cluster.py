@@ -20,6 +20,7 @@ import pytest
 
 from fastport_anyio import ClusterError, ClusterOptions, NatsCluster, Server
 from fastport_core.config import ServerConfig
+from fastport_core.storage import MessageRecord
 from tests.nats_support import NatsServer, free_port
 
 from .conftest import (
@@ -303,3 +304,18 @@ async def test_nats_credentials_are_used_and_wrong_ones_stop_the_node(
             assert (await receive_message(sub))["messageId"] == "s1"
     finally:
         await anyio.to_thread.run_sync(secured.stop)
+
+
+async def test_a_publish_to_a_session_dropped_meanwhile_does_not_stall_the_node(
+    anyio_backend: str, nats_server: NatsServer
+) -> None:
+    async with nodes(nats_server, 1) as (a,):
+        # A batch taken just before its session (and stream) was dropped on another node.
+        ghost = MessageRecord("ghost", "g1", 0, "t", "x", "h", 1, "text", 2e9, 10)
+        cluster = a._backend
+        assert isinstance(cluster, NatsCluster)
+        await cluster._publish([(ghost, 0)])  # no stream, no session: skipped, not raised
+        async with await member(a.port) as sub, await member(a.port) as other:
+            assert (await sub.subscribe("t"))["success"]
+            assert (await other.request(publish_frame("t", "x", "after")))["success"]
+            assert (await receive_message(sub))["messageId"] == "after"
