@@ -46,7 +46,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 import anyio
 import anyio.abc
@@ -70,6 +70,8 @@ from fastport_core.storage import (
 __all__ = ["ClusterError", "ClusterOptions", "NatsCluster"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 BUCKET: Final = "fastport_sessions"
 """The key-value bucket every node shares the sessions through."""
@@ -396,16 +398,19 @@ class NatsCluster:
             if arrived is not None and (session, client_id) not in kept:
                 # Its consumer first (a new one holds every message from the moment it arrived), and
                 # what it kept comes back before this batch's subscriptions are written over it.
-                kept[session, client_id] = topics = await self._ensure_consumer(session, client_id, arrived)
+                ensure = self._ensure_consumer(session, client_id, arrived)
+                kept[session, client_id] = topics = await self._unless_gone(session, ensure) or []
                 assert self._core is not None
                 self._core.engine_subscriptions(session, client_id, topics, self._now())
                 self._flush()
         for subscriber in batch.subscribers:
             key = (subscriber.session, subscriber.client_id)
-            await self._save_subscriber(subscriber._replace(topics=(*subscriber.topics, *kept.get(key, ()))))
+            merged = subscriber._replace(topics=(*subscriber.topics, *kept.get(key, ())))
+            await self._unless_gone(subscriber.session, self._save_subscriber(merged))
         final = {(session, client_id): arrived for session, client_id, arrived in batch.presence}
+        known = set(self._core.session_names()) if self._core is not None else set()
         for key, arrived in final.items():  # one that came and went in this batch is gone
-            if arrived is None:
+            if arrived is None or key[0] not in known:
                 self._claims.pop(key, None)
                 await self._stop_pull(key)
             else:
@@ -418,6 +423,17 @@ class NatsCluster:
             msg = self._held.get((session, client_id), {}).pop(message_id, None)
             if msg is not None:
                 await msg.ack()
+
+    async def _unless_gone(self, session: str, operation: Awaitable[_T]) -> _T | None:
+        """``await operation``; if it fails because its session was dropped meanwhile (on another node,
+        with its stream), skip it (``None``): retrying would stall every later commit of the node."""
+        try:
+            return await operation
+        except Exception:
+            if self._core is not None and session not in self._core.session_names():
+                logger.info("cluster: skipping a change to session %r, gone", session)
+                return None
+            raise
 
     async def _publish(self, outgoing: list[tuple[MessageRecord, int]]) -> None:
         """Store the messages (PubAck for each, all at once); raise if any is not stored."""

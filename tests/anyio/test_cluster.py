@@ -20,7 +20,7 @@ import pytest
 
 from fastport_anyio import ClusterError, ClusterOptions, NatsCluster, Server
 from fastport_core.config import ServerConfig
-from fastport_core.storage import MessageRecord
+from fastport_core.storage import MessageRecord, Presence, StoreBatch, SubscriberRecord
 from tests.nats_support import NatsServer, free_port
 
 from .conftest import (
@@ -315,6 +315,12 @@ async def test_a_publish_to_a_session_dropped_meanwhile_does_not_stall_the_node(
         cluster = a._backend
         assert isinstance(cluster, NatsCluster)
         await cluster._publish([(ghost, 0)])  # no stream, no session: skipped, not raised
+        batch = StoreBatch(
+            1,
+            subscribers=[SubscriberRecord("ghost", "dev", False, ("t",))],
+            presence=[Presence("ghost", "dev", 2e9)],
+        )
+        await cluster.commit([batch])  # its consumer cannot be made: skipped too
         async with await member(a.port) as sub, await member(a.port) as other:
             assert (await sub.subscribe("t"))["success"]
             assert (await other.request(publish_frame("t", "x", "after")))["success"]
