@@ -51,8 +51,9 @@ __all__ = [
     "settings_to_json",
 ]
 
-SCHEMA_VERSION: Final = 1
-"""The version of what the records mean; a store keeps it and migrates older layouts on open."""
+SCHEMA_VERSION: Final = 2
+"""The version of a store's layout (what it keeps the records in); a store keeps it and migrates older
+layouts on open. 2: dedupe entries packed, one row per session per batch."""
 
 SubscriberKey = tuple[str, str]
 """``(session, clientId)``."""
@@ -133,7 +134,9 @@ class PublishRecord(NamedTuple):
     message_id: str
     delivered_to: int
     at: float
-    """Wall-clock seconds when it was published (the entry expires ``dedupe_ttl`` later)."""
+    """Wall-clock seconds when it was published (the entry expires ``dedupe_ttl`` later). Entries come in
+    publish order, so times never go back (a store may rely on it: one whose clock stepped back may keep
+    an id's older entry a little longer)."""
 
 
 @dataclass(slots=True)

@@ -278,20 +278,26 @@ def test_a_message_id_taken_again_replaces_its_dedupe_entry(store: SqliteStore) 
 
 
 def test_commits_prune_expired_dedupe_entries_at_most_every_few_seconds(tmp_path: Path) -> None:
+    """Entries are packed one row per session per batch, so a row goes once its newest entry expired
+    (a batch spans milliseconds); an expired entry still in its row is never loaded."""
     clock = Clock(1000.0)
     store = open_store(tmp_path / "s.db", clock, dedupe_ttl=100.0)
     store.commit(
         [StoreBatch(1, publishes=[PublishRecord("a", "old", 0, 950.0), PublishRecord("a", "new", 0, 999.0)])]
     )
-    clock.now = 1060.0  # "old" expired at 1050
+    clock.now = 1060.0  # "old" expired at 1050, its row (newest 999) not yet
     store.commit([StoreBatch(2, publishes=[PublishRecord("a", "newer", 0, 1060.0)])])
-    assert counts(store) == {"a": (0, 0, 0, 2)}
-    clock.now = 1061.0 + store_module.PRUNE_INTERVAL / 2  # "new" expired at 1099... not yet: and no prune due
-    store.commit([StoreBatch(3, publishes=[PublishRecord("a", "x", 0, 900.0)])])
     assert counts(store) == {"a": (0, 0, 0, 3)}
+    assert [p.message_id for p in store.load().publishes] == ["new", "newer"]
+    clock.now = 1061.0 + store_module.PRUNE_INTERVAL / 2  # no prune due
+    store.commit([StoreBatch(3, publishes=[PublishRecord("a", "x", 0, 900.0)])])
+    assert counts(store) == {"a": (0, 0, 0, 4)}
     clock.now = 1061.0 + store_module.PRUNE_INTERVAL
-    store.commit([StoreBatch(4)])
-    assert counts(store) == {"a": (0, 0, 0, 2)}
+    store.commit([StoreBatch(4)])  # x's row goes; the first row lives until 1099
+    assert counts(store) == {"a": (0, 0, 0, 3)}
+    clock.now = 1100.0 + store_module.PRUNE_INTERVAL
+    store.commit([StoreBatch(5)])
+    assert counts(store) == {"a": (0, 0, 0, 1)}
     store.close()
 
 
@@ -302,7 +308,7 @@ def test_an_empty_file_is_migrated_to_the_current_version(tmp_path: Path) -> Non
     path = tmp_path / "empty.db"
     path.touch()
     store = open_store(path)
-    assert store.check().schema_version == SCHEMA_VERSION == 1
+    assert store.check().schema_version == SCHEMA_VERSION == 2
     store.commit([a_full_batch()])
     store.close()
 
@@ -332,11 +338,30 @@ def test_store_check_of_an_empty_file_exits_2_and_leaves_it_empty(
 def test_opening_runs_the_missing_migration_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s.db"
     open_store(path).close()
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
     monkeypatch.setattr(store_module, "_MIGRATIONS", (*store_module._MIGRATIONS, ("CREATE TABLE extra (x)",)))
     store = open_store(path)
-    assert store.check().schema_version == 2
+    assert store.check().schema_version == 3
     assert store._conn.execute("SELECT count(*) FROM extra").fetchone() == (0,)
+    store.close()
+
+
+def test_a_version_1_store_keeps_its_dedupe_entries_when_migrated(tmp_path: Path) -> None:
+    """Layout 1 kept one row per dedupe entry; 2 packs them (one row per session per batch)."""
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    for statement in store_module._MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute(f"PRAGMA application_id={store_module.APPLICATION_ID}")
+    conn.execute("PRAGMA user_version=1")
+    rows = [("a", "m1", 1, 990.0), ("a", "m2", 0, 995.0), ("b", "m1", 2, 996.0), ("a", "gone", 0, 10.0)]
+    conn.executemany("INSERT INTO publishes VALUES (?, ?, ?, ?)", rows)
+    conn.commit()
+    conn.close()
+    store = open_store(path, Clock(1000.0), dedupe_ttl=100.0)
+    assert store.check().schema_version == SCHEMA_VERSION
+    assert store.load().publishes == [PublishRecord(*row) for row in rows[:3]]
+    assert counts(store) == {"a": (0, 0, 0, 3), "b": (0, 0, 0, 1)}  # "gone" goes at the next prune
     store.close()
 
 
@@ -444,7 +469,7 @@ def test_store_check_prints_the_report_and_exits_0(
     store.commit([a_full_batch()])
     assert main(["store", "check", str(tmp_path / "store.db")]) == 0
     out = capsys.readouterr().out
-    assert "schema version: 1" in out and "integrity: ok" in out
+    assert "schema version: 2" in out and "integrity: ok" in out
     assert "  a: subscribers=2 messages=2 deliveries=2 dedupe=1" in out.splitlines()
 
 
@@ -565,7 +590,9 @@ def normalised(snapshot: Snapshot) -> Snapshot:
         sorted(snapshot.sessions, key=lambda s: s.name),
         sorted(snapshot.subscribers, key=lambda s: (s.session, s.client_id)),
         sorted(snapshot.backlogs),
-        snapshot.publishes,
+        # Each session's dedupe window is restored on its own: only the order within a session matters
+        # (a stable sort keeps it), not how entries of different sessions published at once interleave.
+        sorted(snapshot.publishes, key=lambda p: p.session),
         snapshot.last_seq,
     )
 
@@ -608,18 +635,25 @@ def test_the_store_agrees_with_a_model_of_store_batch(
     store = open_store(path, Clock(NOW), dedupe_ttl=TTL, dedupe_window=WINDOW)
     model = Model()
     seq = 0
+    latest = 0.0
     batches: list[StoreBatch] = []
     for parts in commits:
         batches = []
         for fields_ in parts:
+            publishes = []
+            for p in fields_["publishes"]:  # the broker writes entries in publish order: times never go back
+                latest = max(latest, p.at)
+                publishes.append(p._replace(at=latest))
             messages = []
             for s, m in fields_["messages"]:
                 seq += 1  # the broker numbers messages in publish order
                 messages.append(message(s, m, seq))
-            batches.append(StoreBatch(len(batches) + 1, **{**fields_, "messages": messages}))
+            batches.append(
+                StoreBatch(len(batches) + 1, **{**fields_, "messages": messages, "publishes": publishes})
+            )
         store.commit(batches)
         model.commit(batches)
-        assert normalised(store.load()) == model.snapshot()
+        assert normalised(store.load()) == normalised(model.snapshot())
         assert stored(store) == model.stored()
     store.close()
 
