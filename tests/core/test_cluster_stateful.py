@@ -19,25 +19,23 @@ from typing import Any
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import initialize, precondition, rule
 
 from fastport_core.config import ServerConfig, SessionSettings
 from fastport_core.server import ServerCore
 from tests.engine_model import ModelEngine
 
+from .publisher_machine import ConfirmingPublisher
 from .test_cluster_core import of_type
 from .wire import RawPeer
 
 
-class KillAnyNode(RuleBasedStateMachine):
+class KillAnyNode(ConfirmingPublisher):
     @initialize()
     def start(self) -> None:
         self.engine = ModelEngine()
         self.now = 0.0
         self.nodes = [self._node(), self._node()]
-        self.next_id = 0
-        self.unconfirmed: list[str] = []
-        self.confirmed: set[str] = set()
         self.received: set[str] = set()
         self.publisher = self._connect(self.nodes[0])
         self.subscriber: RawPeer | None = self._connect(self.nodes[1], clientId="dev")
@@ -56,23 +54,7 @@ class KillAnyNode(RuleBasedStateMachine):
         assert of_type(peer.received, "init_response")[0]["success"] is True
         return peer
 
-    def _pump(self) -> None:
-        for response in of_type(self.publisher.pump(self.now), "publish_response"):
-            if response["success"]:
-                self.confirmed.add(response["messageId"])
-                if response["messageId"] in self.unconfirmed:
-                    self.unconfirmed.remove(response["messageId"])
-        self.publisher.received.clear()
-
     # -- traffic ---------------------------------------------------------------------------------------------
-
-    @rule()
-    def publish(self) -> None:
-        message_id = f"m{self.next_id}"
-        self.next_id += 1
-        self.unconfirmed.append(message_id)
-        self.publisher.publish("t", message_id, now=self.now)
-        self._pump()
 
     @rule(node=st.integers(0, 1))
     def commit(self, node: int) -> None:

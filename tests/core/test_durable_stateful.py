@@ -17,26 +17,24 @@ from typing import Any
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from fastport_core.server import ServerCore
 from fastport_core.storage import StoreBatch
 from tests.store_model import ModelStore
 
+from .publisher_machine import ConfirmingPublisher
 from .test_durable import ack, durable_core, of_type
 from .wire import RawPeer
 
 
-class CrashAnywhere(RuleBasedStateMachine):
+class CrashAnywhere(ConfirmingPublisher):
     @initialize()
     def start(self) -> None:
         self.store = ModelStore()
         self.now = 0.0
         self.core: ServerCore = durable_core(self.store, self.now, ping_interval=None)
         self.in_flight: list[StoreBatch] = []
-        self.next_id = 0
-        self.unconfirmed: list[str] = []
-        self.confirmed: set[str] = set()
         self.received: set[str] = set()
         self.acked_unsaved: set[str] = set()
         """ACKed, and the ACK is not in a taken batch yet."""
@@ -56,23 +54,7 @@ class CrashAnywhere(RuleBasedStateMachine):
         assert of_type(peer.received, "init_response")[0]["success"] is True
         return peer
 
-    def _pump(self) -> None:
-        for response in of_type(self.publisher.pump(self.now), "publish_response"):
-            if response["success"]:
-                self.confirmed.add(response["messageId"])
-                if response["messageId"] in self.unconfirmed:
-                    self.unconfirmed.remove(response["messageId"])
-        self.publisher.received.clear()
-
     # -- traffic ---------------------------------------------------------------------------------------------
-
-    @rule()
-    def publish(self) -> None:
-        message_id = f"m{self.next_id}"
-        self.next_id += 1
-        self.unconfirmed.append(message_id)
-        self.publisher.publish("t", message_id, now=self.now)
-        self._pump()
 
     @precondition(lambda self: self.subscriber is not None)
     @rule(acks=st.integers(0, 5))
