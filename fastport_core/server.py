@@ -39,7 +39,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, TypeVar
 
 from .admin import AdminApi, AdminCredentials
 from .auth import PasswordCheck
@@ -59,6 +59,8 @@ from .websocket import BinaryMessage, TextMessage, WebSocket, WebSocketState
 __all__ = ["LAST_WRITE_TIMEOUT", "ServerCore"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 LAST_WRITE_TIMEOUT: Final = 2.0
 """Seconds a blocked write may still take once the core is done with its connection (a Close frame, a
@@ -359,41 +361,49 @@ class ServerCore:
 
     def engine_messages(self, messages: list[tuple[MessageRecord, int]], now: float) -> None:
         """Messages the engine stored, each with the id of the connection here that published it (or 0)."""
-        self.broker.engine_messages(messages, now)
-        if self._output:
-            self._apply(now)
+        self._from_engine(lambda: self.broker.engine_messages(messages, now), "fanning out", now)
 
     def engine_deliveries(
         self, session: str, client_id: str, rows: list[tuple[MessageRecord, int]], now: float
     ) -> list[str] | None:
         """The engine's deliveries for a resumable subscriber served here; see
-        :meth:`Broker.engine_deliveries` for the answer."""
-        refused = self.broker.engine_deliveries(session, client_id, rows, now)
-        if self._output:
-            self._apply(now)
-        return refused
+        :meth:`Broker.engine_deliveries` for the answer (``None`` too after an internal error: the engine
+        takes them back)."""
+        return self._from_engine(
+            lambda: self.broker.engine_deliveries(session, client_id, rows, now), "delivering", now
+        )
 
     def engine_subscriptions(self, session: str, client_id: str, topics: list[str], now: float) -> None:
         """A resumable subscriber that resumed here gets back the subscriptions the engine kept."""
-        self.broker.engine_subscriptions(session, client_id, topics)
+        self._from_engine(
+            lambda: self.broker.engine_subscriptions(session, client_id, topics), "resubscribing", now
+        )
 
     def engine_client_claimed(self, session: str, client_id: str, now: float) -> None:
         """A connection on another node resumed ``client_id``: the one here closes with 4003."""
-        self.broker.engine_client_claimed(session, client_id, now)
-        if self._output:
-            self._apply(now)
+        self._from_engine(
+            lambda: self.broker.engine_client_claimed(session, client_id, now), "handing over", now
+        )
 
     def engine_session(self, record: SessionRecord, now: float) -> None:
         """A session created or changed on any node of the cluster."""
-        self.broker.engine_session(record, now)
-        if self._output:
-            self._apply(now)
+        self._from_engine(lambda: self.broker.engine_session(record, now), "applying a session", now)
 
     def engine_session_dropped(self, name: str, now: float) -> None:
         """A session dropped on any node of the cluster: its connections here close with 4001."""
-        self.broker.engine_session_dropped(name, now)
-        if self._output:
-            self._apply(now)
+        self._from_engine(lambda: self.broker.engine_session_dropped(name, now), "dropping a session", now)
+
+    def _from_engine(self, call: Callable[[], _T], what: str, now: float) -> _T | None:
+        """Run one ``engine_*`` call: a bug there is contained (logged, counted) instead of reaching the
+        adapter's engine link, whose commits or feeds it would stall."""
+        try:
+            result = call()
+            if self._output:
+                self._apply(now)
+        except Exception:
+            self._contain(None, f"{what} (from the cluster)", now)
+            return None
+        return result
 
     def engine_available(self, available: bool) -> None:
         """The node lost its engine (``False``: publishes and session changes are refused with

@@ -239,3 +239,15 @@ def test_a_node_without_its_engine_refuses_a_resumable_init_but_not_an_anonymous
     refused = RawPeer(a).init("demo", "pw", clientId="dev")
     assert refused["success"] is False and refused["code"] == "cluster_unavailable"
     assert RawPeer(a).init("demo", "pw")["success"] is True
+
+
+def test_a_bug_in_an_engine_call_is_contained_not_raised_into_the_engine_link() -> None:
+    engine = ModelEngine()
+    a = node(engine)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    a.broker.engine_deliveries = broken  # type: ignore[method-assign]
+    assert a.engine_deliveries("demo", "dev", [], 0.0) is None  # handed back, nothing raised
+    assert a.metrics.total("internal_errors") == 1
