@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from typing import Any, Final, cast
 
 import run
 from run import DASH, FULL, HOST, MAIN, QUICK, TIMES, Measurement, Mode, ServerProcess
+from run import _median as median
 
 sys.path.insert(0, str(run.ROOT))
 from tests.nats_support import NatsServer
@@ -200,10 +200,6 @@ def _print(result: Result) -> None:
 # -- tables ----------------------------------------------------------------------------------------------
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def _ok(results: list[Result], scenario: str, name: str) -> list[Result]:
     return [r for r in results if r.m.scenario == scenario and r.m.server == name and r.m.ok]
 
@@ -215,12 +211,12 @@ def _latency(ok: list[Result], source: str, quantile: str) -> float:
         values = [r.m.publisher.get("confirm_us", {}).get(quantile, float("nan")) for r in ok]
     else:
         values = [r.m.latency_us.get(quantile, float("nan")) for r in ok]
-    return _median(values) / 1000
+    return median(values) / 1000
 
 
 METRICS: Final = (
-    ("deliveries/s", lambda ok: _median([r.m.deliveries_per_s for r in ok])),
-    ("fastport CPU per delivery", lambda ok: _median([r.m.us_per_delivery for r in ok])),
+    ("deliveries/s", lambda ok: median([r.m.deliveries_per_s for r in ok])),
+    ("fastport CPU per delivery", lambda ok: median([r.m.us_per_delivery for r in ok])),
     ("confirm p99", lambda ok: _latency(ok, "confirm", "p99")),
     ("delivery p99", lambda ok: _latency(ok, "delivery", "p99")),
 )
@@ -238,12 +234,12 @@ def table(results: list[Result], rounds: int) -> str:
             if not ok:
                 lines.append(f"| {scenario.label} | {name} | failed | | | | | | | | | 0/{rounds} |")
                 continue
-            nats = _median([r.nats_us_per_delivery for r in ok])
+            nats = median([r.nats_us_per_delivery for r in ok])
             lines.append(
-                f"| {scenario.label} | {name} | {_median([r.m.deliveries_per_s for r in ok]):,.0f} "
-                f"| {_median([r.m.msg_per_s for r in ok]):,.0f} "
-                f"| {_median([r.m.us_per_message for r in ok]):.1f} "
-                f"| {_median([r.m.us_per_delivery for r in ok]):.1f} "
+                f"| {scenario.label} | {name} | {median([r.m.deliveries_per_s for r in ok]):,.0f} "
+                f"| {median([r.m.msg_per_s for r in ok]):,.0f} "
+                f"| {median([r.m.us_per_message for r in ok]):.1f} "
+                f"| {median([r.m.us_per_delivery for r in ok]):.1f} "
                 f"| {'' if math.isnan(nats) else f'{nats:.1f}'} "
                 f"| {_latency(ok, 'confirm', 'p50'):.2f} | {_latency(ok, 'confirm', 'p99'):.2f} "
                 f"| {_latency(ok, 'delivery', 'p50'):.2f} | {_latency(ok, 'delivery', 'p99'):.2f} "
@@ -265,8 +261,8 @@ def table(results: list[Result], rounds: int) -> str:
                 f"| {scenario.label} | {metric} | {cluster / memory:.2f}{TIMES} "
                 f"| {cluster / durable:.2f}{TIMES} | {durable / memory:.2f}{TIMES} |"
             )
-        with_nats = _median([r.m.us_per_delivery + r.nats_us_per_delivery for r in per[CLUSTER]])
-        memory, durable = (_median([r.m.us_per_delivery for r in per[name]]) for name in (MEMORY, DURABLE))
+        with_nats = median([r.m.us_per_delivery + r.nats_us_per_delivery for r in per[CLUSTER]])
+        memory, durable = (median([r.m.us_per_delivery for r in per[name]]) for name in (MEMORY, DURABLE))
         lines.append(
             f"| {scenario.label} | fastport + NATS CPU per delivery | {with_nats / memory:.2f}{TIMES} "
             f"| {with_nats / durable:.2f}{TIMES} | |"

@@ -62,7 +62,6 @@ from fastport_core.storage import (
     Snapshot,
     StoreBatch,
     SubscriberKey,
-    SubscriberRecord,
     settings_from_json,
     settings_to_json,
 )
@@ -405,12 +404,13 @@ class NatsCluster:
                 self._flush()
         for subscriber in batch.subscribers:
             key = (subscriber.session, subscriber.client_id)
-            merged = subscriber._replace(topics=(*subscriber.topics, *kept.get(key, ())))
-            await self._unless_gone(subscriber.session, self._save_subscriber(merged))
+            # Its subscriptions go with its consumer: a resume on any node restores them.
+            merged = (*subscriber.topics, *kept.get(key, ()))
+            save = self._ensure_consumer(*key, time.time(), merged)
+            await self._unless_gone(subscriber.session, save)
         final = {(session, client_id): arrived for session, client_id, arrived in batch.presence}
-        known = set(self._core.session_names()) if self._core is not None else set()
         for key, arrived in final.items():  # one that came and went in this batch is gone
-            if arrived is None or key[0] not in known:
+            if arrived is None or self._gone(key[0]):
                 self._claims.pop(key, None)
                 await self._stop_pull(key)
             else:
@@ -430,10 +430,14 @@ class NatsCluster:
         try:
             return await operation
         except Exception:
-            if self._core is not None and session not in self._core.session_names():
+            if self._gone(session):
                 logger.info("cluster: skipping a change to session %r, gone", session)
                 return None
             raise
+
+    def _gone(self, session: str) -> bool:
+        """The node no longer knows ``session`` (dropped, here or on another node)."""
+        return self._core is not None and self._core.broker.session_settings(session) is None
 
     async def _publish(self, outgoing: list[tuple[MessageRecord, int]]) -> None:
         """Store the messages (PubAck for each, all at once); raise if any is not stored."""
@@ -447,10 +451,9 @@ class NatsCluster:
             )
         with anyio.fail_after(PUBLISH_TIMEOUT):
             results = await asyncio.gather(*futures, return_exceptions=True)
-        known = set(self._core.session_names()) if self._core is not None else set()
         for (record, _), result in zip(outgoing, results, strict=True):
             if isinstance(result, BaseException):
-                if record.session not in known:
+                if self._gone(record.session):
                     # Dropped meanwhile (on another node, with its stream): its publisher was closed
                     # with 4001 and never confirmed. Retrying would stall every later commit.
                     logger.info("cluster: dropping a publish to session %r, gone", record.session)
@@ -716,33 +719,26 @@ class NatsCluster:
                     except Exception as exc:
                         logger.info("cluster: asking again for %r: %s", pull.key[1], exc)
 
-    async def _ensure_consumer(self, session: str, client_id: str, since: float) -> list[str]:
+    async def _ensure_consumer(
+        self, session: str, client_id: str, since: float, topics: Sequence[str] | None = None
+    ) -> list[str]:
         """Create the subscriber's consumer unless it exists, holding every message stored from ``since``
-        (wall-clock seconds) on; the topics it kept (none when new)."""
+        (wall-clock seconds) on; with ``topics``, keep them with it (an existing one's are replaced).
+        Returns the topics it kept before (none when new)."""
         stream, durable = stream_name(session), consumer_name(session, client_id)
         async with self._consumer_lock:
             try:
                 info = await self._js.consumer_info(stream, durable)
             except self._errors.NotFoundError:
-                config = self._consumer_config(session, client_id, (), since)
+                config = self._consumer_config(session, client_id, topics or (), since)
                 await self._js.add_consumer(stream, config=config)
                 return []
-        metadata = info.config.metadata or {}
-        topics: list[str] = orjson.loads(metadata.get("topics", "[]"))
-        return topics
-
-    async def _save_subscriber(self, record: SubscriberRecord) -> None:
-        """Keep the subscriber's subscriptions with its consumer (a resume on any node restores them)."""
-        stream, durable = stream_name(record.session), consumer_name(record.session, record.client_id)
-        async with self._consumer_lock:
-            try:
-                info = await self._js.consumer_info(stream, durable)
-            except self._errors.NotFoundError:
-                config = self._consumer_config(record.session, record.client_id, record.topics, time.time())
-            else:
-                config = info.config
-                config.metadata = _metadata(record.topics)
-            await self._js.add_consumer(stream, config=config)
+            config = info.config
+            kept: list[str] = orjson.loads((config.metadata or {}).get("topics", "[]"))
+            if topics is not None:
+                config.metadata = _metadata(topics)
+                await self._js.add_consumer(stream, config=config)
+        return kept
 
     def _consumer_config(self, session: str, client_id: str, topics: Sequence[str], since: float) -> Any:
         api = self._api

@@ -1452,10 +1452,8 @@ class Broker:
             message = cast(_Message, stored)
             session = publisher.session
             if sessions.get(session.name) is session:
-                self._message_seq += 1
-                message.seq = self._message_seq
                 conn = publisher.connection.conn if publisher.connection is not None else 0
-                batch.outgoing.append((_message_record(session.name, message, offset), conn))
+                batch.outgoing.append((self._numbered(session.name, message, offset), conn))
         journal.outgoing.clear()
         for owner, client_id, arrived, at in journal.presence:
             session = cast(_Session, owner)
@@ -1464,10 +1462,14 @@ class Broker:
         journal.presence.clear()
 
     def _save_message(self, batch: StoreBatch, session: str, message: _Message, offset: float) -> None:
+        message.saved = True
+        batch.messages.append(self._numbered(session, message, offset))
+
+    def _numbered(self, session: str, message: _Message, offset: float) -> MessageRecord:
+        """``message``'s record, with the next ``seq`` (publish order across the broker's life)."""
         self._message_seq += 1
         message.seq = self._message_seq
-        message.saved = True
-        batch.messages.append(_message_record(session, message, offset))
+        return _message_record(session, message, offset)
 
     def backlog_loaded(
         self, request: BacklogRequest, rows: list[tuple[MessageRecord, int]], now: float
@@ -1557,12 +1559,8 @@ class Broker:
         subscriber = session.clients.get(client_id) if session is not None else None
         if session is None or subscriber is None or subscriber.connection is None:
             return
-        scope = subscriber.connection.scope
-        limit = self._config.limits.max_subscriptions_per_connection
-        for topic in topics:
-            if topic in subscriber.topics or len(subscriber.topics) >= limit:
-                continue
-            if _check_subscribe(scope, topic) is None:
+        for topic in topics:  # what the token or the limit no longer allows stays out
+            if self._subscribe_refusal(subscriber.connection, subscriber, topic) is None:
                 session.subscribe(subscriber, topic)
         if topics:  # the engine had kept it: a resume (a new subscriber has nothing kept)
             self.metrics.inc("subscribers_resumed", session_name)
@@ -1593,9 +1591,7 @@ class Broker:
         session.settings = record.settings
         if session.token_key != record.token_key:
             session.token_key = record.token_key
-            reason = "the session's token key was rotated"
-            for connection in [c for c in session.connections if c.scope is not None]:
-                self._disconnect(connection, CloseCode.TOKEN_REVOKED, reason, now)
+            self._close_token_connections(session, now)
         if session.suspended != record.suspended:
             session.set_suspended(record.suspended, now)
             state = "suspended" if record.suspended else "resumed"
@@ -1752,12 +1748,7 @@ class Broker:
     def _on_subscribe(
         self, connection: _Connection, session: _Session, subscriber: _Subscriber, topic: str
     ) -> None:
-        limit = self._config.limits.max_subscriptions_per_connection
-        refusal = _check_subscribe(connection.scope, topic)
-        if refusal is None and topic not in subscriber.topics and len(subscriber.topics) >= limit:
-            refusal = RemoteProtocolError(
-                f"this connection already holds {limit} subscriptions", code=ErrorCode.TOO_MANY_SUBSCRIPTIONS
-            )
+        refusal = self._subscribe_refusal(connection, subscriber, topic)
         if refusal is not None:
             self._count_refusal(connection, refusal.code, refusal.message)
             response = SubscribeResponse(False, topic, error=refusal.message, code=refusal.code)
@@ -1765,6 +1756,18 @@ class Broker:
             session.subscribe(subscriber, topic)
             response = SubscribeResponse(True, topic)
         self._send(connection.conn, encode(response))
+
+    def _subscribe_refusal(
+        self, connection: _Connection, subscriber: _Subscriber, topic: str
+    ) -> RemoteProtocolError | None:
+        """Why ``subscriber`` may not subscribe to ``topic`` (its token, the per-connection limit), if so."""
+        limit = self._config.limits.max_subscriptions_per_connection
+        refusal = _check_subscribe(connection.scope, topic)
+        if refusal is None and topic not in subscriber.topics and len(subscriber.topics) >= limit:
+            refusal = RemoteProtocolError(
+                f"this connection already holds {limit} subscriptions", code=ErrorCode.TOO_MANY_SUBSCRIPTIONS
+            )
+        return refusal
 
     # -- init and authentication ---------------------------------------------------------------------------
 
@@ -2091,13 +2094,18 @@ class Broker:
         if self._journal is not None:
             self._journal.put(session)
             self._journal.changes += 1
+        closed = self._close_token_connections(session, now)
+        self._queue_settled()  # their deliveries were given up
+        self.metrics.inc("token_key_rotations", name)
+        _log.info("session %r: token key rotated (%d token connection(s) closed)", name, closed)
+        return base64.b64encode(session.token_key).decode("ascii")
+
+    def _close_token_connections(self, session: _Session, now: float) -> int:
+        """The session's token key changed: close (4008) the connections its old tokens opened; how many."""
         holders = [connection for connection in session.connections if connection.scope is not None]
         for connection in holders:
             self._disconnect(connection, CloseCode.TOKEN_REVOKED, "the session's token key was rotated", now)
-        self._queue_settled()  # their deliveries were given up
-        self.metrics.inc("token_key_rotations", name)
-        _log.info("session %r: token key rotated (%d token connection(s) closed)", name, len(holders))
-        return base64.b64encode(session.token_key).decode("ascii")
+        return len(holders)
 
     def drop_session(self, name: str, password: str, secret_key: str, now: float) -> None:
         """Drop a session: close its connections with 4001 and free all its state and metrics series."""
