@@ -17,7 +17,10 @@ Theory of operation of :class:`FrameDecoder`:
   limit) is enforced then, *before* any of the payload is waited for or buffered. The header is simply
   re-parsed when more bytes arrive for an incomplete frame: that is a few integer operations, and it
   keeps the decoder free of partial-frame state.
-* Payloads are unmasked with one big-integer XOR (C speed, no per-byte Python loop).
+* Payloads are unmasked by ``websockets``' compiled ``apply_mask`` (0.1 µs for a 567-byte publish
+  against 1.6 µs for the big-integer XOR this codec used before: ~15% of the server core's time per
+  1:1 message, docs/performance.md); where that extension is missing (a platform with no wheel of it),
+  by one big-integer XOR (C-speed integer operations, no per-byte Python loop).
 * Data frames are reassembled into whole messages; control frames may arrive between fragments and are
   returned at once. Text is validated as UTF-8: an unfragmented message with one ``bytes.decode``, a
   fragmented one incrementally per fragment, so that invalid bytes fail the connection as soon as they
@@ -33,11 +36,18 @@ from __future__ import annotations
 
 import codecs
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
 from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
+
+_compiled_mask: Callable[[bytes | bytearray, bytes | bytearray], bytes] | None
+try:
+    from websockets.speedups import apply_mask as _compiled_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    _compiled_mask = None
 
 __all__ = [
     "ABNORMAL_CLOSURE",
@@ -150,13 +160,17 @@ def _header(first_byte: int, length: int, mask_bit: int) -> bytes:
     return bytes((first_byte, 127 | mask_bit)) + length.to_bytes(8, "big")
 
 
-def _xor_mask(payload: bytes | bytearray, key: bytes | bytearray) -> bytes:
+def _integer_mask(payload: bytes | bytearray, key: bytes | bytearray) -> bytes:
     """Mask or unmask ``payload`` with the 4-byte ``key`` in one big-integer XOR (its own inverse)."""
     length = len(payload)
     if not length:
         return b""
     stream = (key * ((length >> 2) + 1))[:length]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(length, "little")
+
+
+_xor_mask: Final = _integer_mask if _compiled_mask is None else _compiled_mask
+"""Mask or unmask a payload with a 4-byte key (RFC 6455 §5.3): the compiled one when installed."""
 
 
 def encode_frame(opcode: Opcode, payload: bytes, *, mask: bool) -> bytes:

@@ -593,3 +593,18 @@ def test_every_header_bit_combination_same_as_wsproto() -> None:
         for prefix in (b"", raw_frame(Opcode.TEXT, b"x", fin=False)):
             chunks = [prefix + frame + raw_frame(Opcode.PING, b"after")]
             assert outcome_of_ours(chunks) == outcome_of_wsproto(chunks), (fin, rsv, opcode, key, prefix)
+
+
+@given(st.binary(max_size=2000), st.binary(min_size=4, max_size=4))
+def test_compiled_and_integer_masks_agree(payload: bytes, key: bytes) -> None:
+    """The server unmasks with websockets' compiled ``apply_mask`` where it is installed, and with the
+    big-integer XOR where it is not: both must give the same bytes, and masking twice gives them back."""
+    from fastport_core import frames
+
+    assert frames._compiled_mask is not None, "the dev install has websockets' speedups"
+    masked = frames._integer_mask(payload, key)
+    assert frames._compiled_mask(payload, key) == masked
+    assert frames._integer_mask(masked, key) == payload
+    assert frames._integer_mask(bytearray(payload), bytearray(key)) == frames._compiled_mask(
+        bytearray(payload), bytearray(key)
+    )
