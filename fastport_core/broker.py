@@ -1380,28 +1380,35 @@ class Broker:
         batch = StoreBatch(journal.taken)
         sessions = self._sessions
         offset = self._epoch_offset
+        shared = self._shared
+        deliveries = batch.deliveries
+        dropped = batch.deliveries_dropped
         for obj, put in journal.changed.items():
-            if isinstance(obj, _Delivery):
+            # The per-delivery branch runs once per delivery of a fan-out: exact type tests and records
+            # built by ``tuple.__new__`` (a NamedTuple's own ``__new__`` is a Python-level function).
+            if type(obj) is _Delivery:
                 subscriber = obj.subscriber
                 session = subscriber.session
-                if sessions.get(session.name) is not session or (put and self._shared):
+                name = session.name
+                if sessions.get(name) is not session or (put and shared):
                     continue  # the engine counts its own deliveries: it is only told about ACKs
                 message = obj.message
                 client_id = subscriber.client_id
                 assert client_id is not None
                 if put:
                     if not message.saved:
-                        self._save_message(batch, session.name, message, offset)
+                        self._save_message(batch, name, message, offset)
                     obj.saved = True
-                    batch.deliveries.append(
-                        DeliveryRecord(
-                            session.name, message.publish.message_id, client_id, message.seq, obj.retries
+                    deliveries.append(
+                        _new_tuple(
+                            DeliveryRecord,
+                            (name, message.publish.message_id, client_id, message.seq, obj.retries),
                         )
                     )
                 else:
                     obj.saved = False
-                    batch.deliveries_dropped.append((session.name, message.publish.message_id, client_id))
-            elif isinstance(obj, _Subscriber):
+                    dropped.append((name, message.publish.message_id, client_id))
+            elif type(obj) is _Subscriber:
                 session = obj.session
                 client_id = obj.client_id
                 if sessions.get(session.name) is not session or client_id is None:
@@ -2193,11 +2200,18 @@ def _session_record(session: _Session) -> SessionRecord:
     )
 
 
+_new_tuple: Final = tuple.__new__
+"""Builds a NamedTuple record from a tuple of its fields in one C call (hot path of a store batch)."""
+
+
 def _message_record(session: str, message: _Message, offset: float) -> MessageRecord:
     p = message.publish
-    return MessageRecord(
-        session, p.message_id, message.seq, p.topic, p.data, p.hash, p.timestamp, p.encoding,
-        message.expires_at + offset, message.size,
+    return _new_tuple(
+        MessageRecord,
+        (
+            session, p.message_id, message.seq, p.topic, p.data, p.hash, p.timestamp, p.encoding,
+            message.expires_at + offset, message.size,
+        ),
     )  # fmt: skip
 
 
