@@ -51,9 +51,10 @@ __all__ = [
     "settings_to_json",
 ]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """The version of a store's layout (what it keeps the records in); a store keeps it and migrates older
-layouts on open. 2: dedupe entries packed, one row per session per batch."""
+layouts on open. 2: dedupe entries packed, one row per session per batch. 3: deliveries folded into their
+message's row."""
 
 SubscriberKey = tuple[str, str]
 """``(session, clientId)``."""

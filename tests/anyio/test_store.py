@@ -35,6 +35,7 @@ from fastport_core.storage import (
     StoreBatch,
     SubscriberRecord,
 )
+from tests.store_model import ModelStore
 
 from .test_cli import one_line_error
 
@@ -79,11 +80,20 @@ class Stored(NamedTuple):
     deliveries: list[DeliveryRecord]
 
 
+MESSAGE_COLUMNS = ", ".join(MessageRecord._fields)
+
+
 def stored(store: SqliteStore) -> Stored:
-    """The messages and deliveries tables as records (``load`` only counts backlogs)."""
+    """The stored messages, and the deliveries their ``owed`` columns hold, as records (``load`` only counts
+    backlogs)."""
     conn = store._conn
-    messages = [MessageRecord(*row) for row in conn.execute("SELECT * FROM messages ORDER BY seq")]
-    return Stored(messages, sorted(DeliveryRecord(*row) for row in conn.execute("SELECT * FROM deliveries")))
+    messages = [
+        MessageRecord(*row) for row in conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages ORDER BY seq")
+    ]
+    deliveries = conn.execute(
+        "SELECT m.session, m.message_id, e.key, m.seq, e.value FROM messages m, json_each(m.owed) e"
+    )
+    return Stored(messages, sorted(DeliveryRecord(*row) for row in deliveries))
 
 
 def counts(store: SqliteStore) -> dict[str, tuple[int, int, int, int]]:
@@ -144,10 +154,14 @@ def test_upserts_replace_and_deletions_delete(store: SqliteStore) -> None:
     assert {d.message_id: d.retries for d in stored(store).deliveries} == {"m1": 4, "m2": 3}
 
 
+def delivered(messages: list[MessageRecord], client_id: str = "c") -> list[DeliveryRecord]:
+    """A delivery of each message to ``client_id`` (a message is stored only while some delivery is)."""
+    return [DeliveryRecord(m.session, m.message_id, client_id, m.seq, 0) for m in messages]
+
+
 def test_messages_load_in_publish_order(store: SqliteStore) -> None:
-    store.commit(
-        [StoreBatch(1, messages=[message("a", "late", 9), message("b", "early", 2), message("a", "mid", 5)])]
-    )
+    messages = [message("a", "late", 9), message("b", "early", 2), message("a", "mid", 5)]
+    store.commit([StoreBatch(1, messages=messages, deliveries=delivered(messages))])
     assert [m.message_id for m in stored(store).messages] == ["early", "mid", "late"]
 
 
@@ -156,7 +170,9 @@ def test_messages_load_in_publish_order(store: SqliteStore) -> None:
 
 def test_batches_given_together_commit_in_one_transaction(store: SqliteStore) -> None:
     good = StoreBatch(1, sessions=[session("a")], messages=[message("a", "m1", 1)])
+    good.deliveries = delivered(good.messages)
     broken = StoreBatch(2, messages=[MessageRecord("a", "m2", 2, "t", None, "h", 1, "text", 1.0, 1)])  # type: ignore[arg-type]
+    broken.deliveries = delivered(broken.messages)
     with pytest.raises(StoreError) as raised:
         store.commit([good, broken])
     assert not isinstance(raised.value, StoreUnavailable)  # a NOT NULL violation will not pass by retrying
@@ -168,12 +184,12 @@ def test_batches_given_together_commit_in_one_transaction(store: SqliteStore) ->
 def test_batches_apply_in_order(store: SqliteStore) -> None:
     store.commit(
         [
-            StoreBatch(1, deliveries=[DeliveryRecord("a", "m", "c", 0, 0)]),
+            StoreBatch(1, messages=[message("a", "m", 1)], deliveries=[DeliveryRecord("a", "m", "c", 1, 0)]),
             StoreBatch(2, deliveries_dropped=[("a", "m", "c")]),
-            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c", 0, 7)]),
+            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c", 1, 7)]),
         ]
     )
-    assert stored(store).deliveries == [DeliveryRecord("a", "m", "c", 0, 7)]
+    assert stored(store).deliveries == [DeliveryRecord("a", "m", "c", 1, 7)]
 
 
 def test_a_full_disk_is_transient_applies_nothing_and_the_same_batches_commit_later(
@@ -235,15 +251,112 @@ def test_a_message_goes_when_its_last_delivery_goes(store: SqliteStore) -> None:
 
 def test_a_message_dropped_and_delivered_again_in_one_commit_stays(store: SqliteStore) -> None:
     store.commit(
-        [StoreBatch(1, messages=[message("a", "m", 1)], deliveries=[DeliveryRecord("a", "m", "c1", 0, 0)])]
+        [StoreBatch(1, messages=[message("a", "m", 1)], deliveries=[DeliveryRecord("a", "m", "c1", 1, 0)])]
     )
     store.commit(
         [
             StoreBatch(2, deliveries_dropped=[("a", "m", "c1")]),
-            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c2", 0, 0)]),
+            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c2", 1, 0)]),
         ]
     )
-    assert [m.message_id for m in stored(store).messages] == ["m"]
+    assert stored(store) == Stored([message("a", "m", 1)], [DeliveryRecord("a", "m", "c2", 1, 0)])
+
+
+def test_a_message_stored_and_acked_in_one_commit_is_never_written(store: SqliteStore) -> None:
+    m = message("a", "m", 1)
+    store.commit(
+        [
+            StoreBatch(1, messages=[m], deliveries=delivered([m], "c1") + delivered([m], "c2")),
+            StoreBatch(2, deliveries_dropped=[("a", "m", "c1")]),
+            StoreBatch(3, deliveries_dropped=[("a", "m", "c2")]),
+        ]
+    )
+    assert stored(store) == Stored([], [])
+
+
+def test_a_retry_count_replaces_the_stored_one(store: SqliteStore) -> None:
+    m = message("a", "m", 1)
+    store.commit([StoreBatch(1, messages=[m], deliveries=delivered([m], "c1") + delivered([m], "c2"))])
+    store.commit([StoreBatch(2, deliveries=[DeliveryRecord("a", "m", "c1", 1, 2)])])
+    store.commit(
+        [
+            StoreBatch(3, deliveries=[DeliveryRecord("a", "m", "c1", 1, 3)]),
+            StoreBatch(4, deliveries=[DeliveryRecord("a", "m", "c2", 1, 1)]),
+        ]
+    )
+    assert store.load_backlog("a", "c1", 0, 10) == [(m, 3)]
+    assert store.load_backlog("a", "c2", 0, 10) == [(m, 1)]
+
+
+def test_a_dropped_subscriber_is_owed_nothing_and_messages_owed_by_nobody_else_go(store: SqliteStore) -> None:
+    """Also from a message an earlier batch of the same commit stored; ``x"c1``, whose JSON key holds
+    c1's (after an escaped quote), and c1 in another session keep theirs."""
+    owed_by = {"m1": ("c1", "c2"), "m2": ("c1",), "m3": ("c2",), "m4": ('x"c1',)}
+    messages = [message("a", mid, n) for n, mid in enumerate(owed_by, 1)]
+    other = message("b", "m1", 5)
+    deliveries = [
+        DeliveryRecord("a", m.message_id, c, m.seq, 0) for m in messages for c in owed_by[m.message_id]
+    ]
+    store.commit(
+        [StoreBatch(1, messages=[*messages, other], deliveries=[*deliveries, *delivered([other], "c1")])]
+    )
+    late = message("a", "m5", 6)
+    store.commit(
+        [
+            StoreBatch(2, messages=[late], deliveries=delivered([late], "c1")),
+            StoreBatch(3, subscribers_dropped=[("a", "c1")]),
+        ]
+    )
+    assert stored(store) == Stored(
+        [messages[0], messages[2], messages[3], other],
+        sorted(
+            [
+                DeliveryRecord("a", "m1", "c2", 1, 0),
+                DeliveryRecord("a", "m3", "c2", 3, 0),
+                DeliveryRecord("a", "m4", 'x"c1', 4, 0),
+                DeliveryRecord("b", "m1", "c1", 5, 0),
+            ]
+        ),
+    )
+
+
+def test_a_session_dropped_mid_commit_takes_what_earlier_batches_stored_or_changed(
+    store: SqliteStore,
+) -> None:
+    old, kept = message("a", "old", 1), message("b", "kept", 2)
+    store.commit([StoreBatch(1, messages=[old, kept], deliveries=delivered([old, kept]))])
+    new = message("a", "new", 3)
+    store.commit(
+        [
+            StoreBatch(
+                2, messages=[new], deliveries=[*delivered([new]), DeliveryRecord("a", "old", "c2", 1, 0)]
+            ),
+            StoreBatch(3, sessions_dropped=["a"], sessions=[session("a")]),
+            # Deliveries of messages that went with the session: nothing to store them with.
+            StoreBatch(
+                4, deliveries=[DeliveryRecord("a", "old", "c", 1, 5), DeliveryRecord("a", "new", "c", 3, 5)]
+            ),
+        ]
+    )
+    assert stored(store) == Stored([kept], delivered([kept]))
+    assert counts(store) == {"a": (0, 0, 0, 0), "b": (0, 1, 1, 0)}
+
+
+def test_a_damaged_owed_column_fails_the_commit_as_corrupt(store: SqliteStore) -> None:
+    m = message("a", "m", 1)
+    store.commit([StoreBatch(1, messages=[m], deliveries=delivered([m]))])
+    store._conn.execute("UPDATE messages SET owed = '{\"c\": 0'")
+    with pytest.raises(StoreError, match="is corrupt") as raised:
+        store.commit([StoreBatch(2, deliveries_dropped=[("a", "m", "c")])])
+    assert not isinstance(raised.value, StoreUnavailable)
+    assert not store._conn.in_transaction
+
+
+def test_a_delivery_of_a_message_that_is_not_stored_is_ignored(store: SqliteStore) -> None:
+    store.commit([StoreBatch(1, deliveries=[DeliveryRecord("a", "nowhere", "c", 1, 0)])])
+    store.commit([StoreBatch(2, deliveries_dropped=[("a", "nowhere", "c")])])
+    assert stored(store) == Stored([], [])
+    assert store.load() == Snapshot()
 
 
 # -- the dedupe window --------------------------------------------------------------------------------------
@@ -308,7 +421,7 @@ def test_an_empty_file_is_migrated_to_the_current_version(tmp_path: Path) -> Non
     path = tmp_path / "empty.db"
     path.touch()
     store = open_store(path)
-    assert store.check().schema_version == SCHEMA_VERSION == 2
+    assert store.check().schema_version == SCHEMA_VERSION == 3
     store.commit([a_full_batch()])
     store.close()
 
@@ -338,22 +451,29 @@ def test_store_check_of_an_empty_file_exits_2_and_leaves_it_empty(
 def test_opening_runs_the_missing_migration_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s.db"
     open_store(path).close()
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     monkeypatch.setattr(store_module, "_MIGRATIONS", (*store_module._MIGRATIONS, ("CREATE TABLE extra (x)",)))
     store = open_store(path)
-    assert store.check().schema_version == 3
+    assert store.check().schema_version == SCHEMA_VERSION + 1
     assert store._conn.execute("SELECT count(*) FROM extra").fetchone() == (0,)
     store.close()
+
+
+def a_store_of_version(path: Path, version: int) -> sqlite3.Connection:
+    """A new store file of layout ``version`` (made by the migration steps up to it), open to fill in."""
+    conn = sqlite3.connect(path)
+    for step in store_module._MIGRATIONS[:version]:
+        for statement in step:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA application_id={store_module.APPLICATION_ID}")
+    conn.execute(f"PRAGMA user_version={version}")
+    return conn
 
 
 def test_a_version_1_store_keeps_its_dedupe_entries_when_migrated(tmp_path: Path) -> None:
     """Layout 1 kept one row per dedupe entry; 2 packs them (one row per session per batch)."""
     path = tmp_path / "v1.db"
-    conn = sqlite3.connect(path)
-    for statement in store_module._MIGRATIONS[0]:
-        conn.execute(statement)
-    conn.execute(f"PRAGMA application_id={store_module.APPLICATION_ID}")
-    conn.execute("PRAGMA user_version=1")
+    conn = a_store_of_version(path, 1)
     rows = [("a", "m1", 1, 990.0), ("a", "m2", 0, 995.0), ("b", "m1", 2, 996.0), ("a", "gone", 0, 10.0)]
     conn.executemany("INSERT INTO publishes VALUES (?, ?, ?, ?)", rows)
     conn.commit()
@@ -362,6 +482,50 @@ def test_a_version_1_store_keeps_its_dedupe_entries_when_migrated(tmp_path: Path
     assert store.check().schema_version == SCHEMA_VERSION
     assert store.load().publishes == [PublishRecord(*row) for row in rows[:3]]
     assert counts(store) == {"a": (0, 0, 0, 3), "b": (0, 0, 0, 1)}  # "gone" goes at the next prune
+    store.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_version_1_or_2_store_keeps_its_backlogs_when_migrated(tmp_path: Path, version: int) -> None:
+    """Layouts 1 and 2 kept a row per delivery; 3 folds them into their message's row. A message no delivery
+    refers to any more, and a delivery of a message that is not stored, are not carried over."""
+    path = tmp_path / f"v{version}.db"
+    conn = a_store_of_version(path, version)
+    m1, orphan, m3, mb = (
+        message("a", "m1", 1),
+        message("a", "orphan", 2),
+        message("a", "m3", 3),
+        message("b", "m", 4),
+    )
+    conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [m1, orphan, m3, mb])
+    deliveries = [
+        DeliveryRecord("a", "m1", "c1", 1, 0),
+        DeliveryRecord("a", "m1", "c2", 1, 3),
+        DeliveryRecord("a", "m3", "c1", 3, 1),
+        DeliveryRecord("b", "m", "c9", 4, 0),
+        DeliveryRecord("a", "ghost", "c1", 9, 0),
+    ]
+    conn.executemany("INSERT INTO deliveries VALUES (?, ?, ?, ?, ?)", deliveries)
+    conn.commit()
+    conn.close()
+    store = open_store(path)
+    assert store.check().schema_version == SCHEMA_VERSION
+    tables = {name for (name,) in store._conn.execute("SELECT name FROM sqlite_master")}
+    assert not {"deliveries", "deliveries_by_subscriber", "messages_3"} & tables
+    assert stored(store) == Stored([m1, m3, mb], sorted(deliveries[:4]))
+    loaded = store.load()
+    assert sorted(loaded.backlogs) == [
+        BacklogRecord("a", "c1", 2, 1200),
+        BacklogRecord("a", "c2", 1, 600),
+        BacklogRecord("b", "c9", 1, 600),
+    ]
+    assert loaded.last_seq == 4
+    assert store.load_backlog("a", "c1", 0, 10) == [(m1, 0), (m3, 1)]
+    assert store.load_backlog("a", "c1", 1, 10) == [(m3, 1)]
+    assert store.load_backlog("a", "c2", 0, 10) == [(m1, 3)]
+    assert counts(store) == {"a": (0, 2, 3, 0), "b": (0, 1, 1, 0)}
+    store.commit([StoreBatch(1, deliveries_dropped=[("a", "m1", "c1"), ("a", "m1", "c2")])])  # it is writable
+    assert [m.message_id for m in stored(store).messages] == ["m3", "m"]
     store.close()
 
 
@@ -394,7 +558,8 @@ def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path: Path) ->
 
 def corrupt_a_page(path: Path) -> None:
     store = open_store(path)
-    store.commit([StoreBatch(1, messages=[message("a", f"m{i}", i, data="x" * 200) for i in range(200)])])
+    messages = [message("a", f"m{i}", i, data="x" * 200) for i in range(200)]
+    store.commit([StoreBatch(1, messages=messages, deliveries=delivered(messages))])
     root = store._conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
     size = store._conn.execute("PRAGMA page_size").fetchone()[0]
     store.close()  # checkpoints the WAL into the file
@@ -469,7 +634,7 @@ def test_store_check_prints_the_report_and_exits_0(
     store.commit([a_full_batch()])
     assert main(["store", "check", str(tmp_path / "store.db")]) == 0
     out = capsys.readouterr().out
-    assert "schema version: 2" in out and "integrity: ok" in out
+    assert "schema version: 3" in out and "integrity: ok" in out
     assert "  a: subscribers=2 messages=2 deliveries=2 dedupe=1" in out.splitlines()
 
 
@@ -531,7 +696,9 @@ class Model:
     inserted: int = 0
 
     def commit(self, batches: list[StoreBatch]) -> None:
-        touched: set[tuple[str, str]] = set()
+        """A message is kept exactly while some delivery refers to it: a delivery of a message not kept
+        (nor recorded earlier in the commit) is ignored, and messages no delivery refers to after the last
+        batch go (so a message whose deliveries are dropped and delivered again in one commit stays)."""
         for batch in batches:
             for name in batch.sessions_dropped:
                 self.sessions.pop(name, None)
@@ -549,19 +716,18 @@ class Model:
                 self.subscribers.pop(key, None)
                 for dkey in [k for k in self.deliveries if (k[0], k[2]) == key]:
                     del self.deliveries[dkey]
-                    touched.add(dkey[:2])
             self.subscribers.update(((s.session, s.client_id), s) for s in batch.subscribers)
             self.messages.update(((m.session, m.message_id), m) for m in batch.messages)
             for dkey in batch.deliveries_dropped:
                 self.deliveries.pop(dkey, None)
-                touched.add(dkey[:2])
-            self.deliveries.update(((d.session, d.message_id, d.client_id), d) for d in batch.deliveries)
+            for d in batch.deliveries:  # its seq is its message's (the generated one is a placeholder)
+                if (message := self.messages.get((d.session, d.message_id))) is not None:
+                    self.deliveries[d.session, d.message_id, d.client_id] = d._replace(seq=message.seq)
             for p in batch.publishes:
                 self.inserted += 1
                 self.publishes[p.session, p.message_id] = (self.inserted, p)
         referred = {key[:2] for key in self.deliveries}
-        for key in touched - referred:
-            self.messages.pop(key, None)
+        self.messages = {key: m for key, m in self.messages.items() if key in referred}
 
     def snapshot(self) -> Snapshot:
         fresh = sorted((p.at, n, p) for n, p in self.publishes.values() if p.at >= NOW - TTL)
@@ -639,6 +805,7 @@ def test_the_store_agrees_with_a_model_of_store_batch(
     batches: list[StoreBatch] = []
     for parts in commits:
         batches = []
+        taken = set(model.messages)  # the broker records a message once (see _Fold.add_messages)
         for fields_ in parts:
             publishes = []
             for p in fields_["publishes"]:  # the broker writes entries in publish order: times never go back
@@ -646,8 +813,10 @@ def test_the_store_agrees_with_a_model_of_store_batch(
                 publishes.append(p._replace(at=latest))
             messages = []
             for s, m in fields_["messages"]:
-                seq += 1  # the broker numbers messages in publish order
-                messages.append(message(s, m, seq))
+                if (s, m) not in taken:
+                    taken.add((s, m))
+                    seq += 1  # the broker numbers messages in publish order
+                    messages.append(message(s, m, seq))
             batches.append(
                 StoreBatch(len(batches) + 1, **{**fields_, "messages": messages, "publishes": publishes})
             )
@@ -655,6 +824,112 @@ def test_the_store_agrees_with_a_model_of_store_batch(
         model.commit(batches)
         assert normalised(store.load()) == normalised(model.snapshot())
         assert stored(store) == model.stored()
+    store.close()
+
+
+# -- the store against ModelStore, however a broker's batches are grouped into commits ---------------------
+
+
+Pair = tuple[tuple[str, str], str]
+"""``((session, message_id), client_id)``: a delivery."""
+
+
+class BrokerLike:
+    """Makes batches as a durable broker takes them, remembering whom each stored message is owed by.
+
+    A message is recorded once, with its first deliveries, in a new batch; a delivery is re-sent (its retry
+    count + 1) or dropped only while it is owed, at most once per batch; a dropped subscriber or session is
+    owed nothing any more. So no batch refers to a message no delivery refers to any more: then committing
+    the batches one at a time (ModelStore, which deletes such messages after each batch) and in any
+    grouping (the SQLite store, after each commit) must agree.
+    """
+
+    def __init__(self, data: st.DataObject) -> None:
+        self.draw = data.draw
+        self.owed: dict[tuple[str, str], dict[str, int]] = {}
+        self.seqs: dict[tuple[str, str], int] = {}
+        self.at = NOW - TTL
+
+    def batch(self, seq: int) -> StoreBatch:
+        draw = self.draw
+        batch = StoreBatch(seq)
+        if draw(st.integers(0, 9)) == 0:
+            name = draw(sess)
+            batch.sessions_dropped.append(name)
+            self.forget({pair for pair in self.pairs() if pair[0][0] == name})
+        batch.sessions = draw(st.lists(st.builds(session, sess, suspended=st.booleans()), max_size=1))
+        if draw(st.integers(0, 4)) == 0:
+            dropped = draw(st.tuples(sess, client))
+            batch.subscribers_dropped.append(dropped)
+            self.forget({pair for pair in self.pairs() if (pair[0][0], pair[1]) == dropped})
+        batch.subscribers = draw(
+            st.lists(st.builds(SubscriberRecord, sess, client, st.booleans(), st.just(("t",))), max_size=1)
+        )
+        owed = self.pairs()
+        acked = draw(st.sets(st.sampled_from(owed), max_size=6)) if owed else set()
+        self.forget(acked)
+        batch.deliveries_dropped = [(*key, client_id) for key, client_id in sorted(acked)]
+        retried = draw(st.sets(st.sampled_from(owed), max_size=3)) if owed else set()
+        for key, client_id in sorted(retried - acked):
+            self.owed[key][client_id] += 1
+            batch.deliveries.append(
+                DeliveryRecord(*key, client_id, self.seqs[key], self.owed[key][client_id])
+            )
+        for _ in range(draw(st.integers(0, 3))):
+            self.publish(batch, draw(sess), draw(st.sets(client, min_size=1)))
+        return batch
+
+    def pairs(self) -> list[Pair]:
+        return sorted((key, client_id) for key, clients in self.owed.items() for client_id in clients)
+
+    def publish(self, batch: StoreBatch, session_name: str, clients: set[str]) -> None:
+        seq = len(self.seqs) + 1
+        record = message(session_name, f"p{seq}", seq)
+        key = (session_name, record.message_id)
+        self.seqs[key] = seq
+        self.owed[key] = dict.fromkeys(clients, 0)
+        self.at += 1.0
+        batch.messages.append(record)
+        batch.deliveries += [DeliveryRecord(*key, client_id, seq, 0) for client_id in sorted(clients)]
+        batch.publishes.append(PublishRecord(session_name, record.message_id, len(clients), self.at))
+
+    def forget(self, gone: set[Pair]) -> None:
+        """Those deliveries are owed no more; messages owed by nobody are no more."""
+        for key, client_id in gone:
+            del self.owed[key][client_id]
+            if not self.owed[key]:
+                del self.owed[key]
+
+
+def pages(
+    store: SqliteStore | ModelStore, session_name: str, client_id: str
+) -> list[list[tuple[MessageRecord, int]]]:
+    """A subscriber's whole stored backlog, as the pages of two a resume reads (the last one short)."""
+    read = [store.load_backlog(session_name, client_id, 0, 2)]
+    while len(read[-1]) == 2:
+        read.append(store.load_backlog(session_name, client_id, read[-1][-1][0].seq, 2))
+    return read
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), count=st.integers(1, 12))
+def test_the_store_agrees_with_model_store_however_batches_are_grouped(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject, count: int
+) -> None:
+    broker = BrokerLike(data)
+    batches = [broker.batch(seq) for seq in range(1, count + 1)]
+    cuts = sorted(data.draw(st.sets(st.integers(1, count - 1))) if count > 1 else set())
+    store = open_store(
+        tmp_path_factory.mktemp("grouped") / "s.db", Clock(NOW), dedupe_ttl=TTL, dedupe_window=100
+    )
+    model = ModelStore()
+    for start, end in zip([0, *cuts], [*cuts, count], strict=True):
+        store.commit(batches[start:end])
+        model.commit(batches[start:end])
+        assert normalised(store.load()) == normalised(model.load())
+        for session_name in SESSIONS:
+            for client_id in CLIENTS:
+                assert pages(store, session_name, client_id) == pages(model, session_name, client_id)
     store.close()
 
 
