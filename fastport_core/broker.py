@@ -937,7 +937,7 @@ class _Session:
             if (journal := self._journal) is not None:
                 for delivery in message.deliveries:
                     if delivery.subscriber.client_id is not None:
-                        journal.put(delivery)
+                        journal.deliver(delivery)
             if slow:
                 reason = f"slow consumer: {self._limits.max_inflight_per_subscriber} un-ACKed messages"
                 for connection in slow:
@@ -1367,6 +1367,16 @@ class Broker:
         """Whether changes wait in the journal for :meth:`take_store_batch`."""
         return bool(self._journal)
 
+    def group_commit_due(self, delay: float) -> float | None:
+        """When a store writer under load should take the next batch: ``delay`` after the oldest publish
+        it would confirm, if a delivery of the batch still awaits an ACK that would spare writing it;
+        the oldest publish's time (due already) if none does; ``None`` if no publish awaits a commit."""
+        journal = self._journal
+        if journal is None or not journal.publishes:
+            return None
+        oldest: float = journal.publishes[0][3]
+        return oldest + delay if journal.fresh else oldest
+
     def take_store_batch(self) -> StoreBatch | None:
         """The net change to durable state since the previous batch (``None``: nothing, or no store).
 
@@ -1429,6 +1439,7 @@ class Broker:
                 elif sessions.get(obj.name) is obj:
                     batch.sessions.append(_session_record(obj))
         journal.changed.clear()
+        journal.fresh.clear()
         for owner, stored in journal.spills:
             subscriber = cast(_Subscriber, owner)
             message = cast(_Message, stored)

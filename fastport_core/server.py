@@ -337,6 +337,12 @@ class ServerCore:
         if self._output:
             self._apply(now)
 
+    def group_commit_due(self, delay: float) -> float | None:
+        """When to take the next store batch under load (see :meth:`Broker.group_commit_due`): the store
+        writer waits until then, or until this changes, so that ACKs already on their way cancel the
+        deliveries they complete instead of writing them."""
+        return self.broker.group_commit_due(delay)
+
     def store_work(self) -> bool:
         """Whether the adapter's store writer has something to do (a batch to take, a page to read)."""
         return self.broker.store_pending() or bool(self._backlog_requests)

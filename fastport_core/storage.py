@@ -240,10 +240,13 @@ class Journal:
     nothing to delete (each object knows whether it was ``saved``).
     """
 
-    __slots__ = ("changed", "changes", "outgoing", "presence", "publishes", "spills", "taken")
+    __slots__ = ("changed", "changes", "fresh", "outgoing", "presence", "publishes", "spills", "taken")
 
     def __init__(self) -> None:
         self.changed: dict[object, bool] = {}
+        self.fresh: set[object] = set()
+        """Deliveries sent since the last batch and not ACKed yet: each one's ACK, if it comes before the
+        next batch is taken, spares writing it (and its message) at all."""
         self.spills: list[tuple[object, object]] = []
         """``(subscriber, message)``: a delivery recorded only in the store (its subscriber is away)."""
         self.outgoing: list[tuple[object, object]] = []
@@ -265,9 +268,15 @@ class Journal:
         """``obj``'s durable record changed (or it is new)."""
         self.changed[obj] = True
 
+    def deliver(self, delivery: object) -> None:
+        """A new delivery (never written): see :attr:`fresh`."""
+        self.changed[delivery] = True
+        self.fresh.add(delivery)
+
     def drop(self, obj: object, saved: bool) -> None:
         """``obj`` is gone from durable state; ``saved``: some taken batch wrote it."""
         if saved:
             self.changed[obj] = False
         else:
             self.changed.pop(obj, None)
+            self.fresh.discard(obj)

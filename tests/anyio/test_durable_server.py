@@ -5,12 +5,16 @@ real processes in test_durable_process.py)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
 import anyio.to_thread
+import pytest
 
-from fastport_anyio import Server
+from fastport_anyio import Server, durability
+from fastport_core.storage import StoreBatch
 from tests.store_model import ModelStore
 
 from .conftest import FAST_CONFIG, SESSIONS, RawClient, publish_frame
@@ -78,3 +82,70 @@ async def test_a_failing_store_refuses_publishes_until_it_commits_again(anyio_ba
                     pass
             assert answer["messageId"] == "m1" and answer["success"] is True
             assert "m1" in store.message_ids
+
+
+class WrittenStore(ModelStore):
+    """Remembers every message any commit wrote (even if a later one deleted it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[str] = []
+
+    def commit(self, batches: Sequence[StoreBatch]) -> None:
+        super().commit(batches)
+        self.written += [m.message_id for batch in batches for m in batch.messages]
+
+
+@contextlib.asynccontextmanager
+async def pair(store: ModelStore, **subscriber: Any) -> AsyncIterator[tuple[RawClient, RawClient]]:
+    """A server on ``store``, a publisher and a subscriber of "t" (``subscriber``: its init fields)."""
+    async with (
+        Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, store=store) as server,
+        await member(server.port, **subscriber) as sub,
+        await member(server.port) as pub,
+    ):
+        assert (await sub.subscribe("t"))["success"] is True
+        yield pub, sub
+
+
+async def test_a_delivery_acked_before_the_group_delay_passes_is_never_written(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A delay no test waits out: only the ACK can let the commit go ahead.
+    monkeypatch.setattr(durability, "GROUP_DELAY", 600.0)
+    store = WrittenStore()
+    async with pair(store, clientId="dev") as (pub, sub):
+        await pub.send_json(publish_frame("t", "x", "m1"))
+        message = await sub.receive()
+        assert message["messageId"] == "m1"
+        await sub.send_json({"type": "ack", "topic": "t", "messageId": "m1"})
+        with anyio.fail_after(10):
+            answer = await pub.receive()
+        assert answer["type"] == "publish_response" and answer["success"] is True
+        assert "m1" not in store.written and "m1" in {p.message_id for p in store.publishes.values()}
+
+
+async def test_a_delivery_not_acked_within_the_group_delay_is_written_and_confirmed(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(durability, "GROUP_DELAY", 0.05)
+    store = WrittenStore()
+    async with pair(store, clientId="dev") as (pub, sub):
+        with anyio.fail_after(10):
+            answer = await pub.request(publish_frame("t", "x", "m1"))  # the subscriber never ACKs
+        assert answer["success"] is True and answer["deliveredTo"] == 1
+        assert store.written == ["m1"] and store.message_ids == {"m1"}
+        assert (await sub.receive())["messageId"] == "m1"
+
+
+async def test_a_publish_with_nothing_to_spare_is_committed_without_waiting(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(durability, "GROUP_DELAY", 600.0)
+    store = WrittenStore()
+    async with pair(store) as (pub, _plain):  # no clientId: its deliveries are never written
+        with anyio.fail_after(10):
+            for i in range(3):
+                answer = await pub.request(publish_frame("t", "x", f"m{i}"))
+                assert answer["success"] is True and answer["deliveredTo"] == 1
+        assert store.written == []

@@ -115,6 +115,46 @@ def test_a_publish_acked_before_the_commit_never_reaches_the_store_but_its_dedup
     assert kinds == ["publish_response", "ack_received"]  # in that order, both after the commit
 
 
+def test_a_batch_is_due_once_the_deliveries_it_would_write_are_acked_or_the_delay_has_passed() -> None:
+    store = ModelStore()
+    core = durable_core()
+    sub = subscribed(core, clientId="dev")
+    plain = subscribed(core, topic="plain")  # no clientId: nothing of its deliveries is ever written
+    commit(core, store)
+    assert core.group_commit_due(0.5) is None  # no publish awaits a commit
+    pub = peer(core)
+    pub.publish("t", "m1", now=10.0)
+    pub.publish("t", "m2", now=10.25)
+    assert core.group_commit_due(0.5) == 10.5  # the oldest publish + the delay: ACKs are on their way
+    first, second = of_type(sub.pump(), "message")
+    ack(sub, first, now=10.3)
+    assert core.group_commit_due(0.5) == 10.5  # m2 still awaits its ACK
+    ack(sub, second, now=10.3)
+    assert core.group_commit_due(0.5) == 10.0  # nothing left to spare: due already
+    commit(core, store)
+    assert core.group_commit_due(0.5) is None and store.message_ids == set()
+    pub.publish("plain", "m3", now=11.0)
+    assert of_type(plain.pump(), "message")[0]["messageId"] == "m3"
+    assert core.group_commit_due(0.5) == 11.0  # only a non-resumable subscriber: nothing to wait for
+
+
+def test_a_delivery_written_by_an_earlier_batch_is_not_waited_for_again() -> None:
+    store = ModelStore()
+    core = durable_core()
+    sub = subscribed(core, clientId="dev")
+    commit(core, store)
+    pub = peer(core)
+    pub.publish("t", "m1", now=1.0)
+    commit(core, store, now=1.0)  # written: an ACK now deletes it, it spares nothing
+    (message,) = of_type(sub.pump(), "message")
+    pub.publish("t", "m2", now=2.0)
+    ack(sub, of_type(sub.pump(), "message")[0], now=2.0)
+    assert core.group_commit_due(0.5) == 2.0
+    ack(sub, message, now=2.0)
+    commit(core, store, now=2.0)
+    assert store.message_ids == set()
+
+
 def test_a_duplicate_publish_is_confirmed_after_the_original_is_durable() -> None:
     store = ModelStore()
     core = durable_core()
