@@ -181,14 +181,16 @@ class LineReader:
 class ServerProcess:
     """A server under test: pinned to :data:`SERVER_CPU`, its CPU time readable while it runs."""
 
-    def __init__(self, name: str, command: list[str], port: int, log_path: Path) -> None:
+    def __init__(
+        self, name: str, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.port = port
         self.command = command
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=_pin(SERVER_CPU),  # noqa: PLW1509 - the driver has one thread
+            preexec_fn=_pin(SERVER_CPU), env=env,  # noqa: PLW1509 - the driver has one thread
         )  # fmt: skip
         self.log_path = log_path
 
@@ -243,8 +245,11 @@ class ServerProcess:
         self._log.close()
 
 
-def start_fastport(workdir: Path, backend: str, store: Path | None = None) -> ServerProcess:
-    """``fastport serve`` on a free port; with ``store``, durable (named ``fastport-durable``)."""
+def start_fastport(
+    workdir: Path, backend: str, store: Path | None = None, *, compiled: Path | None = None
+) -> ServerProcess:
+    """``fastport serve`` on a free port; with ``store``, durable (named ``fastport-durable``); with
+    ``compiled``, its packages imported from there (:func:`build_compiled`; named ``fastport-compiled``)."""
     config = workdir / "fastport.toml"
     config.write_text(FASTPORT_CONFIG)
     fastport = Path(PYTHON).parent / "fastport"
@@ -254,12 +259,32 @@ def start_fastport(workdir: Path, backend: str, store: Path | None = None) -> Se
         *(["--backend", "asyncio", "--uvloop"] if backend == "uvloop" else ["--backend", backend]),
     ]  # fmt: skip
     name = "fastport"
+    env = None
+    if compiled is not None:
+        env = {**os.environ, "PYTHONPATH": str(compiled)}
+        name += "-compiled"
     if store is not None:
         command += ["--store", str(store)]
-        name = "fastport-durable"
-    server = ServerProcess(name, command, port, workdir / f"{name}.log")
+        name += "-durable"
+    server = ServerProcess(name, command, port, workdir / f"{name}.log", env)
     server.wait_listening()
     return server
+
+
+def build_compiled(workdir: Path) -> Path:
+    """Build fastport with its core compiled (``FASTPORT_COMPILE=1``, setup.py; ~40 s) and unpack the wheel
+    into a folder of ``workdir``, which :func:`start_fastport` puts first on a server's import path."""
+    wheels = workdir / "wheels"
+    print("building the compiled core (FASTPORT_COMPILE=1 pip wheel, ~40 s)...", flush=True)
+    subprocess.run(
+        [PYTHON, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
+        check=True, cwd=workdir, env={**os.environ, "FASTPORT_COMPILE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("fastport-*.whl")
+    target = workdir / "compiled-core"
+    shutil.unpack_archive(wheel, target, format="zip")
+    return target
 
 
 def ensure_node_model() -> str:
@@ -510,6 +535,92 @@ def _ratio_cell(values: list[float], digits: int = 2) -> str:
 
 def _fmt(value: float, digits: int = 0) -> str:
     return "n/a" if value != value else f"{value:,.{digits}f}"  # NaN: no successful measurement
+
+
+def three_way_table(
+    results: list[Measurement], servers: tuple[str, str, str], labels: tuple[str, str, str],
+    scenarios: tuple[Scenario, ...],
+) -> str:  # fmt: skip
+    """Medians per server, then the CPU ratios of ``servers`` = (base, variant, reference) measured in the
+    same rounds: variant / base, variant / reference, base / reference (``labels`` name the three)."""
+    lines = [
+        "| scenario | server | msg/s | server µs per msg | per delivery | confirm p50 ms | confirm p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for scenario in scenarios:
+        for name in servers:
+            ok = _ok(results, scenario.key, name)
+            if not ok:
+                lines.append(f"| {scenario.label} | {name} | failed | | | | |")
+                continue
+            p50 = _median([m.publisher.get("confirm_us", {}).get("p50", math.nan) for m in ok]) / 1000
+            p99 = _median([m.publisher.get("confirm_us", {}).get("p99", math.nan) for m in ok]) / 1000
+            rate, per_message = _median([m.msg_per_s for m in ok]), _median([m.us_per_message for m in ok])
+            lines.append(
+                f"| {scenario.label} | {name} | {rate:,.0f} | {per_message:.1f} "
+                f"| {_median([m.us_per_delivery for m in ok]):.1f} | {p50:.2f} | {p99:.2f} |"
+            )
+    base, variant, reference = labels
+    lines += [
+        "",
+        f"| scenario | {variant} / {base} CPU | {variant} / {reference} CPU | {base} / {reference} CPU |",
+        "| --- | --- | --- | --- |",
+    ]
+    for scenario in scenarios:
+        per = {name: [m.us_per_delivery for m in _ok(results, scenario.key, name)] for name in servers}
+        if not all(per.values()):
+            continue
+        b, v, r = (_median(per[name]) for name in servers)
+        lines.append(f"| {scenario.label} | {v / b:.2f}{TIMES} | {v / r:.2f}{TIMES} | {b / r:.2f}{TIMES} |")
+        lines.append(
+            "| (ranges, µs per delivery) | "
+            + " | ".join(f"{name} {min(v):.1f}{DASH}{max(v):.1f}" for name, v in per.items())
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def rotating_rounds(
+    servers: list[ServerProcess], scenarios: tuple[Scenario, ...], mode: Mode, rounds: int,
+    extra: dict[str, Any] | None = None,
+) -> list[Measurement]:  # fmt: skip
+    """Each scenario once per server per round, the servers' order rotating every round."""
+    results: list[Measurement] = []
+    for rep in range(rounds):
+        order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
+        for scenario in scenarios:
+            for server in order:
+                one = measure(server, scenario, mode, rep, extra=extra)
+                _print_measurement(one)
+                results.append(one)
+    return results
+
+
+def three_way_main(
+    args: argparse.Namespace,
+    start: Callable[[Path, str, list[ServerProcess]], None],
+    labels: tuple[str, str, str],
+    scenarios: tuple[Scenario, ...],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """What the three-server benchmarks (durable_bench.py, compiled_bench.py) share: ``start`` appends the
+    three servers (base, variant, the Node model) to its list, given a work folder and ``node``; then a
+    warm-up, :func:`rotating_rounds` (3, or 1 with ``args.quick``) and :func:`three_way_table`."""
+    mode = QUICK if args.quick else FULL
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {LOAD_CPU})
+    node = ensure_node_model()
+    with tempfile.TemporaryDirectory(prefix="fastport-bench-") as tmp:
+        servers: list[ServerProcess] = []
+        try:
+            start(Path(tmp), node, servers)
+            warm_up(servers, mode)
+            results = rotating_rounds(servers, scenarios, mode, 1 if args.quick else 3, extra=extra)
+        finally:
+            for server in servers:
+                server.stop()
+    names = (servers[0].name, servers[1].name, servers[2].name)
+    print("\n" + three_way_table(results, names, labels, scenarios) + "\n", flush=True)
 
 
 def results_markdown(

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 
+from fastport_core import compiled
 from fastport_core.config import SessionSettings
 from fastport_core.config_file import ConfigError, Overrides, ServerSettings, load_settings
 from fastport_core.errors import LocalProtocolError
@@ -310,6 +311,7 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None
     if settings.cluster and args.backend != "asyncio":
         raise CommandError("--cluster runs on the asyncio backend (nats-py is asyncio only)", EXIT_USAGE)
     store = _open_store(settings)
+    logger.info("fastport %s (%s)", _version(), _core_kind())
     try:
         anyio.run(
             functools.partial(serve_until_signalled, settings, ssl_context, store=store),
@@ -582,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"fastport {_version()}")
+    parser.add_argument("--version", action="version", version=f"fastport {_version()} ({_core_kind()})")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
     add_keygen_parser(subparsers)
@@ -592,6 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli_store.register(subparsers)  # store check, store backup
     _add_debug_flag(parser, default=False)
     return parser
+
+
+def _core_kind() -> str:
+    """How the core runs: ``FASTPORT_COMPILE=1`` builds compile it (setup.py); both behave the same."""
+    return "compiled core" if compiled() else "interpreted core"
 
 
 def _version() -> str:

@@ -208,6 +208,7 @@ async def test_max_connections_refuses_the_extra_socket(anyio_backend: str) -> N
                 await extra.receive()
 
 
+@pytest.mark.patches_core
 async def test_a_bug_on_one_connection_costs_only_that_connection(
     server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

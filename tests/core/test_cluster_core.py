@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
 from fastport_core.config import ServerConfig, SessionSettings
 from fastport_core.errors import CloseCode
@@ -241,6 +242,7 @@ def test_a_node_without_its_engine_refuses_a_resumable_init_but_not_an_anonymous
     assert RawPeer(a).init("demo", "pw")["success"] is True
 
 
+@pytest.mark.patches_core
 def test_a_bug_in_an_engine_call_is_contained_not_raised_into_the_engine_link() -> None:
     engine = ModelEngine()
     a = node(engine)

@@ -213,6 +213,7 @@ def test_shutdown_closes_websockets_with_1001() -> None:
     assert core.should_close(http_conn)
 
 
+@pytest.mark.patches_core
 def test_an_internal_error_closes_only_that_connection_with_1011(monkeypatch: pytest.MonkeyPatch) -> None:
     core = make_core()
     victim, bystander = ready(core), ready(core)

@@ -212,6 +212,7 @@ def _assert_still_serving(core: ServerCore, *peers: RawPeer) -> None:
         assert peer.pump()[-1]["messageId"] == "check"
 
 
+@pytest.mark.patches_core
 def test_a_bug_in_one_connections_timer_closes_only_it_with_1011(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -230,6 +231,7 @@ def test_a_bug_in_one_connections_timer_closes_only_it_with_1011(
     _assert_still_serving(core, a, b)
 
 
+@pytest.mark.patches_core
 def test_a_bug_in_connection_lost_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     core = make_core()
     gone, a, b = ready(core), ready(core), ready(core)
@@ -241,6 +243,7 @@ def test_a_bug_in_connection_lost_is_contained(monkeypatch: pytest.MonkeyPatch) 
     _assert_still_serving(core, a, b)
 
 
+@pytest.mark.patches_core
 def test_a_bug_while_shutting_one_connection_down_still_closes_the_others(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -267,6 +270,7 @@ def test_a_bug_while_shutting_one_connection_down_still_closes_the_others(
     assert core.metrics.value("internal_errors") == 1
 
 
+@pytest.mark.patches_core
 def test_a_bug_in_one_sessions_timers_leaves_the_others_running(monkeypatch: pytest.MonkeyPatch) -> None:
     core = make_core(ping_interval=None, default_session_settings=SessionSettings(retry_interval=1.0))
     for session in ("demo", "other"):
@@ -291,6 +295,7 @@ def test_a_bug_in_one_sessions_timers_leaves_the_others_running(monkeypatch: pyt
     assert core.metrics.value("internal_errors") == 1
 
 
+@pytest.mark.patches_core
 def test_a_fan_out_that_fails_half_way_leaves_consistent_state(monkeypatch: pytest.MonkeyPatch) -> None:
     core = make_core(ping_interval=None, default_session_settings=SessionSettings(message_expiry_time=50.0))
     subs = [ready(core) for _ in range(3)]

@@ -1,10 +1,6 @@
 """The console's files are package data: a wheel built from the repository, installed in a fresh
-virtualenv, serves them. (Slow-ish: a wheel build and a venv, ~10 s; bounded by timeouts.)
-
-The fresh venv gets fastport from the wheel only (``--no-deps --no-index``); its dependencies come from
-the test's own environment through a ``.pth`` file, which adds that site-packages directory *after* the
-venv's own, and without processing the ``.pth`` files in it (so the editable install of this checkout is
-not seen). The check that ``fastport_anyio`` is imported from the new venv makes the test fail if the
+virtualenv (tests/wheel_venv.py), serves them. (Slow-ish: a wheel build and a venv, ~10 s; bounded by
+timeouts.) The check that ``fastport_anyio`` is imported from the new venv makes the test fail if the
 checkout leaked in.
 """
 
@@ -12,13 +8,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.wheel_venv import build_wheel, fresh_venv
 
 SERVE_AND_FETCH = """
 import json, urllib.request
@@ -42,32 +36,7 @@ anyio.run(main)
 
 @pytest.mark.slow
 def test_a_wheel_installed_in_a_fresh_venv_serves_the_console(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
-        check=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
-    (wheel,) = wheels.glob("fastport-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        check=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        timeout=30,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    (Path(purelib) / "_deps_from_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-
+    venv, python = fresh_venv(tmp_path, build_wheel(tmp_path))
     result = subprocess.run(
         [str(python), "-c", SERVE_AND_FETCH],
         check=True,
