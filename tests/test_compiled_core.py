@@ -8,8 +8,10 @@ the interpreted sources; the venv as tests/wheel_venv.py makes it). Slow: the co
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,26 @@ print(fastport_core.broker.__file__)
 """
 
 
+def _compiled_modules() -> list[str]:
+    """setup.py's ``COMPILED_MODULES``, read without running setup.py."""
+    tree = ast.parse((ROOT / "setup.py").read_text("utf-8"))
+    (value,) = (
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "COMPILED_MODULES"
+    )
+    modules: list[str] = ast.literal_eval(value)
+    return modules
+
+
 @pytest.mark.slow
 def test_the_compiled_core_passes_the_core_tests(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path, compile_core=True)
     assert "-cp3" in wheel.name  # a platform wheel: it carries extension modules
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name.split(".")[0] + ".py" for name in archive.namelist() if name.endswith(".so")}
+    # Exactly what setup.py compiles, plus mypyc's shared library: nothing left over from an earlier build.
+    assert shipped == {*_compiled_modules(), "fastport_core_mypyc__mypyc.py"}
     venv, python = fresh_venv(tmp_path, wheel)
 
     work = tmp_path / "work"
