@@ -9,13 +9,17 @@ the interpreted sources; the venv as tests/wheel_venv.py makes it). Slow: the co
 from __future__ import annotations
 
 import ast
+import importlib
+import os
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import fastport_core
 from tests.wheel_venv import ROOT, build_wheel, fresh_venv
 
 CHECK_COMPILED = """
@@ -71,3 +75,35 @@ def test_the_compiled_core_passes_the_core_tests(tmp_path: Path) -> None:
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in summary and "skipped" in summary, summary  # the patches_core tests are skipped
+
+
+def test_an_editable_install_is_never_compiled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A compiled module beside its source would be imported instead of it: an edit would do nothing."""
+    build_backend = _build_backend(monkeypatch)
+    monkeypatch.setenv("FASTPORT_COMPILE", "1")
+    with pytest.raises(RuntimeError, match="not editable installs"):
+        build_backend.build_editable(str(tmp_path))
+    # This checkout's own (editable) install, which every other test uses, is interpreted.
+    assert not fastport_core.compiled()
+
+
+def test_mypy_joins_the_build_only_when_a_compiled_core_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    build_backend = _build_backend(monkeypatch)
+    asked: list[str | None] = []
+
+    def setuptools_requires(config_settings: object = None) -> list[str]:
+        asked.append(os.environ.get("FASTPORT_LISTING_REQUIRES"))  # what setup.py sees meanwhile
+        return ["wheel"]
+
+    monkeypatch.setattr(build_backend.build_meta, "get_requires_for_build_wheel", setuptools_requires)
+    monkeypatch.delenv("FASTPORT_COMPILE", raising=False)
+    assert build_backend.get_requires_for_build_wheel() == ["wheel"]
+    monkeypatch.setenv("FASTPORT_COMPILE", "1")
+    assert build_backend.get_requires_for_build_wheel() == ["wheel", "mypy>=2.4"]
+    assert asked == ["1", "1"] and "FASTPORT_LISTING_REQUIRES" not in os.environ
+
+
+def _build_backend(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """tools/build_backend.py, imported as the build frontend does (its folder on the path)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    return importlib.import_module("build_backend")
