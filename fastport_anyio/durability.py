@@ -2,7 +2,7 @@
 
 The sans-IO core journals every change to durable state and holds the confirmations that depend on it
 (:mod:`fastport_core.storage`). This module is the adapter's half. A :class:`Backend` is what keeps the
-state: an SQLite store (:class:`ThreadedStore` runs its blocking calls on one worker thread) or a NATS
+state: an SQLite store (:class:`ThreadedStore` runs its blocking calls on a thread of its own) or a NATS
 JetStream cluster (:class:`~fastport_anyio.cluster.NatsCluster`); in memory there is none. Whenever the
 core has changes, the :class:`StoreWriter` takes them as a batch and commits it, one commit at a time. While
 a commit runs the event loop goes on serving, and everything journalled meanwhile becomes the next
@@ -21,19 +21,25 @@ un-confirmed, and nothing is confirmed before it is on disk.
 
 from __future__ import annotations
 
+import functools
 import logging
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Final, Protocol
+from typing import ClassVar, Final, Protocol, TypeVar
 
 import anyio
-import anyio.to_thread
 
 from fastport_core.server import ServerCore
 from fastport_core.storage import BacklogRequest, MessageRecord, Snapshot, StoreBatch
 
+from .fastpath import threadsafe_caller
+
 __all__ = ["Backend", "Store", "StoreWriter", "ThreadedStore"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RETRY_FIRST: Final = 0.1
 """Seconds before the first retry of a failed commit (doubling up to :data:`RETRY_MAX`)."""
@@ -97,30 +103,98 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class _StoreThread:
+    """One long-lived thread that runs a store's blocking calls, one at a time, in order.
+
+    anyio's ``to_thread.run_sync`` does the same job with a limiter, a worker pool and a future per call:
+    ~67 µs of CPU per call against ~19 µs for a queue and a thread-safe callback (measured alone, both
+    threads on one CPU), and a durable broker makes a call per commit: at a trickle, one per message.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Callable[[object], object]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, call: Callable[[], T]) -> T:
+        """``call()`` on the thread; its result, or its exception raised here. A call is never abandoned:
+        cancelled meanwhile, this returns only once the call is over, and then lets the cancellation in."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="fastport-store", daemon=True)
+            self._thread.start()
+        done = anyio.Event()
+        outcome: list[object] = []
+        soon = threadsafe_caller()
+
+        def finished(result: object) -> None:
+            outcome.append(result)
+            soon(done.set)
+
+        self._jobs.put((call, finished))
+        try:
+            await done.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await done.wait()
+            raise
+        (result,) = outcome
+        if isinstance(result, _Failed):
+            raise result.error
+        return result  # type: ignore[return-value]  # what call() returned
+
+    def stop(self) -> None:
+        """Let the thread end once the calls already queued are done."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            call, finished = job
+            try:
+                result: object = call()
+            except BaseException as exc:  # raised in the awaiting task instead
+                result = _Failed(exc)
+            try:
+                finished(result)
+            except RuntimeError:  # the event loop is gone: nobody waits for this call any more
+                logger.debug("a store call finished after its event loop closed")
+
+
+class _Failed:
+    """A call's exception, on its way from the store's thread to the task that awaits it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 class ThreadedStore:
-    """A :class:`Store` as a :class:`Backend`: its blocking calls run on one worker thread, one at a time,
-    so the event loop goes on serving while SQLite writes."""
+    """A :class:`Store` as a :class:`Backend`: its blocking calls run on one thread of its own, one at a
+    time (:class:`_StoreThread`), so the event loop goes on serving while SQLite writes."""
 
     shared: ClassVar[bool] = False
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._limiter = anyio.CapacityLimiter(1)
+        self._thread = _StoreThread()
 
     async def load(self) -> Snapshot:
-        return await anyio.to_thread.run_sync(self._store.load, limiter=self._limiter)
+        return await self._thread.run(self._store.load)
 
     async def serve(self, core: ServerCore, now: Callable[[], float], flush: Callable[[], None]) -> None:
         """Nothing: a store only answers commits and reads."""
 
     async def commit(self, batches: Sequence[StoreBatch]) -> None:
-        await anyio.to_thread.run_sync(self._store.commit, batches, limiter=self._limiter)
+        await self._thread.run(functools.partial(self._store.commit, batches))
 
     async def load_backlog(self, request: BacklogRequest) -> list[tuple[MessageRecord, int]]:
-        return await anyio.to_thread.run_sync(self._store.load_backlog, *request, limiter=self._limiter)
+        return await self._thread.run(functools.partial(self._store.load_backlog, *request))
 
     async def aclose(self) -> None:
-        await anyio.to_thread.run_sync(self._store.close, limiter=self._limiter)
+        try:
+            await self._thread.run(self._store.close)
+        finally:
+            self._thread.stop()
 
 
 class StoreWriter:

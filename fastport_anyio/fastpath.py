@@ -1,4 +1,4 @@
-"""The streams path's cheap write, behind one function that says when it does not apply.
+"""Cheap paths below anyio's public API, each behind one function that says when it does not apply.
 
 :func:`direct_send`: a non-blocking ``send`` on the socket under a plain TCP stream, so that a write the
 kernel takes at once costs no task switch (a trickle of messages paid one per write otherwise; measured in
@@ -10,6 +10,7 @@ stops being used. (On asyncio, plain TCP connections do not use the streams path
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,28 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-__all__ = ["direct_send"]
+try:
+    import sniffio
+except ImportError:  # pragma: no cover - anyio then assumes asyncio too
+    sniffio = None  # type: ignore[assignment]
+
+__all__ = ["direct_send", "running_backend", "threadsafe_caller"]
+
+
+def running_backend() -> str:
+    """The running async library, as anyio finds it (sniffio when installed, else asyncio)."""
+    return "asyncio" if sniffio is None else str(sniffio.current_async_library())
+
+
+def threadsafe_caller() -> Callable[[Callable[[], object]], object]:
+    """For the running event loop: ``soon(f)`` runs ``f()`` in the loop's thread soon, callable from any
+    thread and without waiting (asyncio's ``call_soon_threadsafe``, trio's ``run_sync_soon``). anyio's own
+    ``from_thread.run_sync`` blocks the calling thread until the loop has run the function."""
+    if running_backend() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    return asyncio.get_running_loop().call_soon_threadsafe
 
 
 def direct_send(tcp: anyio.abc.SocketStream) -> Callable[[bytes], int] | None:

@@ -59,11 +59,6 @@ import anyio.to_thread
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
-try:
-    import sniffio
-except ImportError:  # pragma: no cover - anyio then assumes asyncio too
-    sniffio = None  # type: ignore[assignment]
-
 from fastport_core.admin import AdminCredentials
 from fastport_core.auth import PasswordCheck
 from fastport_core.config import ServerConfig
@@ -71,7 +66,7 @@ from fastport_core.config_file import SessionSpec
 from fastport_core.server import ServerCore
 
 from .durability import Backend, Store, StoreWriter, ThreadedStore
-from .fastpath import direct_send
+from .fastpath import direct_send, running_backend
 from .link import Link
 
 __all__ = ["Server", "SessionSpec", "serve"]
@@ -161,11 +156,6 @@ class _Connection:
         """Around everything the connection's task does: cancelled when the core says to drop it now."""
 
 
-def _backend() -> str:
-    """The running async library, as anyio finds it (sniffio when installed, else asyncio)."""
-    return "asyncio" if sniffio is None else str(sniffio.current_async_library())
-
-
 def _loop_clock() -> Callable[[], float]:
     """The running event loop's clock as a plain function: what ``anyio.current_time()`` returns, without its
     per-call backend look-up (~1.5 µs a call against ~0.1 µs for ``loop.time``; a call per read).
@@ -174,7 +164,7 @@ def _loop_clock() -> Callable[[], float]:
     stay on the clock of anyio's cancel scopes and ``sleep_until``: asyncio's ``loop.time()`` on asyncio,
     ``trio.current_time()`` (trio's own clock, not ``time.monotonic()``) on trio.
     """
-    if _backend() == "trio":
+    if running_backend() == "trio":
         import trio
 
         return trio.current_time
@@ -290,7 +280,7 @@ class Server:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(self._close_listeners)
             self._port = int(listener.extra(SocketAttribute.local_port))
-            if _backend() == "asyncio":
+            if running_backend() == "asyncio":
                 self._loop = asyncio.get_running_loop()
             outer = await stack.enter_async_context(anyio.create_task_group())
             self._task_group = await outer.start(self._host)
