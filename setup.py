@@ -1,9 +1,9 @@
 """The optional compiled core: ``FASTPORT_COMPILE=1 pip install .`` (or ``pip wheel``) compiles the core's
 hot modules with mypyc (part of mypy), which turns their type-annotated Python into a C extension: the
 same code, ~30% less server CPU per message (docs/performance.md, "A compiled core"). Without the
-variable, or in an editable install, the package is pure Python, as everything else is configured in
-pyproject.toml. Editable installs stay pure on purpose: a compiled module next to its source would be
-imported instead of it, so an edit would do nothing until the next build.
+variable the package is pure Python, as everything else is configured in pyproject.toml. An editable
+install is always pure (tools/build_backend.py refuses the variable there): a compiled module next to its
+source would be imported instead of it, so an edit would do nothing until the next build.
 """
 
 from __future__ import annotations

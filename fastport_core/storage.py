@@ -245,8 +245,9 @@ class Journal:
     def __init__(self) -> None:
         self.changed: dict[object, bool] = {}
         self.fresh: set[object] = set()
-        """Deliveries sent since the last batch and not ACKed yet: each one's ACK, if it comes before the
-        next batch is taken, spares writing it (and its message) at all."""
+        """Deliveries made since the last batch and not ACKed (or given up) yet: each one's ACK, if it comes
+        before the next batch is taken, spares writing it (and its message) at all. One held back by its
+        subscriber's window waits here too: its ACK is further off, and the writer's wait is bounded."""
         self.spills: list[tuple[object, object]] = []
         """``(subscriber, message)``: a delivery recorded only in the store (its subscriber is away)."""
         self.outgoing: list[tuple[object, object]] = []
