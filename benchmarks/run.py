@@ -276,11 +276,12 @@ def build_compiled(workdir: Path) -> Path:
     into a folder of ``workdir``, which :func:`start_fastport` puts first on a server's import path."""
     wheels = workdir / "wheels"
     print("building the compiled core (FASTPORT_COMPILE=1 pip wheel, ~40 s)...", flush=True)
-    subprocess.run(
+    built = subprocess.run(
         [PYTHON, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
-        check=True, cwd=workdir, env={**os.environ, "FASTPORT_COMPILE": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        check=False, cwd=workdir, env={**os.environ, "FASTPORT_COMPILE": "1"}, capture_output=True, text=True,
     )  # fmt: skip
+    if built.returncode != 0:
+        raise RuntimeError(f"building the compiled core failed:\n{built.stderr[-3000:]}")
     (wheel,) = wheels.glob("fastport-*.whl")
     target = workdir / "compiled-core"
     shutil.unpack_archive(wheel, target, format="zip")
