@@ -1,4 +1,8 @@
-"""Cheap paths below anyio's public API, each behind one function that says when it does not apply.
+"""What the adapter needs from below anyio's public API, kept here, apart from the server's logic.
+
+:func:`running_backend` finds the running async library as anyio does. :func:`threadsafe_caller` gives
+the loop's non-blocking "call this soon" for other threads (the store's thread, durability.py), which anyio
+only offers as a blocking call.
 
 :func:`direct_send`: a non-blocking ``send`` on the socket under a plain TCP stream, so that a write the
 kernel takes at once costs no task switch (a trickle of messages paid one per write otherwise; measured in
