@@ -5,14 +5,15 @@ The sans-IO core journals every change to durable state and holds the confirmati
 state: an SQLite store (:class:`ThreadedStore` runs its blocking calls on a thread of its own) or a NATS
 JetStream cluster (:class:`~fastport_anyio.cluster.NatsCluster`); in memory there is none. Whenever the
 core has changes, the :class:`StoreWriter` takes them as a batch and commits it, one commit at a time. While
-a commit runs the event loop goes on serving, and everything journalled meanwhile becomes the next
-batch: the busier the broker, the more each transaction carries (group commit). Before taking a batch
-the writer waits, at most :data:`GROUP_DELAY` after the oldest publish the batch confirms, for the ACKs of
-the deliveries the batch would write: a delivery ACKed before its batch is taken is never written, nor is
-its message (only the publish's dedupe entry is). A subscriber that keeps up thus costs the disk almost
+a commit runs the event loop goes on serving, and everything journalled meanwhile becomes the next batch:
+the busier the broker, the more each transaction carries (group commit). When to take a batch is the
+core's decision (``ServerCore.store_due``, one of its deadlines), and the server wakes the writer when it
+is due: at most ``group_commit_delay`` (2 ms) after the oldest publish the batch confirms, sooner once the
+deliveries it would write are ACKed. A delivery ACKed before its batch is taken is never written, nor is
+its message (only the publish's dedupe entry is): a subscriber that keeps up costs the disk almost
 nothing, and a publish with nothing to spare (no resumable subscriber, or every one ACKed already) is
-committed at once. Once a commit returns, the core is told, and the ``publish_response`` frames that waited
-for it go out.
+committed at once. Once a commit returns, the core is told, and the ``publish_response`` frames that
+waited for it go out.
 
 A failed commit (a full disk, an I/O error) is retried, the same batches again, with a growing delay;
 meanwhile the core refuses publishes with ``store_unavailable``. Nothing the core confirmed is ever
@@ -44,11 +45,6 @@ T = TypeVar("T")
 RETRY_FIRST: Final = 0.1
 """Seconds before the first retry of a failed commit (doubling up to :data:`RETRY_MAX`)."""
 RETRY_MAX: Final = 5.0
-GROUP_DELAY: Final = 0.002
-"""The longest a publish's confirmation waits for the ACKs that would spare writing its message (see
-:meth:`StoreWriter._group`), in seconds. Under load on loopback an ACK takes about this long to come back;
-measured side by side (benchmarks/durable_bench.py, docs/performance.md "Durable mode"), waiting for it
-takes the durable mode from ~1.8 to ~1.45 times the in-memory CPU per 1:1 message."""
 
 
 class Store(Protocol):
@@ -200,7 +196,9 @@ class ThreadedStore:
 class StoreWriter:
     """Commits the core's store batches in order, grouped, one commit at a time; see the module docstring.
 
-    ``after_commit`` is the server's flush (the core has confirmations to send once a commit is done).
+    The server wakes it whenever the core says a batch is due (:meth:`ServerCore.store_ready`): when to
+    commit is the core's decision, its deadline one of the core's timers. ``after_commit`` is the server's
+    flush (the core has confirmations to send once a commit is done).
     """
 
     def __init__(
@@ -211,28 +209,21 @@ class StoreWriter:
         self._now = now
         self._after_commit = after_commit
         self._wake = anyio.Event()
-        self._grouping = False
-        self._grouped_due: float | None = None
-        """What the core's :meth:`~ServerCore.group_commit_due` said when :meth:`_group` last looked."""
         self._uncommitted: list[StoreBatch] = []
         """Batches taken from the core and not yet durable (retried together after a failure)."""
         self._requests: list[BacklogRequest] = []
         """Backlog pages the core asked for and the store has not answered yet."""
 
     def wake(self) -> None:
-        """The core journalled changes: commit them as soon as the commit in progress (if any) returns,
-        unless :meth:`_group` waits and the changes do not move its deadline."""
-        if self._grouping and self._core.group_commit_due(GROUP_DELAY) == self._grouped_due:
-            return
+        """A batch is due (or a backlog page is asked for): take it as soon as the commit in progress, if
+        any, returns."""
         self._wake.set()
 
     async def run(self) -> None:
         """Commit whatever the core journals, until cancelled (then :meth:`finish`)."""
         delay = RETRY_FIRST
         while True:
-            busy = self._wake.is_set()  # changes came in while the last commit ran
             await self._wake.wait()
-            await self._group(busy)
             self._wake = anyio.Event()
             if await self._commit():
                 delay = RETRY_FIRST
@@ -240,29 +231,6 @@ class StoreWriter:
             await anyio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
             self._wake.set()
-
-    async def _group(self, busy: bool) -> None:
-        """Wait before taking the next batch while that spares writes: until the deliveries the batch
-        would write are ACKed, at most :data:`GROUP_DELAY` after the oldest publish it confirms; and, when
-        ``busy`` (changes came in while the last commit ran) with no publish waiting, :data:`GROUP_DELAY`,
-        so that ACKs alone do not cost a transaction of their own. :meth:`wake` only interrupts the wait
-        when the core's answer changes (the last awaited ACK came, or a first publish)."""
-        core, now = self._core, self._now
-        start = now()
-        try:
-            while True:
-                due = self._grouped_due = core.group_commit_due(GROUP_DELAY)
-                if due is None:
-                    due = start + GROUP_DELAY if busy else start
-                left = due - now()
-                if left <= 0:
-                    return
-                self._wake = anyio.Event()
-                self._grouping = True
-                with anyio.move_on_after(left):
-                    await self._wake.wait()
-        finally:
-            self._grouping = False
 
     async def finish(self) -> None:
         """Commit what is left (at shutdown, once no connection can change anything) and close the store."""

@@ -366,7 +366,7 @@ class Server:
         for check in core.take_verifications():
             assert self._task_group is not None
             self._task_group.start_soon(self._verify, check)
-        if self._store_writer is not None and core.store_work():
+        if self._store_writer is not None and core.store_ready(self._now()):
             self._store_writer.wake()
         while dirty := core.take_dirty():  # forgetting a connection (a link's close) may dirty others
             self._flush_connections(dirty)

@@ -8,6 +8,7 @@ fastPort's milliseconds and convert at the edge (:meth:`SessionSettings.from_wir
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -245,6 +246,11 @@ class ServerConfig:
     original fastPort Dart client re-sends a publish until then); ``False`` turns the frame off."""
     dedupe_ttl: float = DEFAULT_DEDUPE_TTL
     """Seconds a published message id stays in the session's dedupe window (also bounded by count)."""
+    group_commit_delay: float = 0.002
+    """With a store (durable mode): how long, at most, a commit waits after the oldest publish it would
+    confirm for the ACKs of the deliveries it would write (an ACK that comes first spares writing the
+    delivery, and its message, at all). More spares more disk writes when subscribers are slower to ACK,
+    and delays ``publish_response`` by as much; 0 commits at once. No effect without a store."""
     password_hash_cost: int = 2**14
     """scrypt's N for session passwords and secret keys (a power of two; r=8, p=1). Doubling it doubles the
     time and memory of one verification (2**14: ~16 MiB and tens of ms). Lower it only in tests."""
@@ -256,6 +262,10 @@ class ServerConfig:
         )  # fmt: skip
         if self.auth_failure_budget < 0:
             raise LocalProtocolError(f"auth_failure_budget must be >= 0, got {self.auth_failure_budget!r}")
+        if not 0 <= self.group_commit_delay < math.inf:  # NaN too
+            raise LocalProtocolError(
+                f"group_commit_delay must be a finite number >= 0, got {self.group_commit_delay!r}"
+            )
         TrustedProxies(self.trusted_proxies)  # refuses an entry that is not an address or network
         cost = self.password_hash_cost
         if cost < 2 or cost & (cost - 1):

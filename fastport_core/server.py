@@ -36,6 +36,7 @@ server, HTTP upgrade to fan-out, in memory.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -173,6 +174,12 @@ class ServerCore:
         """Confirmations (``publish_response``, ``ack_received``) held until the store batch they depend on
         is durable: ``(batch, frames)``, in batch order."""
         self._backlog_requests: list[BacklogRequest] = []
+        self._store_signalled = False
+        """:meth:`store_ready` said the journal's batch is due: its due time has left :meth:`next_deadline`
+        until the batch is taken."""
+        self._store_hold = -math.inf
+        """Changes journalled while a commit ran, with no publish among them, wait until then (see
+        :meth:`store_due`)."""
         self._held_http: dict[int, int] = {}
         """Admin connections whose answers wait for a store batch (they changed a session): conn -> batch."""
 
@@ -320,12 +327,17 @@ class ServerCore:
         dirty connections); commit batches in order, several in one transaction if it likes, then report
         the last one with :meth:`store_committed`.
         """
+        self._store_signalled = False
+        self._store_hold = -math.inf
         return self.broker.take_store_batch()
 
     def store_committed(self, seq: int, now: float) -> None:
         """Every batch up to ``seq`` is durable: send the confirmations and admin answers that waited."""
         self.broker.set_store_available(True)
         self._committed = max(self._committed, seq)
+        if self._committed >= self.broker.journal_seq() and self.broker.store_pending():
+            # What came in while this commit ran waits a little for more (see store_due).
+            self._store_hold = now + self.config.group_commit_delay
         awaiting = self._awaiting
         frames = self._output.frames
         while awaiting and awaiting[0][0] <= self._committed:
@@ -337,14 +349,43 @@ class ServerCore:
         if self._output:
             self._apply(now)
 
-    def group_commit_due(self, delay: float) -> float | None:
-        """When to take the next store batch under load (see :meth:`Broker.group_commit_due`): the store
-        writer waits until then, or until this changes, so that ACKs already on their way cancel the
-        deliveries they complete instead of writing them."""
-        return self.broker.group_commit_due(delay)
+    def store_due(self) -> float | None:
+        """When the store writer should take the next batch (``None``: nothing is journalled, or it waits
+        for the commit in progress); a time already past means at once.
+
+        Group commit, decided here so that the writer only waits for :meth:`store_ready`:
+
+        - A publish awaits its commit: at most ``group_commit_delay`` after the oldest such publish while
+          a delivery the batch would write may still be ACKed first (which spares writing it and its
+          message at all); at once when none may (:meth:`Broker.group_commit_due`).
+        - Otherwise, changes journalled while a commit ran (ACKs, say) wait for it to end, then
+          ``group_commit_delay`` more, so that they do not cost a transaction of their own under load;
+          changes made while no commit runs are due at once.
+        """
+        broker = self.broker
+        if not broker.store_pending():
+            return None
+        due = broker.group_commit_due(self.config.group_commit_delay)
+        if due is not None:
+            return due
+        if broker.journal_seq() > self._committed:
+            return None  # a commit is in progress: store_committed sets the hold
+        return self._store_hold
+
+    def store_ready(self, now: float) -> bool:
+        """Whether the adapter's store writer should take a batch, or read a backlog page, now. The adapter
+        asks after every call (where it takes dirty connections) and wakes its writer on ``True``; until
+        then, the batch's due time is one of :meth:`next_deadline`'s."""
+        if self._store_signalled or self._backlog_requests:
+            return True
+        due = self.store_due()
+        if due is not None and due <= now:
+            self._store_signalled = True
+        return self._store_signalled
 
     def store_work(self) -> bool:
-        """Whether the adapter's store writer has something to do (a batch to take, a page to read)."""
+        """Whether anything waits for the store writer at all (a batch to take, a page to read), due or not:
+        what a writer that commits synchronously (a test, a tool) loops on."""
         return self.broker.store_pending() or bool(self._backlog_requests)
 
     def take_backlog_requests(self) -> list[BacklogRequest]:
@@ -470,7 +511,7 @@ class ServerCore:
         best = self.broker.next_deadline()
         for deadline in (
             self._deadlines.next(), self._handshake.next(), self._writes.next(), self._shutdown_at,
-            self.console.next_deadline(),
+            self.console.next_deadline(), None if self._store_signalled else self.store_due(),
         ):  # fmt: skip
             if deadline is not None and (best is None or deadline < best):
                 best = deadline

@@ -6,14 +6,14 @@ real processes in test_durable_process.py)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import pytest
 
-from fastport_anyio import Server, durability
+from fastport_anyio import Server
 from fastport_core.storage import StoreBatch
 from tests.store_model import ModelStore
 
@@ -97,10 +97,13 @@ class WrittenStore(ModelStore):
 
 
 @contextlib.asynccontextmanager
-async def pair(store: ModelStore, **subscriber: Any) -> AsyncIterator[tuple[RawClient, RawClient]]:
+async def pair(
+    store: ModelStore, group_commit_delay: float, **subscriber: Any
+) -> AsyncIterator[tuple[RawClient, RawClient]]:
     """A server on ``store``, a publisher and a subscriber of "t" (``subscriber``: its init fields)."""
+    config = dataclasses.replace(FAST_CONFIG, group_commit_delay=group_commit_delay)
     async with (
-        Server("127.0.0.1", 0, config=FAST_CONFIG, sessions=SESSIONS, store=store) as server,
+        Server("127.0.0.1", 0, config=config, sessions=SESSIONS, store=store) as server,
         await member(server.port, **subscriber) as sub,
         await member(server.port) as pub,
     ):
@@ -108,13 +111,10 @@ async def pair(store: ModelStore, **subscriber: Any) -> AsyncIterator[tuple[RawC
         yield pub, sub
 
 
-async def test_a_delivery_acked_before_the_group_delay_passes_is_never_written(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A delay no test waits out: only the ACK can let the commit go ahead.
-    monkeypatch.setattr(durability, "GROUP_DELAY", 600.0)
+async def test_a_delivery_acked_before_the_group_delay_passes_is_never_written(anyio_backend: str) -> None:
     store = WrittenStore()
-    async with pair(store, clientId="dev") as (pub, sub):
+    # A delay no test waits out: only the ACK can let the commit go ahead.
+    async with pair(store, 600.0, clientId="dev") as (pub, sub):
         await pub.send_json(publish_frame("t", "x", "m1"))
         message = await sub.receive()
         assert message["messageId"] == "m1"
@@ -126,11 +126,10 @@ async def test_a_delivery_acked_before_the_group_delay_passes_is_never_written(
 
 
 async def test_a_delivery_not_acked_within_the_group_delay_is_written_and_confirmed(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    anyio_backend: str,
 ) -> None:
-    monkeypatch.setattr(durability, "GROUP_DELAY", 0.05)
     store = WrittenStore()
-    async with pair(store, clientId="dev") as (pub, sub):
+    async with pair(store, 0.05, clientId="dev") as (pub, sub):
         with anyio.fail_after(10):
             answer = await pub.request(publish_frame("t", "x", "m1"))  # the subscriber never ACKs
         assert answer["success"] is True and answer["deliveredTo"] == 1
@@ -138,12 +137,9 @@ async def test_a_delivery_not_acked_within_the_group_delay_is_written_and_confir
         assert (await sub.receive())["messageId"] == "m1"
 
 
-async def test_a_publish_with_nothing_to_spare_is_committed_without_waiting(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(durability, "GROUP_DELAY", 600.0)
+async def test_a_publish_with_nothing_to_spare_is_committed_without_waiting(anyio_backend: str) -> None:
     store = WrittenStore()
-    async with pair(store) as (pub, _plain):  # no clientId: its deliveries are never written
+    async with pair(store, 600.0) as (pub, _plain):  # no clientId: its deliveries are never written
         with anyio.fail_after(10):
             for i in range(3):
                 answer = await pub.request(publish_frame("t", "x", f"m{i}"))

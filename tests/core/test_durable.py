@@ -7,6 +7,7 @@ journalled or in a commit that had not returned is lost, as it would be.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -117,30 +118,73 @@ def test_a_publish_acked_before_the_commit_never_reaches_the_store_but_its_dedup
 
 def test_a_batch_is_due_once_the_deliveries_it_would_write_are_acked_or_the_delay_has_passed() -> None:
     store = ModelStore()
-    core = durable_core()
+    core = durable_core(group_commit_delay=0.5)
     sub = subscribed(core, clientId="dev")
     plain = subscribed(core, topic="plain")  # no clientId: nothing of its deliveries is ever written
     commit(core, store)
-    assert core.group_commit_due(0.5) is None  # no publish awaits a commit
+    assert core.store_due() is None  # nothing journalled
     pub = peer(core)
     pub.publish("t", "m1", now=10.0)
     pub.publish("t", "m2", now=10.25)
-    assert core.group_commit_due(0.5) == 10.5  # the oldest publish + the delay: ACKs are on their way
+    assert core.store_due() == 10.5  # the oldest publish + the delay: ACKs are on their way
     first, second = of_type(sub.pump(), "message")
     ack(sub, first, now=10.3)
-    assert core.group_commit_due(0.5) == 10.5  # m2 still awaits its ACK
+    assert core.store_due() == 10.5  # m2 still awaits its ACK
     ack(sub, second, now=10.3)
-    assert core.group_commit_due(0.5) == 10.0  # nothing left to spare: due already
+    assert core.store_due() == 10.0  # nothing left to spare: due already
     commit(core, store)
-    assert core.group_commit_due(0.5) is None and store.message_ids == set()
+    assert core.store_due() is None and store.message_ids == set()
     pub.publish("plain", "m3", now=11.0)
     assert of_type(plain.pump(), "message")[0]["messageId"] == "m3"
-    assert core.group_commit_due(0.5) == 11.0  # only a non-resumable subscriber: nothing to wait for
+    assert core.store_due() == 11.0  # only a non-resumable subscriber: nothing to wait for
+
+
+def test_the_due_batch_is_a_deadline_until_the_writer_is_told_then_until_it_takes_the_batch() -> None:
+    store = ModelStore()
+    core = durable_core(group_commit_delay=0.5, ping_interval=None)
+    sub = subscribed(core, clientId="dev")
+    commit(core, store)
+    assert not core.store_ready(5.0) and core.next_deadline() is None
+    peer(core).publish("t", "m1", now=10.0)
+    assert not core.store_ready(10.1)
+    assert core.next_deadline() == 10.5  # the adapter's timer wakes it then
+    core.handle_timeout(10.5)
+    assert core.store_ready(10.5)
+    # Told: the deadline is gone (a writer busy with a page must not make the timer spin), and it stays
+    # ready until the batch is taken, even if an ACK meanwhile made it due earlier.
+    assert core.next_deadline() == 15.0  # only the delivery's first retry (retry_interval 5 s)
+    ack(sub, of_type(sub.pump(), "message")[0], now=10.6)
+    assert core.store_ready(10.6)
+    batch = core.take_store_batch()
+    assert batch is not None and not core.store_ready(10.6) and core.store_due() is None
+    store.commit([batch])
+    core.store_committed(batch.seq, 10.7)
+
+
+def test_changes_made_during_a_commit_wait_the_delay_after_it_and_others_are_due_at_once() -> None:
+    store = ModelStore()
+    core = durable_core(group_commit_delay=0.5, ping_interval=None)
+    sub = subscribed(core, clientId="dev")
+    commit(core, store)
+    peer(core).publish("t", "m1", now=1.0)
+    (message,) = of_type(sub.pump(), "message")
+    batch = core.take_store_batch()  # the commit starts before the ACK: the delivery is written
+    assert batch is not None
+    ack(sub, message, now=1.1)  # journalled while the commit runs: no publish to confirm
+    assert core.store_due() is None  # waits for the commit in progress
+    store.commit([batch])
+    core.store_committed(batch.seq, 1.2)
+    assert core.store_due() == 1.7 and not core.store_ready(1.6)  # then the delay, to gather more
+    assert core.store_ready(1.7)
+    commit(core, store, now=1.7)
+    assert store.message_ids == set()
+    sub.send({"type": "subscribe", "topic": "other"}, 5.0)  # a change while no commit runs: due at once
+    assert core.store_due() == -math.inf and core.store_ready(5.0)
 
 
 def test_a_delivery_written_by_an_earlier_batch_is_not_waited_for_again() -> None:
     store = ModelStore()
-    core = durable_core()
+    core = durable_core(group_commit_delay=0.5)
     sub = subscribed(core, clientId="dev")
     commit(core, store)
     pub = peer(core)
@@ -149,7 +193,7 @@ def test_a_delivery_written_by_an_earlier_batch_is_not_waited_for_again() -> Non
     (message,) = of_type(sub.pump(), "message")
     pub.publish("t", "m2", now=2.0)
     ack(sub, of_type(sub.pump(), "message")[0], now=2.0)
-    assert core.group_commit_due(0.5) == 2.0
+    assert core.store_due() == 2.0
     ack(sub, message, now=2.0)
     commit(core, store, now=2.0)
     assert store.message_ids == set()
