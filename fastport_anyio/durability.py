@@ -249,7 +249,11 @@ class StoreWriter:
         batches = self._uncommitted
         if batches:
             try:
-                await self._backend.commit(batches)
+                # Never cut short: a commit cancelled meanwhile (the shutdown) may reach the disk all the
+                # same, and a batch committed twice can bring back a delivery ACKed in between. Shielded,
+                # its outcome is known here, and finish() commits only what came after it.
+                with anyio.CancelScope(shield=True):
+                    await self._backend.commit(batches)
             except Exception as exc:
                 logger.warning("store commit failed (%s): refusing publishes until it works again", exc)
                 core.store_failed(self._now())
