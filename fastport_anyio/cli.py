@@ -26,6 +26,7 @@ import base64
 import dataclasses
 import errno
 import functools
+import gc
 import getpass
 import http.client
 import importlib.metadata
@@ -300,10 +301,27 @@ async def _stop_on_signals(
         stopping = True
 
 
+GC_YOUNG_THRESHOLD: Final = 10_000
+"""Allocations between two collections of Python's youngest GC generation in a ``fastport serve`` process
+(Python's default: 700). A broker under load keeps thousands of young objects alive at once (the
+deliveries of a fan-out burst, the store's records awaiting their commit), which the default traverses again
+and again, and promotes, so the costly full collections come ~14 times as often. Measured side by side
+(docs/performance.md, "Python's garbage collector"): 10-15 % less CPU per fan-out delivery, in memory and
+durable, no change at a trickle. What lingers meanwhile is only cyclic garbage, which the broker makes
+little of; the threshold is the process's, so a program that embeds :class:`Server` keeps its own."""
+
+
+def _tune_gc() -> None:
+    """Raise the young generation's threshold to :data:`GC_YOUNG_THRESHOLD` (the others unchanged)."""
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def run_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     settings = serve_settings(args, environ)
     options = _backend_options(args)
     _configure_logging(settings.log_level)
+    _tune_gc()
     ssl_context = make_ssl_context(settings)
     if settings.source is not None:
         logger.info("config file: %s", settings.source)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import importlib.util
 import json
 import os
@@ -30,6 +31,7 @@ from fastport_anyio.cli import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    GC_YOUNG_THRESHOLD,
     SECRET_KEY_NOTICE,
     build_parser,
     main,
@@ -198,6 +200,25 @@ def test_serve_on_a_port_in_use_exits_1(capsys: pytest.CaptureFixture[str]) -> N
         assert main(["serve", "--host", "127.0.0.1", "--port", str(port)]) == EXIT_FAILURE
     line = one_line_error(capsys.readouterr().err, "serve")
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in line
+
+
+@pytest.fixture
+def gc_threshold() -> Iterator[None]:
+    saved = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
+
+
+@pytest.mark.usefixtures("gc_threshold")
+def test_serve_raises_the_young_gc_generations_threshold_before_it_serves() -> None:
+    gc.set_threshold(700, 10, 10)
+    with socket.socket() as taken:  # serve stops at once, after the tuning
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--host", "127.0.0.1", "--port", str(taken.getsockname()[1])]) == EXIT_FAILURE
+    assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def test_session_without_admin_user_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
