@@ -306,9 +306,10 @@ GC_YOUNG_THRESHOLD: Final = 10_000
 (Python's default: 700). A broker under load keeps thousands of young objects alive at once (the
 deliveries of a fan-out burst, the store's records awaiting their commit), which the default traverses again
 and again, and promotes, so the costly full collections come ~14 times as often. Measured side by side
-(docs/performance.md, "Python's garbage collector"): 10-15 % less CPU per fan-out delivery, in memory and
-durable, no change at a trickle. What lingers meanwhile is only cyclic garbage, which the broker makes
-little of; the threshold is the process's, so a program that embeds :class:`Server` keeps its own."""
+(docs/performance.md, "Python's garbage collector"): 8-10 % less CPU per fan-out delivery interpreted and
+~12 % compiled, 6-8 % per 1:1 message interpreted, a few per cent durable, no change at a trickle. What
+lingers meanwhile is only cyclic garbage, which the broker makes little of; the threshold is the
+process's, so a program that embeds :class:`Server` keeps its own."""
 
 
 def _tune_gc() -> None:
